@@ -1,0 +1,167 @@
+// CPU implementations: target validation, mean denominator, dispatch to the row kernels
+// of the best CPU capability.
+#include <ATen/ops/empty.h>
+#include <ATen/ops/scalar_tensor.h>
+#include <torch/library.h>
+
+#include <cstdlib>
+#include <cstring>
+#include <vector>
+
+#include "../ops.h"
+#include "../row_math.h"
+#include "kernel_args.h"
+
+namespace labelsmooth_ext {
+namespace cpu {
+namespace {
+
+ScalarKind kind_of(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return ScalarKind::kFloat;
+    case at::kDouble: return ScalarKind::kDouble;
+    case at::kBFloat16: return ScalarKind::kBFloat16;
+    case at::kHalf: return ScalarKind::kHalf;
+    default: TORCH_INTERNAL_ASSERT(false, "unsupported dtype ", t);
+  }
+}
+
+// LABELSMOOTH_EXT_CPU_CAPABILITY=default forces the baseline kernels (read on every call
+// so tests can exercise both builds in one process).
+bool use_avx2() {
+#ifdef LSE_HAVE_AVX2_KERNELS
+  static const bool cpu_has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                              __builtin_cpu_supports("f16c");
+  const char* env = std::getenv("LABELSMOOTH_EXT_CPU_CAPABILITY");
+  return cpu_has && !(env && (std::strcmp(env, "default") == 0 || std::strcmp(env, "DEFAULT") == 0));
+#else
+  return false;
+#endif
+}
+
+std::vector<double> weights_as_double(const std::optional<at::Tensor>& weight) {
+  std::vector<double> w;
+  if (!weight.has_value() || !weight->defined()) return w;
+  at::Tensor wd = weight->to(at::kDouble).contiguous();
+  const double* p = wd.data_ptr<double>();
+  w.assign(p, p + wd.numel());
+  return w;
+}
+
+std::tuple<at::Tensor, at::Tensor> ce_forward_cpu(const at::Tensor& input, const at::Tensor& target,
+                                                  const std::optional<at::Tensor>& weight,
+                                                  int64_t ignore_index, double eps, int64_t mode,
+                                                  int64_t reduction, bool compute_grad) {
+  check_ce_args(input, target, weight, eps, mode, reduction);
+  const at::Tensor in = rows_with_unit_class_stride(input);
+  const at::Tensor tgt = target.contiguous();
+  const int64_t N = in.size(0), K = in.size(1);
+  const int64_t* t = tgt.data_ptr<int64_t>();
+  const std::vector<double> w = weights_as_double(weight);
+  const bool weighted = weight.has_value() && weight->defined();
+
+  // Validate every target before any kernel runs, and sum the mean denominator.
+  double D = 0;
+  for (int64_t r = 0; r < N; ++r) {
+    const int64_t y = t[r];
+    if (y == ignore_index) continue;
+    TORCH_CHECK_INDEX(!target_out_of_range(y, K, ignore_index), "labelsmooth_ext.cross_entropy: target ", y,
+                      " (at row ", r, ") is out of range for ", K, " classes; valid targets are 0..",
+                      K - 1, " or ignore_index=", ignore_index);
+    D += weighted ? w[y] : 1.0;
+  }
+  double W = 0;
+  for (double v : w) W += v;
+
+  const auto acc = acc_type_of(in.scalar_type());
+  at::Tensor rows = at::empty({N}, in.options().dtype(acc));
+  at::Tensor grad = at::empty(compute_grad ? std::vector<int64_t>{N, K} : std::vector<int64_t>{0},
+                              in.options());
+  at::Tensor wc = weighted ? weight->contiguous() : at::Tensor();
+  if (N > 0) {
+    CeRowsArgs a{};
+    a.input = in.data_ptr();
+    a.in_row_stride = in.stride(0);
+    a.target = t;
+    a.weight = weighted ? wc.data_ptr() : nullptr;
+    a.grad = compute_grad ? grad.data_ptr() : nullptr;
+    a.loss_rows = rows.data_ptr();
+    a.N = N;
+    a.K = K;
+    a.ignore_index = ignore_index;
+    a.mode = mode;
+    a.eps = eps;
+    a.scale = reduction == kMean ? 1.0 / D : 1.0;
+    a.W = W;
+    const ScalarKind k = kind_of(in.scalar_type());
+#ifdef LSE_HAVE_AVX2_KERNELS
+    if (use_avx2()) ce_rows_AVX2(k, a); else ce_rows_DEFAULT(k, a);
+#else
+    ce_rows_DEFAULT(k, a);
+#endif
+  }
+  return {finish_loss(rows, at::scalar_tensor(D, rows.options()), reduction, in.scalar_type()), grad};
+}
+
+std::tuple<at::Tensor, at::Tensor> ce_prob_forward_cpu(const at::Tensor& input, const at::Tensor& target,
+                                                       const std::optional<at::Tensor>& weight,
+                                                       double eps, int64_t mode, int64_t reduction,
+                                                       bool compute_grad) {
+  check_prob_args(input, target, weight, eps, mode, reduction);
+  const at::Tensor in = rows_with_unit_class_stride(input);
+  const at::Tensor tg = rows_with_unit_class_stride(target);
+  const int64_t N = in.size(0), K = in.size(1);
+  const bool weighted = weight.has_value() && weight->defined();
+  const auto acc = acc_type_of(in.scalar_type());
+  at::Tensor rows = at::empty({N}, in.options().dtype(acc));
+  at::Tensor grad = at::empty(compute_grad ? std::vector<int64_t>{N, K} : std::vector<int64_t>{0},
+                              in.options());
+  at::Tensor wc = weighted ? weight->contiguous() : at::Tensor();
+  if (N > 0 && K > 0) {
+    ProbRowsArgs a{};
+    a.input = in.data_ptr();
+    a.in_row_stride = in.stride(0);
+    a.target = tg.data_ptr();
+    a.t_row_stride = tg.stride(0);
+    a.weight = weighted ? wc.data_ptr() : nullptr;
+    a.grad = compute_grad ? grad.data_ptr() : nullptr;
+    a.loss_rows = rows.data_ptr();
+    a.N = N;
+    a.K = K;
+    a.mode = mode;
+    a.eps = eps;
+    a.scale = reduction == kMean ? 1.0 / double(N) : 1.0;
+    const ScalarKind k = kind_of(in.scalar_type());
+#ifdef LSE_HAVE_AVX2_KERNELS
+    if (use_avx2()) prob_rows_AVX2(k, a); else prob_rows_DEFAULT(k, a);
+#else
+    prob_rows_DEFAULT(k, a);
+#endif
+  } else if (N > 0) {
+    rows.zero_();
+  }
+  return {finish_loss(rows, at::scalar_tensor(double(N), rows.options()), reduction, in.scalar_type()),
+          grad};
+}
+
+// The incoming gradient is on the host here, so "is it exactly 1" costs nothing.
+void ce_scale_cpu_(at::Tensor& grad, const at::Tensor& grad_output, int64_t reduction) {
+  if (grad.numel() == 0) return;
+  if (reduction == kNone) {
+    grad.mul_(grad_output.reshape({-1, 1}));
+    return;
+  }
+  if (grad_output.item<double>() == 1.0) return;
+  grad.mul_(grad_output.reshape({}));
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(labelsmooth_ext, CPU, m) {
+  m.impl("ce_forward", &ce_forward_cpu);
+  m.impl("ce_prob_forward", &ce_prob_forward_cpu);
+  m.impl("ce_scale_", &ce_scale_cpu_);
+}
+
+}  // namespace cpu
+}  // namespace labelsmooth_ext

@@ -1,0 +1,149 @@
+// Operator schemas (the one place they are declared), argument checks shared by the
+// backends, and the device-independent operators.
+#include "ops.h"
+
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <sstream>
+#include <string>
+
+#include "row_math.h"
+
+#if __has_include("build_config.h")
+#include "build_config.h"  // written by setup.py / CMake: LSE_TORCH_VERSION, LSE_CUDA_ARCHS
+#endif
+#ifndef LSE_TORCH_VERSION
+#define LSE_TORCH_VERSION "unknown"
+#endif
+#ifndef LSE_CUDA_ARCHS
+#define LSE_CUDA_ARCHS ""
+#endif
+
+namespace labelsmooth_ext {
+
+static const char* dtype_name(at::ScalarType t) { return c10::toString(t); }
+
+static void check_common(const char* fn, const at::Tensor& input,
+                         const std::optional<at::Tensor>& weight, double eps, int64_t mode,
+                         int64_t reduction) {
+  const auto dt = input.scalar_type();
+  TORCH_CHECK_TYPE(dt == at::kFloat || dt == at::kDouble || dt == at::kHalf || dt == at::kBFloat16,
+                   fn, ": input must be float32, float64, float16 or bfloat16, got ", dtype_name(dt));
+  TORCH_CHECK_VALUE(input.dim() == 2, fn, ": input must be 2-d (rows, classes), got shape ",
+                    input.sizes());
+  TORCH_CHECK_VALUE(eps >= 0.0 && eps <= 1.0, fn, ": label_smoothing must be in [0, 1], got ", eps);
+  TORCH_CHECK_VALUE(mode == kUniform || mode == kOffTarget, fn,
+                    ": smoothing_mode must be 0 (uniform) or 1 (off_target), got ", mode);
+  TORCH_CHECK_VALUE(reduction == kNone || reduction == kMean || reduction == kSum, fn,
+                    ": reduction must be 0 (none), 1 (mean) or 2 (sum), got ", reduction);
+  const int64_t K = input.size(1);
+  TORCH_CHECK_VALUE(!(mode == kOffTarget && K == 1 && eps > 0.0), fn,
+                    ": smoothing_mode='off_target' needs at least 2 classes when label_smoothing > 0 "
+                    "(got 1 class, label_smoothing=", eps, ")");
+  if (weight.has_value() && weight->defined()) {
+    const auto& w = *weight;
+    TORCH_CHECK_VALUE(w.dim() == 1 && w.size(0) == K, fn, ": weight must have shape (", K,
+                      ",) for ", K, " classes, got ", w.sizes());
+    TORCH_CHECK_TYPE(w.scalar_type() == dt, fn, ": weight dtype ", dtype_name(w.scalar_type()),
+                     " must match the input dtype ", dtype_name(dt));
+    TORCH_CHECK_VALUE(w.device() == input.device(), fn, ": weight is on ", w.device(),
+                      " but input is on ", input.device());
+  }
+}
+
+void check_ce_args(const at::Tensor& input, const at::Tensor& target,
+                   const std::optional<at::Tensor>& weight, double eps, int64_t mode,
+                   int64_t reduction) {
+  check_common("labelsmooth_ext::ce_forward", input, weight, eps, mode, reduction);
+  TORCH_CHECK_TYPE(target.scalar_type() == at::kLong,
+                   "labelsmooth_ext::ce_forward: target must be int64, got ",
+                   dtype_name(target.scalar_type()));
+  TORCH_CHECK_VALUE(target.dim() == 1 && target.size(0) == input.size(0),
+                    "labelsmooth_ext::ce_forward: target must have shape (", input.size(0),
+                    ",), got ", target.sizes());
+  TORCH_CHECK_VALUE(target.device() == input.device(), "labelsmooth_ext::ce_forward: target is on ",
+                    target.device(), " but input is on ", input.device());
+}
+
+void check_prob_args(const at::Tensor& input, const at::Tensor& target,
+                     const std::optional<at::Tensor>& weight, double eps, int64_t mode,
+                     int64_t reduction) {
+  check_common("labelsmooth_ext::ce_prob_forward", input, weight, eps, mode, reduction);
+  TORCH_CHECK_TYPE(target.scalar_type() == input.scalar_type(),
+                   "labelsmooth_ext::ce_prob_forward: probability target dtype ",
+                   dtype_name(target.scalar_type()), " must match the input dtype ",
+                   dtype_name(input.scalar_type()));
+  TORCH_CHECK_VALUE(target.sizes() == input.sizes(),
+                    "labelsmooth_ext::ce_prob_forward: probability target shape ", target.sizes(),
+                    " must equal the input shape ", input.sizes());
+  TORCH_CHECK_VALUE(target.device() == input.device(),
+                    "labelsmooth_ext::ce_prob_forward: target is on ", target.device(),
+                    " but input is on ", input.device());
+}
+
+at::Tensor rows_with_unit_class_stride(const at::Tensor& t) {
+  if (t.size(1) <= 1 || t.stride(1) == 1) return t;
+  return t.contiguous();
+}
+
+at::ScalarType acc_type_of(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+
+at::Tensor finish_loss(const at::Tensor& rows, const at::Tensor& denom, int64_t reduction,
+                       at::ScalarType out_dtype) {
+  if (reduction == kNone) return rows.to(out_dtype);
+  at::Tensor total = rows.sum();
+  if (reduction == kMean) total = total.div(denom);
+  return total.to(out_dtype);
+}
+
+// Multiplies the gradient the forward saved by the incoming gradient (one scalar for
+// mean/sum, one value per row for none). Out of place: used under torch.compile and
+// create_graph; eager backward uses ce_scale_, which can skip the pass.
+static at::Tensor ce_backward(const at::Tensor& grad, const at::Tensor& grad_output, int64_t reduction) {
+  if (reduction == kNone) return grad.mul(grad_output.reshape({-1, 1}));
+  return grad.mul(grad_output.reshape({}));
+}
+
+static std::string build_info() {
+  std::ostringstream os;
+  os << "{\"torch_version\": \"" << LSE_TORCH_VERSION << "\", \"cuda\": "
+#ifdef LSE_WITH_CUDA
+     << "true"
+#else
+     << "false"
+#endif
+     << ", \"cuda_archs\": \"" << LSE_CUDA_ARCHS << "\", \"cpu_kernels\": \""
+#if defined(__x86_64__) && !defined(LSE_NO_AVX2)
+     << "DEFAULT,AVX2"
+#else
+     << "DEFAULT"
+#endif
+     << "\"}";
+  return os.str();
+}
+
+TORCH_LIBRARY(labelsmooth_ext, m) {
+  // Class-index targets. Returns (loss, grad): loss in the input dtype, shaped (N,) for
+  // reduction none and () otherwise; grad (N, K) in the input dtype, already divided by the
+  // mean denominator, or an empty (0,) tensor when compute_grad is false.
+  m.def(
+      "ce_forward(Tensor input, Tensor target, Tensor? weight, int ignore_index, "
+      "float label_smoothing, int smoothing_mode, int reduction, bool compute_grad) "
+      "-> (Tensor, Tensor)");
+  // Probability targets (target shaped like input); same outputs.
+  m.def(
+      "ce_prob_forward(Tensor input, Tensor target, Tensor? weight, float label_smoothing, "
+      "int smoothing_mode, int reduction, bool compute_grad) -> (Tensor, Tensor)");
+  m.def("ce_backward(Tensor grad, Tensor grad_output, int reduction) -> Tensor");
+  // In place; skips the pass when the incoming gradient is exactly 1 (decided on the device).
+  m.def("ce_scale_(Tensor(a!) grad, Tensor grad_output, int reduction) -> ()");
+  m.def("build_info() -> str", &build_info);
+}
+
+TORCH_LIBRARY_IMPL(labelsmooth_ext, CompositeExplicitAutograd, m) {
+  m.impl("ce_backward", &ce_backward);
+}
+
+}  // namespace labelsmooth_ext

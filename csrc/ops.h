@@ -1,0 +1,31 @@
+// Declarations shared by the backends: argument checks and the tensor-level pieces of the
+// forward that are the same on every device.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <optional>
+
+namespace labelsmooth_ext {
+
+// TORCH_CHECKs with messages that name the argument and the value. The Python layer checks
+// the same things first (with Python exception types); these guard C++ callers.
+void check_ce_args(const at::Tensor& input, const at::Tensor& target,
+                   const std::optional<at::Tensor>& weight, double eps, int64_t mode,
+                   int64_t reduction);
+void check_prob_args(const at::Tensor& input, const at::Tensor& target,
+                     const std::optional<at::Tensor>& weight, double eps, int64_t mode,
+                     int64_t reduction);
+
+// The rows of a 2-d input with unit class stride; copies only when the class stride is not 1.
+at::Tensor rows_with_unit_class_stride(const at::Tensor& t);
+
+// float for half/bfloat16/float input, double for double.
+at::ScalarType acc_type_of(at::ScalarType t);
+
+// Per-row losses (acc dtype) -> the op's loss output in the input dtype.
+// `denom` is the 0-dim mean denominator (ignored unless reduction is mean).
+at::Tensor finish_loss(const at::Tensor& rows, const at::Tensor& denom, int64_t reduction,
+                       at::ScalarType out_dtype);
+
+}  // namespace labelsmooth_ext

@@ -1,0 +1,123 @@
+// Per-row formulas shared by the CPU and CUDA kernels: one source of truth.
+//
+// Every loss is written through the smoothed target distribution
+//     q_c = a + b * t_c            (t = one-hot of the class for index targets)
+// with (a, b) from smoothing_coefs(). For a row with max m, s = sum_c exp(z_c - m):
+//     loss = sum_c w_c q_c (lse - z_c),   lse - z_c = log(s) - (z_c - m) >= 0,
+// so no large terms cancel. See shared/design/semantics.md for the derivation.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#if defined(__CUDACC__) || defined(__HIPCC__)
+#define LSE_HD __host__ __device__ __forceinline__
+#else
+#define LSE_HD inline
+#endif
+
+namespace labelsmooth_ext {
+
+enum SmoothingMode : int64_t { kUniform = 0, kOffTarget = 1 };
+enum Reduction : int64_t { kNone = 0, kMean = 1, kSum = 2 };
+
+LSE_HD float lse_exp(float x) { return expf(x); }
+LSE_HD double lse_exp(double x) { return exp(x); }
+LSE_HD float lse_log(float x) { return logf(x); }
+LSE_HD double lse_log(double x) { return log(x); }
+
+template <typename acc_t>
+struct Smoothing {
+  acc_t a;  // mass every class receives
+  acc_t b;  // extra mass on the target class (may be negative for off_target, eps > (K-1)/K)
+};
+
+// uniform (PyTorch): q_y = 1 - eps + eps/K, q_c = eps/K.
+// off_target:        q_y = 1 - eps,        q_c = eps/(K-1)   (K == 1 requires eps == 0).
+template <typename acc_t>
+LSE_HD Smoothing<acc_t> smoothing_coefs(double eps, int64_t K, int64_t mode) {
+  Smoothing<acc_t> r;
+  if (eps == 0.0) {
+    r.a = acc_t(0);
+    r.b = acc_t(1);
+  } else if (mode == kOffTarget) {
+    const double a = K > 1 ? eps / double(K - 1) : 0.0;
+    r.a = acc_t(a);
+    r.b = acc_t((1.0 - eps) - a);
+  } else {
+    r.a = acc_t(eps / double(K));
+    r.b = acc_t(1.0 - eps);
+  }
+  return r;
+}
+
+// Merge two (max, sum of exp(x - max)) pairs. Empty partials have m = -inf, s = 0.
+// A +inf max gives exp(inf - inf) = NaN, which is what PyTorch's log_softmax gives.
+template <typename acc_t>
+LSE_HD void lse_merge(acc_t& m, acc_t& s, acc_t m2, acc_t s2) {
+  const acc_t mn = m > m2 ? m : m2;
+  if (mn == -INFINITY) return;
+  s = s * lse_exp(m - mn) + s2 * lse_exp(m2 - mn);
+  m = mn;
+}
+
+// Row loss for class-index targets.
+//   log_s = log(sum exp(z - m)), zy_m = z_y - m, S = sum_c w_c (z_c - m),
+//   wy = w_y, W = sum_c w_c (unweighted: wy = 1, W = K, S = sum_c (z_c - m)).
+// The smoothing term is skipped when a == 0, as PyTorch skips it for eps == 0
+// (so a -inf logit off the target does not turn 0 * inf into NaN).
+template <typename acc_t>
+LSE_HD acc_t ce_row_loss(acc_t log_s, acc_t zy_m, acc_t S, Smoothing<acc_t> sm, acc_t wy, acc_t W) {
+  acc_t loss = sm.b * wy * (log_s - zy_m);
+  if (sm.a != acc_t(0)) loss += sm.a * (W * log_s - S);
+  return loss;
+}
+
+// Row loss when the row max is not finite (a NaN, a +inf, or every logit -inf). PyTorch's
+// log_softmax gives NaN everywhere then, except that with a +inf elsewhere log p_y = -inf:
+// without smoothing that row's loss is +inf (times the weight: 0 * inf = NaN, as PyTorch).
+template <typename acc_t>
+LSE_HD acc_t ce_row_loss_nonfinite(acc_t m, acc_t zy, Smoothing<acc_t> sm, acc_t wy) {
+  if (m != m || m == -acc_t(INFINITY) || zy == acc_t(INFINITY) || sm.a != acc_t(0)) return acc_t(NAN);
+  return sm.b * wy * acc_t(INFINITY);
+}
+
+// Gradient of a class-index row, already multiplied by `scale` (1/D for mean):
+//   g_c = e_c * kp - kw * w_c - [c == y] * ky,   e_c = exp(z_c - m)
+// (unweighted: w_c = 1). Derivation: p_c (b w_y + a W) - a w_c - b w_y [c == y].
+template <typename acc_t>
+struct GradCoefs {
+  acc_t kp;
+  acc_t kw;
+  acc_t ky;
+};
+
+template <typename acc_t>
+LSE_HD GradCoefs<acc_t> ce_grad_coefs(acc_t inv_s, Smoothing<acc_t> sm, acc_t scale, bool weighted,
+                                      acc_t wy, acc_t W) {
+  GradCoefs<acc_t> g;
+  g.kp = weighted ? inv_s * (sm.b * wy + sm.a * W) * scale : inv_s * scale;
+  g.kw = sm.a * scale;
+  g.ky = sm.b * wy * scale;
+  return g;
+}
+
+// Probability targets: q_c = a + b t_c, loss = log_s * Q - Sq with
+//   Q = sum_c w_c q_c, Sq = sum_c w_c q_c (z_c - m);
+// gradient g_c = (e_c * inv_s * Q - w_c q_c) * scale.
+template <typename acc_t>
+LSE_HD acc_t prob_q(acc_t t, Smoothing<acc_t> sm) {
+  return sm.a + sm.b * t;
+}
+
+template <typename acc_t>
+LSE_HD acc_t prob_row_loss(acc_t log_s, acc_t Q, acc_t Sq) {
+  return log_s * Q - Sq;
+}
+
+// True for a target that is neither ignored nor a valid class.
+LSE_HD bool target_out_of_range(int64_t y, int64_t K, int64_t ignore_index) {
+  return y != ignore_index && (y < 0 || y >= K);
+}
+
+}  // namespace labelsmooth_ext

@@ -1,0 +1,201 @@
+"""Functional API: argument validation, reshaping any supported shape to rows, dispatch."""
+import math
+import os
+import warnings
+
+import torch
+
+from . import _ops
+from ._ops import REDUCTIONS, SMOOTHING_MODES
+
+_FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+_INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
+
+_validate_cuda_targets = os.environ.get("LABELSMOOTH_EXT_VALIDATE_TARGETS", "0") not in ("", "0")
+
+
+def set_target_validation(enabled: bool) -> None:
+    """Check CUDA targets on the host before the kernel (one device sync per call).
+
+    CPU targets are always checked (an IndexError naming the target). On CUDA the default is
+    no check, so the loss never synchronises with the host: a row with an out-of-range target
+    gets a NaN loss and a NaN gradient instead (never an out-of-bounds read). Also settable
+    with LABELSMOOTH_EXT_VALIDATE_TARGETS=1.
+    """
+    global _validate_cuda_targets
+    _validate_cuda_targets = bool(enabled)
+
+
+def legacy_reduction(size_average, reduce):
+    """PyTorch's rule for the deprecated size_average/reduce arguments."""
+    warnings.warn(
+        "size_average and reduce args will be deprecated, please use reduction='...' instead.",
+        stacklevel=3,
+    )
+    size_average = True if size_average is None else size_average
+    reduce = True if reduce is None else reduce
+    if size_average and reduce:
+        return "mean"
+    return "sum" if reduce else "none"
+
+
+def check_reduction(reduction):
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be 'none', 'mean' or 'sum', got {reduction!r}")
+    return REDUCTIONS[reduction]
+
+
+def check_smoothing_mode(smoothing_mode):
+    if smoothing_mode not in SMOOTHING_MODES:
+        raise ValueError(f"smoothing_mode must be 'uniform' or 'off_target', got {smoothing_mode!r}")
+    return SMOOTHING_MODES[smoothing_mode]
+
+
+def check_label_smoothing(label_smoothing, upper=1.0):
+    try:
+        eps = float(label_smoothing)
+    except (TypeError, ValueError):
+        raise TypeError(f"label_smoothing must be a float, got {label_smoothing!r}") from None
+    if math.isnan(eps) or not 0.0 <= eps <= upper:
+        raise ValueError(f"label_smoothing must be in [0, {upper:g}], got {label_smoothing!r}")
+    return eps
+
+
+def _check_input(input):
+    if not isinstance(input, torch.Tensor):
+        raise TypeError(f"input must be a torch.Tensor, got {type(input).__name__}")
+    if input.dtype not in _FLOAT_DTYPES:
+        raise TypeError(
+            f"input must be a floating tensor (float32, float64, float16 or bfloat16), got {input.dtype}"
+        )
+    if input.dim() == 0:
+        raise ValueError("input must have at least 1 dimension (classes), got a 0-d tensor")
+
+
+def _check_weight(weight, input, num_classes):
+    if weight is None:
+        return None
+    if not isinstance(weight, torch.Tensor):
+        raise TypeError(f"weight must be a torch.Tensor or None, got {type(weight).__name__}")
+    if weight.dim() != 1 or weight.shape[0] != num_classes:
+        raise ValueError(
+            f"weight must be a 1-d tensor with one entry per class ({num_classes}), got shape "
+            f"{tuple(weight.shape)}"
+        )
+    if weight.dtype != input.dtype:
+        raise TypeError(f"weight dtype {weight.dtype} must match the input dtype {input.dtype}")
+    if weight.device != input.device:
+        raise ValueError(f"weight is on {weight.device} but input is on {input.device}")
+    # Class weights are constants, as in PyTorch (which has no gradient for them).
+    return weight.detach()
+
+
+def _to_rows(t, num_dims):
+    """(C,) -> (1, C); (N, C) as is; (N, C, d1, ..., dk) -> (N*d1*...*dk, C)."""
+    if num_dims == 1:
+        return t.unsqueeze(0)
+    if num_dims == 2:
+        return t
+    return t.movedim(1, -1).reshape(-1, t.shape[1])
+
+
+def _expected_target_shape(input):
+    if input.dim() == 1:
+        return ()
+    return (input.shape[0],) + tuple(input.shape[2:])
+
+
+def _validate_targets_on_host(target, num_classes, ignore_index):
+    bad = (target != ignore_index) & ((target < 0) | (target >= num_classes))
+    if bool(bad.any()):
+        pos = int(bad.nonzero()[0, 0])
+        value = int(target.reshape(-1)[pos])
+        raise IndexError(
+            f"target {value} (at row {pos}) is out of range for {num_classes} classes; valid "
+            f"targets are 0..{num_classes - 1} or ignore_index={ignore_index}"
+        )
+
+
+def cross_entropy(
+    input,
+    target,
+    weight=None,
+    size_average=None,
+    ignore_index=-100,
+    reduce=None,
+    reduction="mean",
+    label_smoothing=0.0,
+    *,
+    smoothing_mode="uniform",
+):
+    """Drop-in for torch.nn.functional.cross_entropy, fused: log-softmax, the smoothed loss
+    and (when input needs a gradient) the gradient in one pass over each row.
+
+    smoothing_mode="uniform" is PyTorch's convention (target 1 - eps + eps/K, others eps/K);
+    "off_target" gives the target 1 - eps and every other class eps/(K-1).
+    """
+    if size_average is not None or reduce is not None:
+        reduction = legacy_reduction(size_average, reduce)
+    red = check_reduction(reduction)
+    mode = check_smoothing_mode(smoothing_mode)
+    eps = check_label_smoothing(label_smoothing)
+    _check_input(input)
+    if not isinstance(target, torch.Tensor):
+        raise TypeError(f"target must be a torch.Tensor, got {type(target).__name__}")
+    if target.device != input.device:
+        raise ValueError(f"target is on {target.device} but input is on {input.device}")
+    num_classes = input.shape[0] if input.dim() == 1 else input.shape[1]
+    weight = _check_weight(weight, input, num_classes)
+    if mode == SMOOTHING_MODES["off_target"] and num_classes == 1 and eps > 0:
+        raise ValueError(
+            f"smoothing_mode='off_target' needs at least 2 classes when label_smoothing > 0 "
+            f"(got 1 class, label_smoothing={eps})"
+        )
+    need_grad = input.requires_grad and torch.is_grad_enabled()
+
+    if target.is_floating_point():
+        return _prob_cross_entropy(input, target, weight, red, eps, mode, need_grad, num_classes)
+
+    if target.dtype not in _INT_DTYPES:
+        raise TypeError(f"target must hold class indices (an integer dtype) or probabilities "
+                        f"(a floating dtype), got {target.dtype}")
+    if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
+        raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
+    expected = _expected_target_shape(input)
+    if tuple(target.shape) != expected:
+        raise ValueError(
+            f"target shape {tuple(target.shape)} does not match input shape {tuple(input.shape)}: "
+            f"class-index targets must have shape {expected}"
+        )
+    rows = _to_rows(input, input.dim())
+    tgt = target.reshape(-1).long()
+    if input.is_cuda and _validate_cuda_targets and not torch.compiler.is_compiling():
+        _validate_targets_on_host(tgt, num_classes, ignore_index)
+    loss, _ = _ops.ops.ce_forward(rows, tgt, weight, ignore_index, eps, mode, red, need_grad)
+    if red == REDUCTIONS["none"]:
+        loss = loss.reshape(target.shape)
+    return loss
+
+
+def _prob_cross_entropy(input, target, weight, red, eps, mode, need_grad, num_classes):
+    if tuple(target.shape) != tuple(input.shape):
+        raise ValueError(
+            f"probability target shape {tuple(target.shape)} must equal the input shape "
+            f"{tuple(input.shape)}"
+        )
+    if target.requires_grad and torch.is_grad_enabled():
+        # A gradient for the target (e.g. distillation through soft labels): the
+        # pure-PyTorch formula, differentiable in both arguments.
+        from . import reference
+
+        smoothing_mode = "off_target" if mode == SMOOTHING_MODES["off_target"] else "uniform"
+        reduction = {v: k for k, v in REDUCTIONS.items()}[red]
+        return reference.cross_entropy(input, target, weight, reduction=reduction,
+                                       label_smoothing=eps, smoothing_mode=smoothing_mode)
+    target = target.to(input.dtype)
+    rows = _to_rows(input, input.dim())
+    trows = _to_rows(target, target.dim())
+    loss, _ = _ops.ops.ce_prob_forward(rows, trows, weight, eps, mode, red, need_grad)
+    if red == REDUCTIONS["none"]:
+        loss = loss.reshape(_expected_target_shape(input))
+    return loss

@@ -1,0 +1,64 @@
+"""Pure-PyTorch references, written from the formulas in shared/design/semantics.md.
+
+They never call torch.nn.functional.cross_entropy: they are the oracle of the tests (run in
+float64) and the eager baseline of the benchmarks (run in the input dtype).
+"""
+import torch
+
+
+def smoothing_coefficients(num_classes, label_smoothing, smoothing_mode="uniform"):
+    """(a, b) with q_c = a + b * [c == y]: the mass every class gets and the target's extra."""
+    eps, k = float(label_smoothing), int(num_classes)
+    if eps == 0.0:
+        return 0.0, 1.0
+    if smoothing_mode == "uniform":
+        return eps / k, 1.0 - eps
+    if smoothing_mode == "off_target":
+        if k < 2:
+            raise ValueError("smoothing_mode='off_target' needs at least 2 classes when label_smoothing > 0")
+        return eps / (k - 1), 1.0 - eps - eps / (k - 1)
+    raise ValueError(f"smoothing_mode must be 'uniform' or 'off_target', got {smoothing_mode!r}")
+
+
+def _rows(x):
+    if x.dim() == 1:
+        return x.unsqueeze(0)
+    if x.dim() == 2:
+        return x
+    return x.movedim(1, -1).reshape(-1, x.shape[1])
+
+
+def cross_entropy(input, target, weight=None, ignore_index=-100, reduction="mean",
+                  label_smoothing=0.0, smoothing_mode="uniform"):
+    """Label-smoothed cross-entropy, class-index or probability targets, every reduction."""
+    k = input.shape[0] if input.dim() == 1 else input.shape[1]
+    a, b = smoothing_coefficients(k, label_smoothing, smoothing_mode)
+    z = _rows(input)
+    logp = z - torch.logsumexp(z, dim=1, keepdim=True)
+    w = torch.ones(k, dtype=z.dtype, device=z.device) if weight is None else weight.to(z.dtype)
+
+    if target.is_floating_point():
+        q = a + b * _rows(target).to(z.dtype)
+        loss = -(w * q * logp).sum(dim=1)
+        out_shape = input.shape[:1] + input.shape[2:] if input.dim() > 1 else ()
+        denom = torch.tensor(float(loss.numel()), dtype=z.dtype, device=z.device)
+    else:
+        y = target.reshape(-1).long()
+        valid = y != ignore_index
+        y_safe = torch.where(valid, y, torch.zeros_like(y))
+        wy = w[y_safe]
+        loss = b * wy * -logp.gather(1, y_safe[:, None])[:, 0]
+        if a != 0.0:
+            loss = loss + a * -(w * logp).sum(dim=1)
+        zero = torch.zeros((), dtype=loss.dtype, device=loss.device)
+        loss = torch.where(valid, loss, zero)
+        denom = torch.where(valid, wy, zero).sum()
+        out_shape = target.shape
+
+    if reduction == "none":
+        return loss.reshape(out_shape)
+    if reduction == "sum":
+        return loss.sum()
+    if reduction == "mean":
+        return loss.sum() / denom
+    raise ValueError(f"reduction must be 'none', 'mean' or 'sum', got {reduction!r}")
