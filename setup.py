@@ -62,7 +62,7 @@ sources = [
     "csrc/cpu/kernels_default.cpp",
     "csrc/cpu/kernels_avx2.cpp",
 ]
-cxx_flags = ["-O3", "-Wno-unknown-pragmas", "-fvisibility-inlines-hidden"]
+cxx_flags = ["-O3", "-Wno-unknown-pragmas", "-Wno-psabi", "-fvisibility-inlines-hidden"]
 nvcc_flags = ["-O3", "-lineinfo", "--expt-relaxed-constexpr"]
 if with_cuda:
     sources.append("csrc/cuda/loss_cuda.cu")

@@ -53,9 +53,15 @@ LSE_HD Smoothing<acc_t> smoothing_coefs(double eps, int64_t K, int64_t mode) {
 
 // Merge two (max, sum of exp(x - max)) pairs. Empty partials have m = -inf, s = 0.
 // A +inf max gives exp(inf - inf) = NaN, which is what PyTorch's log_softmax gives.
+// max that returns NaN when either argument is NaN (fmax would drop it).
+template <typename acc_t>
+LSE_HD acc_t nan_max(acc_t a, acc_t b) {
+  return (a != a || a > b) ? a : b;
+}
+
 template <typename acc_t>
 LSE_HD void lse_merge(acc_t& m, acc_t& s, acc_t m2, acc_t s2) {
-  const acc_t mn = m > m2 ? m : m2;
+  const acc_t mn = nan_max(m, m2);
   if (mn == -INFINITY) return;
   s = s * lse_exp(m - mn) + s2 * lse_exp(m2 - mn);
   m = mn;
@@ -73,13 +79,11 @@ LSE_HD acc_t ce_row_loss(acc_t log_s, acc_t zy_m, acc_t S, Smoothing<acc_t> sm, 
   return loss;
 }
 
-// Row loss when the row max is not finite (a NaN, a +inf, or every logit -inf). PyTorch's
-// log_softmax gives NaN everywhere then, except that with a +inf elsewhere log p_y = -inf:
-// without smoothing that row's loss is +inf (times the weight: 0 * inf = NaN, as PyTorch).
+// A row whose max is not finite (a NaN, a +inf, or every logit -inf) has a NaN loss and a
+// NaN gradient: PyTorch's log_softmax computes inf - inf or -inf - (-inf) there.
 template <typename acc_t>
-LSE_HD acc_t ce_row_loss_nonfinite(acc_t m, acc_t zy, Smoothing<acc_t> sm, acc_t wy) {
-  if (m != m || m == -acc_t(INFINITY) || zy == acc_t(INFINITY) || sm.a != acc_t(0)) return acc_t(NAN);
-  return sm.b * wy * acc_t(INFINITY);
+LSE_HD bool row_max_is_finite(acc_t m) {
+  return m > -acc_t(INFINITY) && m < acc_t(INFINITY);
 }
 
 // Gradient of a class-index row, already multiplied by `scale` (1/D for mean):

@@ -3,6 +3,7 @@ import json as _json
 
 from . import _ops
 from . import reference
+from ._ops import set_inplace_backward
 from .functional import cross_entropy, set_target_validation
 from .modules import CrossEntropyLoss
 
@@ -17,4 +18,7 @@ def build_info():
     return info
 
 
-__all__ = ["cross_entropy", "CrossEntropyLoss", "build_info", "reference", "set_target_validation"]
+__all__ = [
+    "cross_entropy", "CrossEntropyLoss", "build_info", "reference", "set_inplace_backward",
+    "set_target_validation",
+]

@@ -63,29 +63,48 @@ def _(grad, grad_output, reduction):
     return None
 
 
+_inplace_cuda_backward = True
+
+
+def set_inplace_backward(enabled: bool) -> None:
+    """CUDA backward: scale the saved gradient in place (default) or out of place.
+
+    In place, the kernel decides on the device whether the incoming gradient is exactly 1 and
+    then does nothing: no pass, no allocation, no host sync. The cost: the saved gradient is
+    consumed, so backpropagating twice through one graph (retain_graph=True, gradcheck,
+    jacobian) raises a clear error. Out of place costs one read + write pass, always.
+    On the CPU the check is free on the host, so the backward never mutates and never needs this.
+    """
+    global _inplace_cuda_backward
+    _inplace_cuda_backward = bool(enabled)
+
+
 def _is_plain(t):
     return type(t) in (torch.Tensor, torch.nn.Parameter)
 
 
-def _scaled_gradient(grad, grad_output, reduction):
-    """The gradient the forward computed, times the incoming gradient.
-
-    Eager: in place, and the kernel skips the pass when grad_output is exactly 1 (decided on
-    the device for CUDA). Traced (torch.compile, export, opcheck): the functional op.
-    """
+def _scaled_gradient(ctx, grad, grad_output, reduction):
+    """The gradient the forward computed, times the incoming gradient."""
     if reduction == REDUCTIONS["none"]:
         grad_output = grad_output.reshape(-1)
     if torch.compiler.is_compiling() or not (_is_plain(grad) and _is_plain(grad_output)):
-        return ops.ce_backward(grad, grad_output, reduction)
+        return ops.ce_backward(grad, grad_output, reduction)  # traced: functional
     if torch.is_grad_enabled():
         raise RuntimeError(
             "labelsmooth_ext: double backward (create_graph=True) through the fused loss is not "
             "supported; use torch.nn.functional.cross_entropy or labelsmooth_ext.reference for "
             "higher-order gradients"
         )
+    if grad.device.type != "cuda":
+        # Host-side check costs nothing here; the saved gradient is returned as is (no copy:
+        # autograd takes it over as .grad) or multiplied out of place, so graphs can be reused.
+        if reduction != REDUCTIONS["none"] and float(grad_output) == 1.0:
+            return grad
+        return ops.ce_backward(grad, grad_output, reduction)
+    if not _inplace_cuda_backward:
+        return ops.ce_backward(grad, grad_output, reduction)
+    ctx.consumed = True
     ops.ce_scale_(grad, grad_output, reduction)
-    # The saved gradient is now consumed: a second backward through the same graph
-    # (retain_graph=True) must fail loudly rather than scale it twice.
     torch.autograd.graph.increment_version(grad)
     return grad
 
@@ -93,18 +112,25 @@ def _scaled_gradient(grad, grad_output, reduction):
 def _setup_context(ctx, inputs, output):
     _, grad = output
     ctx.reduction = inputs[-2]
+    ctx.consumed = False
     ctx.set_materialize_grads(False)
     ctx.mark_non_differentiable(grad)
     ctx.save_for_backward(grad)
 
 
 def _backward(ctx, grad_loss, _unused):
+    if ctx.consumed:
+        raise RuntimeError(
+            "labelsmooth_ext: backward ran twice through the same loss (retain_graph=True, "
+            "gradcheck, jacobian); the first CUDA backward scaled the saved gradient in place. "
+            "Call labelsmooth_ext.set_inplace_backward(False) before the forward to allow this."
+        )
     (grad,) = ctx.saved_tensors
     if grad_loss is None:
         return (None,) * ctx.n_inputs
     if grad.dim() != 2:
         raise RuntimeError("labelsmooth_ext: the forward ran without compute_grad; no gradient was saved")
-    g = _scaled_gradient(grad, grad_loss, ctx.reduction)
+    g = _scaled_gradient(ctx, grad, grad_loss, ctx.reduction)
     return (g,) + (None,) * (ctx.n_inputs - 1)
 
 

@@ -34,9 +34,6 @@ using acc_for = std::conditional_t<std::is_same_v<acc_t, double>, double, float>
 inline Vectorized<float> vexp(const Vectorized<float>& x) { return x.exp_u20(); }
 inline Vectorized<double> vexp(const Vectorized<double>& x) { return x.map(std::exp); }
 
-template <typename T>
-inline T nan_max(T m, T x) { return (x > m || x != x) ? x : m; }
-
 template <typename acc_t>
 acc_t row_max(const acc_t* z, int64_t K) {
   using Vec = Vectorized<acc_t>;
@@ -177,8 +174,8 @@ void ce_rows(const CeRowsArgs& A) {
       const acc_t m = row_max(z, K);
       const acc_t zy = z[y];
       const acc_t wy = weighted ? w[y] : acc_t(1);
-      if (!(m > -std::numeric_limits<acc_t>::infinity() && m < std::numeric_limits<acc_t>::infinity())) {
-        loss[r] = ce_row_loss_nonfinite<acc_t>(m, zy, sm, wy);
+      if (!row_max_is_finite(m)) {
+        loss[r] = NAN;
         if (grow) std::fill(grow, grow + K, scalar_t(NAN));
         continue;
       }
@@ -238,7 +235,7 @@ void prob_rows(const ProbRowsArgs& A) {
       acc_t* z = zbuf.data();
       const acc_t m = row_max(z, K);
       scalar_t* grow = grad ? grad + r * K : nullptr;
-      if (!(m > -std::numeric_limits<acc_t>::infinity() && m < std::numeric_limits<acc_t>::infinity())) {
+      if (!row_max_is_finite(m)) {
         loss[r] = NAN;
         if (grow) std::fill(grow, grow + K, scalar_t(NAN));
         continue;

@@ -1,0 +1,357 @@
+// CUDA implementations: the fused single-pass kernel for class-index targets, the in-place
+// gradient scaling that skips itself when the incoming gradient is exactly 1, and a composite
+// (slower, several passes) path for probability targets. No host synchronisation anywhere.
+//
+// Kernel shape: each row is handled by ROW_THREADS threads (a warp for small K, a block for
+// large K). Pass 1 reads the row once with 16-byte loads, keeping the first CACHE packs per
+// thread in registers, and folds it into an online (max, sum exp) plus linear sums. Pass 2
+// writes the gradient from the registers; packs beyond the cache are read again, from L2
+// (the rows in flight fit in it), so HBM sees one read of the logits and one write of the
+// gradient.
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include "../ops.h"
+#include "../row_math.h"
+#include "reduce.cuh"
+
+namespace labelsmooth_ext {
+namespace cuda {
+
+template <typename T>
+using acc_of = std::conditional_t<std::is_same_v<T, double>, double, float>;
+
+template <typename scalar_t>
+struct CeParams {
+  using acc_t = acc_of<scalar_t>;
+  const scalar_t* in;
+  int64_t in_row_stride;
+  const int64_t* target;
+  const scalar_t* weight;     // nullptr: unweighted
+  const acc_t* weight_sum;    // device scalar, weighted only
+  const acc_t* inv_denom;     // device scalar 1/D for mean; nullptr otherwise
+  scalar_t* grad;             // nullptr: no gradient wanted
+  acc_t* loss_rows;
+  int64_t N, K, ignore_index;
+  Smoothing<acc_t> sm;
+};
+
+template <typename scalar_t, int ROW_THREADS>
+__device__ void fill_row(scalar_t* g, int64_t K, float v) {
+  for (int64_t c = threadIdx.x; c < K; c += ROW_THREADS) g[c] = static_cast<scalar_t>(v);
+}
+
+// Folds logits into a thread's RowState: online max / rescaled sum of exp (one rescale per
+// pack), and the linear sums around `ref`. A NaN makes the max NaN, as in PyTorch.
+template <typename scalar_t>
+struct RowAccum {
+  using acc_t = acc_of<scalar_t>;
+  static constexpr int VEC = Pack<scalar_t>::kSize;
+  RowState<acc_t> st;
+  acc_t ref;
+  const scalar_t* weight;  // nullptr: unweighted
+
+  __device__ __forceinline__ void linear(acc_t x, int64_t c) {
+    st.T += x - ref;
+    if (weight) st.Tw += static_cast<acc_t>(weight[c]) * (x - ref);
+  }
+
+  __device__ __forceinline__ void add(acc_t x, int64_t c) {
+    linear(x, c);
+    const acc_t mn = nan_max(st.m, x);
+    if (mn == acc_t(-INFINITY)) return;  // everything so far is -inf
+    st.s = st.s * fast_exp(st.m - mn) + fast_exp(x - mn);
+    st.m = mn;
+  }
+
+  __device__ __forceinline__ void add_pack(const Pack<scalar_t>& pk, int64_t c0) {
+    acc_t v[VEC];
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) {
+      v[i] = static_cast<acc_t>(pk.v[i]);
+      linear(v[i], c0 + i);
+    }
+    acc_t vm = v[0];
+#pragma unroll
+    for (int i = 1; i < VEC; ++i) vm = nan_max(vm, v[i]);
+    const acc_t mn = nan_max(st.m, vm);
+    if (mn == acc_t(-INFINITY)) return;
+    acc_t s = st.s * fast_exp(st.m - mn);
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) s += fast_exp(v[i] - mn);
+    st.s = s;
+    st.m = mn;
+  }
+};
+
+template <typename scalar_t, int ROW_THREADS, int ROWS_PER_BLOCK, int CACHE>
+__global__ void __launch_bounds__(ROW_THREADS * ROWS_PER_BLOCK, 1)
+    ce_forward_kernel(const CeParams<scalar_t> p) {
+  using acc_t = acc_of<scalar_t>;
+  using P = Pack<scalar_t>;
+  constexpr int VEC = P::kSize;
+  const int64_t row = int64_t(blockIdx.x) * ROWS_PER_BLOCK + threadIdx.y;
+  if (row >= p.N) return;  // uniform over the row's threads
+  const int tid = threadIdx.x;
+  const int64_t K = p.K;
+  scalar_t* grow = p.grad ? p.grad + row * K : nullptr;
+  const int64_t y = p.target[row];
+  if (y == p.ignore_index) {
+    if (tid == 0) p.loss_rows[row] = acc_t(0);
+    if (grow) fill_row<scalar_t, ROW_THREADS>(grow, K, 0.f);
+    return;
+  }
+  if (y < 0 || y >= K) {  // no host check on this path: poison the row, never read out of bounds
+    if (tid == 0) p.loss_rows[row] = acc_t(NAN);
+    if (grow) fill_row<scalar_t, ROW_THREADS>(grow, K, NAN);
+    return;
+  }
+  const scalar_t* z = p.in + row * p.in_row_stride;
+  const bool weighted = p.weight != nullptr;
+  const acc_t zy = static_cast<acc_t>(z[y]);
+  const acc_t ref = (zy > acc_t(-INFINITY) && zy < acc_t(INFINITY)) ? zy : acc_t(0);
+
+  // Scalar head up to 16-byte alignment, packs, scalar tail. If the gradient row is aligned
+  // differently from the input row (an odd-offset view), the whole row takes the scalar path.
+  const int mis = int((reinterpret_cast<uintptr_t>(z) % 16) / sizeof(scalar_t));
+  int64_t head = mis ? VEC - mis : 0;
+  if (grow && int((reinterpret_cast<uintptr_t>(grow) % 16) / sizeof(scalar_t)) != mis) head = K;
+  if (head > K) head = K;
+  const int64_t nvec = (K - head) / VEC;
+  const int64_t tail = head + nvec * VEC;
+
+  RowAccum<scalar_t> acc{{acc_t(-INFINITY), acc_t(0), acc_t(0), acc_t(0)}, ref, p.weight};
+  auto absorb_scalar = [&](int64_t c) { acc.add(static_cast<acc_t>(z[c]), c); };
+  auto absorb_pack = [&](const P& pk, int64_t c0) { acc.add_pack(pk, c0); };
+
+  P cache[CACHE];
+  for (int64_t c = tid; c < head; c += ROW_THREADS) absorb_scalar(c);
+#pragma unroll
+  for (int i = 0; i < CACHE; ++i) {
+    const int64_t v = tid + int64_t(i) * ROW_THREADS;
+    if (v < nvec) {
+      cache[i] = load_pack(z + head + v * VEC);
+      absorb_pack(cache[i], head + v * VEC);
+    }
+  }
+  for (int64_t v = tid + int64_t(CACHE) * ROW_THREADS; v < nvec; v += ROW_THREADS)
+    absorb_pack(load_pack(z + head + v * VEC), head + v * VEC);
+  for (int64_t c = tail + tid; c < K; c += ROW_THREADS) absorb_scalar(c);
+
+  const RowState<acc_t> st = row_reduce<acc_t, ROW_THREADS>(acc.st);
+  const acc_t m = st.m;
+  const acc_t wy = weighted ? static_cast<acc_t>(p.weight[y]) : acc_t(1);
+  const acc_t W = weighted ? *p.weight_sum : acc_t(K);
+  if (!row_max_is_finite(m)) {
+    if (tid == 0) p.loss_rows[row] = acc_t(NAN);
+    if (grow) fill_row<scalar_t, ROW_THREADS>(grow, K, NAN);
+    return;
+  }
+  const acc_t log_s = lse_log(st.s);
+  // Linear sums moved from the reference to the max: sum w (z - m) = Tw + W (ref - m).
+  const acc_t S = weighted ? st.Tw + W * (ref - m) : st.T + acc_t(K) * (ref - m);
+  if (tid == 0) p.loss_rows[row] = ce_row_loss<acc_t>(log_s, zy - m, S, p.sm, wy, W);
+  if (!grow) return;
+
+  const acc_t scale = p.inv_denom ? *p.inv_denom : acc_t(1);
+  const GradCoefs<acc_t> gc = ce_grad_coefs<acc_t>(acc_t(1) / st.s, p.sm, scale, weighted, wy, W);
+  auto grad_of = [&](acc_t zc, int64_t c) -> scalar_t {
+    acc_t g = fast_exp(zc - m) * gc.kp - gc.kw * (weighted ? static_cast<acc_t>(p.weight[c]) : acc_t(1));
+    if (c == y) g -= gc.ky;
+    return static_cast<scalar_t>(g);  // computed in acc_t, rounded once
+  };
+  auto emit_pack = [&](const P& pk, int64_t c0) {
+    P out;
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) out.v[i] = grad_of(static_cast<acc_t>(pk.v[i]), c0 + i);
+    store_pack(grow + c0, out);
+  };
+  for (int64_t c = tid; c < head; c += ROW_THREADS) grow[c] = grad_of(static_cast<acc_t>(z[c]), c);
+#pragma unroll
+  for (int i = 0; i < CACHE; ++i) {
+    const int64_t v = tid + int64_t(i) * ROW_THREADS;
+    if (v < nvec) emit_pack(cache[i], head + v * VEC);
+  }
+  for (int64_t v = tid + int64_t(CACHE) * ROW_THREADS; v < nvec; v += ROW_THREADS)
+    emit_pack(load_pack(z + head + v * VEC), head + v * VEC);
+  for (int64_t c = tail + tid; c < K; c += ROW_THREADS) grow[c] = grad_of(static_cast<acc_t>(z[c]), c);
+}
+
+// grad *= grad_output in place; returns at once where grad_output is exactly 1.
+// per_row: grad_output has one value per row ("none"); else one scalar.
+template <typename scalar_t>
+__global__ void scale_kernel(scalar_t* g, const scalar_t* go, int64_t N, int64_t K, bool per_row) {
+  using acc_t = acc_of<scalar_t>;
+  using P = Pack<scalar_t>;
+  constexpr int VEC = P::kSize;
+  if (!per_row) {
+    const acc_t f = static_cast<acc_t>(go[0]);
+    if (f == acc_t(1)) return;
+    const int64_t n = N * K;
+    const int64_t nvec = (reinterpret_cast<uintptr_t>(g) % 16 == 0) ? n / VEC : 0;
+    const int64_t stride = int64_t(gridDim.x) * blockDim.x;
+    for (int64_t v = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; v < nvec; v += stride) {
+      P pk = load_pack(g + v * VEC);
+#pragma unroll
+      for (int i = 0; i < VEC; ++i) pk.v[i] = static_cast<scalar_t>(static_cast<acc_t>(pk.v[i]) * f);
+      store_pack(g + v * VEC, pk);
+    }
+    for (int64_t c = nvec * VEC + int64_t(blockIdx.x) * blockDim.x + threadIdx.x; c < n; c += stride)
+      g[c] = static_cast<scalar_t>(static_cast<acc_t>(g[c]) * f);
+    return;
+  }
+  for (int64_t r = blockIdx.x; r < N; r += gridDim.x) {
+    const acc_t f = static_cast<acc_t>(go[r]);
+    if (f == acc_t(1)) continue;
+    scalar_t* gr = g + r * K;
+    for (int64_t c = threadIdx.x; c < K; c += blockDim.x)
+      gr[c] = static_cast<scalar_t>(static_cast<acc_t>(gr[c]) * f);
+  }
+}
+
+template <typename scalar_t, int ROW_THREADS, int ROWS_PER_BLOCK, int CACHE>
+void launch_forward(const CeParams<scalar_t>& p, cudaStream_t stream) {
+  const dim3 block(ROW_THREADS, ROWS_PER_BLOCK);
+  const int64_t blocks = (p.N + ROWS_PER_BLOCK - 1) / ROWS_PER_BLOCK;
+  TORCH_CHECK(blocks <= int64_t(INT32_MAX), "labelsmooth_ext: too many rows (", p.N, ")");
+  ce_forward_kernel<scalar_t, ROW_THREADS, ROWS_PER_BLOCK, CACHE>
+      <<<unsigned(blocks), block, 0, stream>>>(p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// Threads per row from the row's size in bytes: keep up to CACHE 16-byte packs per thread.
+template <typename scalar_t>
+void dispatch_forward(const CeParams<scalar_t>& p, cudaStream_t stream) {
+  const int64_t bytes = p.K * int64_t(sizeof(scalar_t));
+  if (bytes <= 32 * 16 * 4) {
+    launch_forward<scalar_t, 32, 4, 4>(p, stream);
+  } else if (bytes <= 128 * 16 * 8) {
+    launch_forward<scalar_t, 128, 1, 8>(p, stream);
+  } else {
+    // Up to 64 KiB of the row in registers; the rest is read again in pass 2 (from L2).
+    // (1024 threads x 4 packs holds the same but spills under its 64-register cap.)
+    launch_forward<scalar_t, 512, 1, 8>(p, stream);
+  }
+}
+
+template <typename F>
+void dispatch_dtype(at::ScalarType t, F&& f) {
+  switch (t) {
+    case at::kFloat: return f(float{});
+    case at::kDouble: return f(double{});
+    case at::kHalf: return f(c10::Half{});
+    case at::kBFloat16: return f(c10::BFloat16{});
+    default: TORCH_CHECK(false, "labelsmooth_ext: unsupported dtype ", t);
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> ce_forward_cuda(const at::Tensor& input, const at::Tensor& target,
+                                                   const std::optional<at::Tensor>& weight,
+                                                   int64_t ignore_index, double eps, int64_t mode,
+                                                   int64_t reduction, bool compute_grad) {
+  check_ce_args(input, target, weight, eps, mode, reduction);
+  const c10::cuda::CUDAGuard guard(input.device());
+  const at::Tensor in = rows_with_unit_class_stride(input);
+  const at::Tensor tgt = target.contiguous();
+  const int64_t N = in.size(0), K = in.size(1);
+  const auto acc = acc_type_of(in.scalar_type());
+  const bool weighted = weight.has_value() && weight->defined();
+  const at::Tensor w = weighted ? weight->contiguous() : at::Tensor();
+
+  // Mean denominator and weight sum on the device: never copied to the host.
+  const at::Tensor valid = tgt.ne(ignore_index);
+  at::Tensor denom;
+  if (weighted) {
+    denom = w.to(acc).index_select(0, tgt.clamp(0, std::max<int64_t>(K - 1, 0))).mul(valid).sum();
+  } else {
+    denom = valid.sum(acc);
+  }
+  const at::Tensor inv_denom = reduction == kMean ? denom.reciprocal() : at::Tensor();
+  const at::Tensor wsum = weighted ? w.sum(acc) : at::Tensor();
+
+  at::Tensor rows = at::empty({N}, in.options().dtype(acc));
+  at::Tensor grad = at::empty(compute_grad ? std::vector<int64_t>{N, K} : std::vector<int64_t>{0},
+                              in.options());
+  if (N > 0) {
+    const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+    dispatch_dtype(in.scalar_type(), [&](auto tag) {
+      using scalar_t = decltype(tag);
+      using acc_t = acc_of<scalar_t>;
+      CeParams<scalar_t> p{};
+      p.in = static_cast<const scalar_t*>(in.data_ptr());
+      p.in_row_stride = in.stride(0);
+      p.target = tgt.data_ptr<int64_t>();
+      p.weight = weighted ? static_cast<const scalar_t*>(w.data_ptr()) : nullptr;
+      p.weight_sum = weighted ? static_cast<const acc_t*>(wsum.data_ptr()) : nullptr;
+      p.inv_denom = reduction == kMean ? static_cast<const acc_t*>(inv_denom.data_ptr()) : nullptr;
+      p.grad = compute_grad ? static_cast<scalar_t*>(grad.data_ptr()) : nullptr;
+      p.loss_rows = static_cast<acc_t*>(rows.data_ptr());
+      p.N = N;
+      p.K = K;
+      p.ignore_index = ignore_index;
+      p.sm = smoothing_coefs<acc_t>(eps, K, mode);
+      dispatch_forward<scalar_t>(p, stream);
+    });
+  }
+  return {finish_loss(rows, denom, reduction, in.scalar_type()), grad};
+}
+
+// Probability targets: the composite path (several passes, fp32 math), correct everywhere.
+std::tuple<at::Tensor, at::Tensor> ce_prob_forward_cuda(const at::Tensor& input, const at::Tensor& target,
+                                                        const std::optional<at::Tensor>& weight,
+                                                        double eps, int64_t mode, int64_t reduction,
+                                                        bool compute_grad) {
+  check_prob_args(input, target, weight, eps, mode, reduction);
+  const c10::cuda::CUDAGuard guard(input.device());
+  const int64_t N = input.size(0), K = input.size(1);
+  const auto acc = acc_type_of(input.scalar_type());
+  const auto sm = smoothing_coefs<double>(eps, K, mode);
+  const at::Tensor z = input.to(acc);
+  at::Tensor wq = target.to(acc).mul(sm.b).add(sm.a);
+  if (weight.has_value() && weight->defined()) wq = wq.mul(weight->to(acc));
+  const at::Tensor logp = z.log_softmax(1);
+  const at::Tensor rows = wq.mul(logp).sum(1).neg();
+  at::Tensor grad = at::empty({0}, input.options());
+  if (compute_grad) {
+    const double scale = reduction == kMean ? 1.0 / double(std::max<int64_t>(N, 1)) : 1.0;
+    grad = logp.exp().mul(wq.sum(1, true)).sub(wq).mul(scale).to(input.scalar_type());
+  }
+  const at::Tensor denom = at::empty({}, rows.options()).fill_(double(N));
+  return {finish_loss(rows, denom, reduction, input.scalar_type()), grad};
+}
+
+void ce_scale_cuda_(at::Tensor& grad, const at::Tensor& grad_output, int64_t reduction) {
+  if (grad.numel() == 0) return;
+  TORCH_CHECK(grad.is_contiguous() && grad.dim() == 2, "labelsmooth_ext::ce_scale_: grad must be a contiguous 2-d tensor");
+  const c10::cuda::CUDAGuard guard(grad.device());
+  const at::Tensor go = grad_output.to(grad.scalar_type()).contiguous();
+  const bool per_row = reduction == kNone;
+  TORCH_CHECK(go.numel() == (per_row ? grad.size(0) : 1), "labelsmooth_ext::ce_scale_: grad_output has ",
+              go.numel(), " elements, expected ", per_row ? grad.size(0) : 1);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  int sms = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, grad.get_device()));
+  dispatch_dtype(grad.scalar_type(), [&](auto tag) {
+    using scalar_t = decltype(tag);
+    scale_kernel<scalar_t><<<unsigned(sms * 4), 256, 0, stream>>>(
+        static_cast<scalar_t*>(grad.data_ptr()), static_cast<const scalar_t*>(go.data_ptr()),
+        grad.size(0), grad.size(1), per_row);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+TORCH_LIBRARY_IMPL(labelsmooth_ext, CUDA, m) {
+  m.impl("ce_forward", &ce_forward_cuda);
+  m.impl("ce_prob_forward", &ce_prob_forward_cuda);
+  m.impl("ce_scale_", &ce_scale_cuda_);
+}
+
+}  // namespace cuda
+}  // namespace labelsmooth_ext

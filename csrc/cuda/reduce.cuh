@@ -1,0 +1,89 @@
+// Warp/block reductions and 16-byte vector packs for the CUDA kernels.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "../row_math.h"
+
+namespace labelsmooth_ext {
+namespace cuda {
+
+// VEC elements of T in one 16-byte load/store.
+template <typename T>
+struct alignas(16) Pack {
+  static constexpr int kSize = 16 / sizeof(T);
+  T v[kSize];
+};
+
+template <typename T>
+__device__ __forceinline__ Pack<T> load_pack(const T* p) {
+  return *reinterpret_cast<const Pack<T>*>(p);
+}
+
+template <typename T>
+__device__ __forceinline__ void store_pack(T* p, const Pack<T>& x) {
+  *reinterpret_cast<Pack<T>*>(p) = x;
+}
+
+// exp(x) for the kernels: float uses the hardware ex2 (relative error ~2^-22), double the
+// full-precision exp. exp(-inf) = 0, exp(NaN) = NaN.
+__device__ __forceinline__ float fast_exp(float x) {
+  float y;
+  asm("ex2.approx.f32 %0, %1;" : "=f"(y) : "f"(x * 1.4426950408889634f));
+  return y;
+}
+__device__ __forceinline__ double fast_exp(double x) { return exp(x); }
+
+// Per-thread partial state of a row: running max / rescaled sum of exp, and the linear sums
+// T = sum (z - ref), Tw = sum w (z - ref) around a per-row reference value.
+template <typename acc_t>
+struct RowState {
+  acc_t m, s, T, Tw;
+};
+
+template <typename acc_t>
+__device__ __forceinline__ void merge(RowState<acc_t>& a, const RowState<acc_t>& b) {
+  lse_merge(a.m, a.s, b.m, b.s);
+  a.T += b.T;
+  a.Tw += b.Tw;
+}
+
+template <typename acc_t, int WIDTH>
+__device__ __forceinline__ RowState<acc_t> warp_reduce(RowState<acc_t> st) {
+#pragma unroll
+  for (int off = WIDTH / 2; off > 0; off >>= 1) {
+    RowState<acc_t> o;
+    o.m = __shfl_xor_sync(0xffffffffu, st.m, off, WIDTH);
+    o.s = __shfl_xor_sync(0xffffffffu, st.s, off, WIDTH);
+    o.T = __shfl_xor_sync(0xffffffffu, st.T, off, WIDTH);
+    o.Tw = __shfl_xor_sync(0xffffffffu, st.Tw, off, WIDTH);
+    merge(st, o);
+  }
+  return st;
+}
+
+// Reduces over the ROW_THREADS threads of a row (threadIdx.x) and returns the result to all
+// of them. ROW_THREADS <= 32: one warp (or part of one) per row, no shared memory.
+// ROW_THREADS > 32: one row per block.
+template <typename acc_t, int ROW_THREADS>
+__device__ __forceinline__ RowState<acc_t> row_reduce(RowState<acc_t> st) {
+  if constexpr (ROW_THREADS <= 32) {
+    return warp_reduce<acc_t, ROW_THREADS>(st);
+  } else {
+    constexpr int kWarps = ROW_THREADS / 32;
+    __shared__ RowState<acc_t> partial[kWarps];
+    st = warp_reduce<acc_t, 32>(st);
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    if (lane == 0) partial[warp] = st;
+    __syncthreads();
+    st = partial[lane < kWarps ? lane : 0];
+    if (lane >= kWarps) st = RowState<acc_t>{acc_t(-INFINITY), acc_t(0), acc_t(0), acc_t(0)};
+    st = warp_reduce<acc_t, 32>(st);
+    return st;
+  }
+}
+
+}  // namespace cuda
+}  // namespace labelsmooth_ext
