@@ -11,8 +11,9 @@
 
 #include "row_math.h"
 
-#if __has_include("build_config.h")
-#include "build_config.h"  // written by setup.py / CMake: LSE_TORCH_VERSION, LSE_CUDA_ARCHS
+// setup.py writes build_config.h (LSE_TORCH_VERSION, LSE_CUDA_ARCHS); CMake defines them.
+#if !defined(LSE_NO_BUILD_CONFIG) && __has_include("build_config.h")
+#include "build_config.h"
 #endif
 #ifndef LSE_TORCH_VERSION
 #define LSE_TORCH_VERSION "unknown"
