@@ -1,11 +1,13 @@
 // CPU row kernels, written once and compiled per CPU capability (kernels_default.cpp,
 // kernels_avx2.cpp). Raw pointers only: the tensor plumbing lives in loss_cpu.cpp.
 //
-// Each row is read from memory once; the passes after the first run over data that is
-// cache-resident (the row itself, or its float copy for 16-bit input):
-//   1. max                       (reads z)
-//   2. e = exp(z - m), sums      (reads z, writes e into the gradient row / scratch)
-//   3. g = e * kp - kw * w_c     (in place; the target class gets its extra term)
+// Each row is read from memory once and the gradient written once; the passes in between run
+// over a per-thread float row that stays in L2:
+//   1. max                      (reads the row; 16-bit input is converted into the buffer here)
+//   2. e = exp(z - m), sums     (writes e into the buffer)
+//   3. g = e * kp - kw * w_c    (per L1-sized block, then stored with streaming stores: the
+//                                gradient is not read back soon, and a normal store would first
+//                                read every line of it from memory)
 #pragma once
 
 #include <ATen/Parallel.h>
@@ -58,6 +60,68 @@ acc_t vsum(const Vectorized<acc_t>& v) {
   acc_t s = 0;
   for (int64_t i = 0; i < Vectorized<acc_t>::size(); ++i) s += buf[i];
   return s;
+}
+
+// Pass 1 for 16-bit input: convert the row into the float buffer and return its max.
+template <typename scalar_t>
+float convert_and_max(const scalar_t* src, float* dst, int64_t K) {
+  using fVec = Vectorized<float>;
+  using hVec = Vectorized<scalar_t>;
+  constexpr int64_t H = hVec::size();
+  int64_t c = 0;
+  fVec vm(-std::numeric_limits<float>::infinity());
+  for (; c + H <= K; c += H) {
+    auto [a, b] = at::vec::convert_to_float<scalar_t>(hVec::loadu(src + c));
+    a.store(dst + c);
+    b.store(dst + c + fVec::size());
+    vm = at::vec::maximum(vm, at::vec::maximum(a, b));
+  }
+  float m = -std::numeric_limits<float>::infinity();
+  alignas(64) float buf[fVec::size()];
+  vm.store(buf);
+  for (int64_t i = 0; i < fVec::size(); ++i) m = nan_max(m, buf[i]);
+  for (; c < K; ++c) {
+    dst[c] = static_cast<float>(src[c]);
+    m = nan_max(m, dst[c]);
+  }
+  return m;
+}
+
+// Store n values of the accumulation type to dst in scalar_t. Where dst is 32-byte aligned the
+// AVX2 build uses non-temporal (streaming) stores; the caller fences once per thread.
+template <typename scalar_t, typename acc_t>
+void store_out(scalar_t* dst, const acc_t* src, int64_t n) {
+  int64_t c = 0;
+#if defined(CPU_CAPABILITY_AVX2)
+  // scalar head up to 32-byte alignment
+  while (c < n && (reinterpret_cast<uintptr_t>(dst + c) & 31) != 0) {
+    dst[c] = static_cast<scalar_t>(src[c]);
+    ++c;
+  }
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    for (; c + 8 <= n; c += 8) _mm256_stream_ps(dst + c, _mm256_loadu_ps(src + c));
+  } else if constexpr (std::is_same_v<scalar_t, double>) {
+    for (; c + 4 <= n; c += 4) _mm256_stream_pd(dst + c, _mm256_loadu_pd(src + c));
+  } else {
+    using fVec = Vectorized<float>;
+    for (; c + 16 <= n; c += 16) {
+      const Vectorized<scalar_t> h =
+          at::vec::convert_from_float<scalar_t>(fVec::loadu(src + c), fVec::loadu(src + c + 8));
+      _mm256_stream_si256(reinterpret_cast<__m256i*>(dst + c), __m256i(h));
+    }
+  }
+#endif
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    std::copy(src + c, src + n, dst + c);
+  } else {
+    at::vec::convert(src + c, dst + c, n - c);
+  }
+}
+
+inline void store_fence() {
+#if defined(CPU_CAPABILITY_AVX2)
+  _mm_sfence();
+#endif
 }
 
 // Pass 2: s = sum exp(z - m), S = sum w_c (z_c - m) (w = 1 when w == nullptr); writes e to `e`
@@ -127,10 +191,7 @@ void to_acc(const scalar_t* src, acc_t* dst, int64_t n) {
   }
 }
 
-template <typename scalar_t, typename acc_t>
-void from_acc(const acc_t* src, scalar_t* dst, int64_t n) {
-  if constexpr (!std::is_same_v<scalar_t, acc_t>) at::vec::convert(src, dst, n);
-}
+constexpr int64_t kStoreBlock = 2048;
 
 inline int64_t grain_for(int64_t K) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(K, 1)); }
 
@@ -155,7 +216,8 @@ void ce_rows(const CeRowsArgs& A) {
   const acc_t scale = acc_t(A.scale);
 
   at::parallel_for(0, A.N, grain_for(K), [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> scratch(kDirect ? 0 : K);
+    std::vector<acc_t> scratch(K);  // the row's e, then g: stays in L2
+    acc_t* buf = scratch.data();
     for (int64_t r = begin; r < end; ++r) {
       const int64_t y = A.target[r];
       scalar_t* grow = grad ? grad + r * K : nullptr;
@@ -165,13 +227,14 @@ void ce_rows(const CeRowsArgs& A) {
         continue;
       }
       const acc_t* z;
+      acc_t m;
       if constexpr (kDirect) {
         z = in + r * A.in_row_stride;
+        m = row_max(z, K);
       } else {
-        to_acc(in + r * A.in_row_stride, scratch.data(), K);
-        z = scratch.data();
+        m = convert_and_max(in + r * A.in_row_stride, buf, K);
+        z = buf;
       }
-      const acc_t m = row_max(z, K);
       const acc_t zy = z[y];
       const acc_t wy = weighted ? w[y] : acc_t(1);
       if (!row_max_is_finite(m)) {
@@ -179,23 +242,20 @@ void ce_rows(const CeRowsArgs& A) {
         if (grow) std::fill(grow, grow + K, scalar_t(NAN));
         continue;
       }
-      // e goes where the gradient will be built: the output row itself for float/double,
-      // the float scratch row (overwriting z, already read) for 16-bit input.
-      acc_t* e = nullptr;
-      if (grow) {
-        if constexpr (kDirect) e = grow; else e = scratch.data();
-      }
       double s, S;
-      exp_pass<acc_t>(z, e, w, K, m, s, S);
+      exp_pass<acc_t>(z, grow ? buf : nullptr, w, K, m, s, S);  // e may overwrite z (16-bit)
       const acc_t log_s = lse_log(acc_t(s));
       loss[r] = ce_row_loss<acc_t>(log_s, zy - m, acc_t(S), sm, wy, W);
-      if (grow) {
-        const auto gc = ce_grad_coefs<acc_t>(acc_t(1) / acc_t(s), sm, scale, weighted, wy, W);
-        grad_pass<acc_t>(e, w, K, gc.kp, gc.kw);
-        e[y] -= gc.ky;
-        from_acc<scalar_t, acc_t>(e, grow, K);
+      if (!grow) continue;
+      const auto gc = ce_grad_coefs<acc_t>(acc_t(1) / acc_t(s), sm, scale, weighted, wy, W);
+      for (int64_t b0 = 0; b0 < K; b0 += kStoreBlock) {  // L1-sized blocks: compute, then stream out
+        const int64_t n = std::min<int64_t>(kStoreBlock, K - b0);
+        grad_pass<acc_t>(buf + b0, w ? w + b0 : nullptr, n, gc.kp, gc.kw);
+        if (y >= b0 && y < b0 + n) buf[y] -= gc.ky;  // in acc_t, before the single rounding
+        store_out<scalar_t, acc_t>(grow + b0, buf + b0, n);
       }
     }
+    store_fence();
   });
 }
 
@@ -245,13 +305,10 @@ void prob_rows(const ProbRowsArgs& A) {
       loss[r] = prob_row_loss<acc_t>(lse_log(acc_t(s)), acc_t(Q), acc_t(Sq));
       if (grow) {
         grad_pass<acc_t>(z, wq.data(), K, acc_t(Q / s) * scale, scale);
-        if constexpr (std::is_same_v<scalar_t, acc_t>) {
-          std::copy(z, z + K, grow);
-        } else {
-          from_acc<scalar_t, acc_t>(z, grow, K);
-        }
+        store_out<scalar_t, acc_t>(grow, z, K);
       }
     }
+    store_fence();
   });
 }
 

@@ -11,6 +11,7 @@
 
 #include <cstdlib>
 #include <cstring>
+#include <mutex>
 #include <vector>
 
 #include "../ops.h"
@@ -46,19 +47,67 @@ bool use_avx2() {
 
 // The gradient is as large as the logits and written once. Fresh 4 KiB pages cost a page
 // fault each on first touch, which on Linux costs more than the kernel itself at LLM sizes;
-// 2 MiB-aligned memory advised for transparent huge pages takes 512x fewer faults.
-at::Tensor empty_rows(int64_t N, int64_t K, const at::TensorOptions& opts) {
-  const size_t nbytes = size_t(N) * size_t(K) * c10::elementSize(c10::typeMetaToScalarType(opts.dtype()));
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  constexpr size_t kHuge = size_t(2) << 20;
-  if (nbytes >= 2 * kHuge) {
-    const size_t padded = (nbytes + kHuge - 1) / kHuge * kHuge;
-    if (void* p = std::aligned_alloc(kHuge, padded)) {
-      madvise(p, padded, MADV_HUGEPAGE);
-      return at::from_blob(p, {N, K}, [](void* q) { std::free(q); }, opts);
+// 2 MiB-aligned memory advised for transparent huge pages takes 512x fewer faults. One freed
+// block is kept for the next call of the same size (a training loop frees the logits'
+// gradient before the next forward), which skips the kernel's zeroing of fresh pages too.
+// LABELSMOOTH_EXT_CPU_GRAD_CACHE=0 turns the one-block cache off.
+constexpr size_t kHuge = size_t(2) << 20;
+
+struct BlockCache {
+  std::mutex mu;
+  void* ptr = nullptr;
+  size_t size = 0;
+};
+
+BlockCache& block_cache() {
+  static BlockCache* c = new BlockCache();  // leaked on purpose: safe during static destruction
+  return *c;
+}
+
+bool grad_cache_enabled() {
+  static const bool on = [] {
+    const char* env = std::getenv("LABELSMOOTH_EXT_CPU_GRAD_CACHE");
+    return !(env && std::strcmp(env, "0") == 0);
+  }();
+  return on;
+}
+
+void release_block(void* p, size_t size) {
+  if (grad_cache_enabled()) {
+    BlockCache& c = block_cache();
+    std::lock_guard<std::mutex> lock(c.mu);
+    std::swap(c.ptr, p);  // keep the most recent block, free the one it replaces
+    c.size = size;
+  }
+  std::free(p);
+}
+
+void* acquire_block(size_t size) {
+  {
+    BlockCache& c = block_cache();
+    std::lock_guard<std::mutex> lock(c.mu);
+    if (c.ptr && c.size == size) {
+      void* p = c.ptr;
+      c.ptr = nullptr;
+      c.size = 0;
+      return p;
     }
   }
+  void* p = std::aligned_alloc(kHuge, size);
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  if (p) madvise(p, size, MADV_HUGEPAGE);
 #endif
+  return p;
+}
+
+at::Tensor empty_rows(int64_t N, int64_t K, const at::TensorOptions& opts) {
+  const size_t nbytes = size_t(N) * size_t(K) * c10::elementSize(c10::typeMetaToScalarType(opts.dtype()));
+  if (nbytes >= 2 * kHuge) {
+    const size_t padded = (nbytes + kHuge - 1) / kHuge * kHuge;
+    if (void* p = acquire_block(padded)) {
+      return at::from_blob(p, {N, K}, [padded](void* q) { release_block(q, padded); }, opts);
+    }
+  }
   return at::empty({N, K}, opts);
 }
 

@@ -1,0 +1,379 @@
+"""Benchmark core shared by `python -m labelsmooth_ext bench` and the pytest-benchmark suite.
+
+Every implementation is timed in the same process as the floors it is compared with:
+  copy floor: dst.copy_(src) of the logits (bytes read + written, the memory-traffic floor of a
+              fused forward + backward, which reads the logits once and writes the gradient once);
+  exp floor (CPU): torch.exp(x, out=y), one read, one exp and one write per element.
+"""
+import json
+import math
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from . import reference
+from .functional import cross_entropy
+
+EPS = 0.1
+IGNORE_FRACTION = 0.1
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    n: int
+    k: int
+    spatial: tuple = ()
+    dtype: str = "float32"
+    device: str = "cpu"
+
+    @property
+    def rows(self):
+        return self.n * math.prod(self.spatial)
+
+    @property
+    def torch_dtype(self):
+        return getattr(torch, self.dtype)
+
+    @property
+    def label(self):
+        sp = "x" + "x".join(map(str, self.spatial)) if self.spatial else ""
+        return f"{self.name} N={self.n}{sp} K={self.k}"
+
+
+def default_cases(device, full=True):
+    shapes = [("classification", 256, 1000, ()), ("language-model", 4096, 32000, ())]
+    if full:
+        shapes.append(("segmentation", 8, 21, (128, 128)))
+    if device == "cuda":
+        shapes.append(("language-model", 8192, 128256, ()))
+    return [Case(nm, n, k, sp, dt, device) for nm, n, k, sp in shapes for dt in ("float32", "bfloat16")]
+
+
+def make_inputs(case, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn((case.n, case.k) + case.spatial, generator=g).to(case.torch_dtype)
+    t = torch.randint(0, case.k, (case.n,) + case.spatial, generator=g)
+    t[torch.rand(t.shape, generator=g) < IGNORE_FRACTION] = -100
+    return x.to(case.device), t.to(case.device)
+
+
+def _ours(x, t):
+    return cross_entropy(x, t, label_smoothing=EPS)
+
+
+def _eager(x, t):
+    return F.cross_entropy(x, t, label_smoothing=EPS)
+
+
+def _reference(x, t):
+    return reference.cross_entropy(x, t, label_smoothing=EPS)
+
+
+_compiled = None
+
+
+def _torch_compile(x, t):
+    global _compiled
+    if _compiled is None:
+        _compiled = torch.compile(_eager, dynamic=False)
+    return _compiled(x, t)
+
+
+IMPLEMENTATIONS = {
+    "labelsmooth_ext": _ours,
+    "torch": _eager,
+    "torch.compile": _torch_compile,
+    "reference": _reference,
+}
+MODES = ("forward", "forward+backward")
+
+
+def make_step(impl, x, t, mode):
+    fn = IMPLEMENTATIONS[impl]
+    if mode == "forward":
+        def step():
+            with torch.no_grad():
+                return fn(x, t)
+    else:
+        def step():
+            xx = x.detach().requires_grad_()
+            fn(xx, t).backward()
+            return xx.grad
+    return step
+
+
+def sync(device):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_call(fn, device, reps, warmup=1):
+    """Seconds per call (list), synchronised inside every timed call; CUDA events on GPU."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    out = []
+    for _ in range(reps):
+        if device == "cuda":
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            fn()
+            b.record()
+            b.synchronize()
+            out.append(a.elapsed_time(b) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            fn()
+            out.append(time.perf_counter() - t0)
+    return out
+
+
+def floors(x, reps):
+    y = torch.empty_like(x)
+    res = {"copy": statistics.median(time_call(lambda: y.copy_(x), x.device.type, reps))}
+    if x.device.type == "cpu":
+        res["exp"] = statistics.median(time_call(lambda: torch.exp(x, out=y), "cpu", reps))
+    return res
+
+
+def _rss_kib(field_name):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field_name + ":"):
+                return int(line.split()[1])
+    return None
+
+
+def peak_extra_bytes(fn, device):
+    """Peak memory of one call beyond what is allocated before it (CUDA allocator; on Linux
+    CPU the process's resident high-water mark, reset through /proc/self/clear_refs)."""
+    if device == "cuda":
+        sync(device)
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fn()
+        sync(device)
+        return torch.cuda.max_memory_allocated() - base
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        base = _rss_kib("VmRSS")
+        fn()
+        return (_rss_kib("VmHWM") - base) * 1024
+    except OSError:
+        return None
+
+
+@dataclass
+class Result:
+    case: Case
+    mode: str
+    impl: str
+    seconds: float
+    floor_seconds: dict
+    bytes_moved: int
+    peak_extra_bytes: object = None
+    loss_error: float = None
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def gbps(self):
+        return self.bytes_moved / self.seconds / 1e9
+
+    def as_dict(self):
+        d = asdict(self)
+        d["case"] = asdict(self.case)
+        d["gbps"] = self.gbps
+        d["ratio_to_copy_floor"] = self.seconds / self.floor_seconds["copy"]
+        if "exp" in self.floor_seconds:
+            d["ratio_to_exp_floor"] = self.seconds / self.floor_seconds["exp"]
+        return d
+
+
+def bytes_moved(case, mode):
+    elems = case.rows * case.k * torch.empty((), dtype=case.torch_dtype).element_size()
+    return elems if mode == "forward" else 2 * elems
+
+
+def run_case(case, impls, modes, reps, progress=None):
+    x, t = make_inputs(case)
+    fl = floors(x, reps)
+    expected = float(F.cross_entropy(x.double(), t, label_smoothing=EPS))
+    results = []
+    for mode in modes:
+        for impl in impls:
+            step = make_step(impl, x, t, mode)
+            secs = statistics.median(time_call(step, case.device, reps, warmup=2))
+            with torch.no_grad():
+                loss = float(IMPLEMENTATIONS[impl](x, t))
+            peak = peak_extra_bytes(step, case.device)
+            results.append(Result(case, mode, impl, secs, fl, bytes_moved(case, mode), peak,
+                                  abs(loss - expected)))
+            if progress:
+                progress()
+    return results
+
+
+class Progress:
+    """A one-line progress bar on stderr."""
+
+    def __init__(self, total, width=30):
+        self.total, self.done, self.width, self.t0 = total, 0, width, time.time()
+
+    def __call__(self, label=""):
+        self.done += 1
+        filled = int(self.width * self.done / self.total)
+        sys.stderr.write(f"\r[{'#' * filled}{'.' * (self.width - filled)}] {self.done}/{self.total} "
+                         f"{time.time() - self.t0:5.0f}s {label[:40]:<40}")
+        sys.stderr.flush()
+        if self.done == self.total:
+            sys.stderr.write("\n")
+
+
+def summarize(results):
+    """One row per (case, mode): times of every implementation, ratios from the same run."""
+    rows = []
+    keys = []
+    for r in results:
+        key = (r.case, r.mode)
+        if key not in keys:
+            keys.append(key)
+    for case, mode in keys:
+        by = {r.impl: r for r in results if r.case == case and r.mode == mode}
+        ours = by.get("labelsmooth_ext")
+        row = {"shape": case.label, "dtype": case.dtype, "device": case.device, "mode": mode}
+        for impl, r in by.items():
+            row[f"{impl} ms"] = r.seconds * 1e3
+        if ours:
+            fl = ours.floor_seconds
+            row["vs eager"] = by["torch"].seconds / ours.seconds if "torch" in by else None
+            row["vs compiled"] = by["torch.compile"].seconds / ours.seconds if "torch.compile" in by else None
+            # the floor of a forward alone is one read: half the copy (read + write)
+            copy_floor = fl["copy"] / 2 if mode == "forward" else fl["copy"]
+            row["% of copy floor"] = 100 * copy_floor / ours.seconds
+            if "exp" in fl:
+                row["x exp pass"] = ours.seconds / fl["exp"]
+            row["peak MB ours"] = None if ours.peak_extra_bytes is None else ours.peak_extra_bytes / 2**20
+            if "torch" in by and by["torch"].peak_extra_bytes is not None:
+                row["peak MB eager"] = by["torch"].peak_extra_bytes / 2**20
+        rows.append(row)
+    return rows
+
+
+def _fmt(v):
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.2f}" if abs(v) < 100 else f"{v:.0f}"
+    return str(v)
+
+
+def format_table(rows, markdown=False):
+    cols = []
+    for r in rows:
+        for c in r:
+            if c not in cols:
+                cols.append(c)
+    cells = [[_fmt(r.get(c)) for c in cols] for r in rows]
+    if markdown:
+        lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
+        lines += ["| " + " | ".join(c) + " |" for c in cells]
+        return "\n".join(lines)
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
+    line = "  ".join(c.rjust(w) for c, w in zip(cols, widths))
+    out = [line, "-" * len(line)]
+    out += ["  ".join(v.rjust(w) for v, w in zip(row, widths)) for row in cells]
+    return "\n".join(out)
+
+
+def add_arguments(p):
+    p.add_argument("--device", choices=["cpu", "cuda", "all"], default="all",
+                   help="devices to run (default: every available one)")
+    p.add_argument("--reps", type=int, default=5, help="timed calls per measurement (median)")
+    p.add_argument("--full", action="store_true", help="also the segmentation shape")
+    p.add_argument("--impls", default=",".join(IMPLEMENTATIONS),
+                   help="comma-separated subset of " + ", ".join(IMPLEMENTATIONS))
+    p.add_argument("--json", metavar="PATH", help="write every measurement as JSON")
+    p.add_argument("--markdown", metavar="PATH", help="write the table as Markdown")
+    p.add_argument("--plot", metavar="PNG", help="plot time against K (needs matplotlib)")
+
+
+def report_command(args):
+    devices = ["cpu", "cuda"] if args.device == "all" else [args.device]
+    if "cuda" in devices and not torch.cuda.is_available():
+        if args.device == "cuda":
+            print("no CUDA device available", file=sys.stderr)
+            return 2
+        devices.remove("cuda")
+    impls = [i for i in args.impls.split(",") if i]
+    unknown = [i for i in impls if i not in IMPLEMENTATIONS]
+    if unknown:
+        print(f"unknown implementation(s): {unknown}", file=sys.stderr)
+        return 2
+    cases = [c for d in devices for c in default_cases(d, args.full)]
+    progress = Progress(len(cases) * len(impls) * len(MODES))
+    results = []
+    for case in cases:
+        results += run_case(case, impls, MODES, args.reps,
+                            progress=lambda c=case: progress(f"{c.label} {c.dtype}"))
+    rows = summarize(results)
+    machine = torch.cuda.get_device_name() if "cuda" in devices else _cpu_name()
+    print(f"\nlabelsmooth_ext benchmark, label_smoothing={EPS}, {int(IGNORE_FRACTION * 100)}% rows "
+          f"ignored; torch {torch.__version__}; {machine}; {torch.get_num_threads()} CPU threads")
+    print(format_table(rows))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"machine": machine, "torch": torch.__version__,
+                       "results": [r.as_dict() for r in results], "table": rows}, f, indent=1)
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(format_table(rows, markdown=True) + "\n")
+    if args.plot:
+        plot_vs_k(args.plot, devices, impls, args.reps)
+    return 0
+
+
+def _cpu_name():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or "CPU"
+
+
+def plot_vs_k(path, devices, impls, reps):
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plot", file=sys.stderr)
+        return
+    ks = [256, 1024, 4096, 16384, 65536]
+    fig, axes = plt.subplots(1, len(devices), figsize=(6 * len(devices), 4), squeeze=False)
+    for ax, dev in zip(axes[0], devices):
+        for impl in impls:
+            times = []
+            for k in ks:
+                case = Case("sweep", max(1, (1 << 22) // k), k, (), "float32", dev)
+                x, t = make_inputs(case)
+                times.append(statistics.median(time_call(make_step(impl, x, t, "forward+backward"),
+                                                         dev, reps)) * 1e3)
+            ax.loglog(ks, times, marker="o", label=impl)
+        ax.set_xlabel("K (classes), N*K = 4M float32")
+        ax.set_ylabel("forward + backward, ms")
+        ax.set_title(dev)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
