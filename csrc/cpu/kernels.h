@@ -36,20 +36,26 @@ using acc_for = std::conditional_t<std::is_same_v<acc_t, double>, double, float>
 inline Vectorized<float> vexp(const Vectorized<float>& x) { return x.exp_u20(); }
 inline Vectorized<double> vexp(const Vectorized<double>& x) { return x.map(std::exp); }
 
+// Partial vectors at the row's end (count < V lanes) instead of scalar tails: short rows
+// (segmentation: K = 21) would otherwise spend most of their time in scalar std::exp.
+template <typename acc_t>
+Vectorized<acc_t> load_tail(const acc_t* p, int64_t count, acc_t pad) {
+  return Vectorized<acc_t>::set(Vectorized<acc_t>(pad), Vectorized<acc_t>::loadu(p, count), count);
+}
+
 template <typename acc_t>
 acc_t row_max(const acc_t* z, int64_t K) {
   using Vec = Vectorized<acc_t>;
   constexpr int64_t V = Vec::size();
-  acc_t m = -std::numeric_limits<acc_t>::infinity();
+  const acc_t ninf = -std::numeric_limits<acc_t>::infinity();
+  Vec vm(ninf);
   int64_t c = 0;
-  if (K >= V) {
-    Vec vm = Vec::loadu(z);
-    for (c = V; c + V <= K; c += V) vm = at::vec::maximum(vm, Vec::loadu(z + c));  // NaN-propagating
-    alignas(64) acc_t buf[V];
-    vm.store(buf);
-    for (int64_t i = 0; i < V; ++i) m = nan_max(m, buf[i]);
-  }
-  for (; c < K; ++c) m = nan_max(m, z[c]);
+  for (; c + V <= K; c += V) vm = at::vec::maximum(vm, Vec::loadu(z + c));  // NaN-propagating
+  if (c < K) vm = at::vec::maximum(vm, load_tail(z + c, K - c, ninf));
+  alignas(64) acc_t buf[V];
+  vm.store(buf);
+  acc_t m = ninf;
+  for (int64_t i = 0; i < V; ++i) m = nan_max(m, buf[i]);
   return m;
 }
 
@@ -93,21 +99,24 @@ template <typename scalar_t, typename acc_t>
 void store_out(scalar_t* dst, const acc_t* src, int64_t n) {
   int64_t c = 0;
 #if defined(CPU_CAPABILITY_AVX2)
-  // scalar head up to 32-byte alignment
-  while (c < n && (reinterpret_cast<uintptr_t>(dst + c) & 31) != 0) {
-    dst[c] = static_cast<scalar_t>(src[c]);
-    ++c;
-  }
-  if constexpr (std::is_same_v<scalar_t, float>) {
-    for (; c + 8 <= n; c += 8) _mm256_stream_ps(dst + c, _mm256_loadu_ps(src + c));
-  } else if constexpr (std::is_same_v<scalar_t, double>) {
-    for (; c + 4 <= n; c += 4) _mm256_stream_pd(dst + c, _mm256_loadu_pd(src + c));
-  } else {
-    using fVec = Vectorized<float>;
-    for (; c + 16 <= n; c += 16) {
-      const Vectorized<scalar_t> h =
-          at::vec::convert_from_float<scalar_t>(fVec::loadu(src + c), fVec::loadu(src + c + 8));
-      _mm256_stream_si256(reinterpret_cast<__m256i*>(dst + c), __m256i(h));
+  // Short rows (under 4 KiB) take plain stores: streaming stores to partial cache lines cost
+  // more than they save.
+  if (n * int64_t(sizeof(scalar_t)) >= 4096) {
+    while ((reinterpret_cast<uintptr_t>(dst + c) & 31) != 0) {  // scalar head to 32-byte alignment
+      dst[c] = static_cast<scalar_t>(src[c]);
+      ++c;
+    }
+    if constexpr (std::is_same_v<scalar_t, float>) {
+      for (; c + 8 <= n; c += 8) _mm256_stream_ps(dst + c, _mm256_loadu_ps(src + c));
+    } else if constexpr (std::is_same_v<scalar_t, double>) {
+      for (; c + 4 <= n; c += 4) _mm256_stream_pd(dst + c, _mm256_loadu_pd(src + c));
+    } else {
+      using fVec = Vectorized<float>;
+      for (; c + 16 <= n; c += 16) {
+        const Vectorized<scalar_t> h =
+            at::vec::convert_from_float<scalar_t>(fVec::loadu(src + c), fVec::loadu(src + c + 8));
+        _mm256_stream_si256(reinterpret_cast<__m256i*>(dst + c), __m256i(h));
+      }
     }
   }
 #endif
@@ -145,16 +154,17 @@ void exp_pass(const acc_t* z, acc_t* e, const acc_t* w, int64_t K, acc_t m, doub
       vS = w ? at::vec::fmadd(Vec::loadu(w + c), d, vS) : vS + d;
       if (e) ex.store(e + c);
     }
-    acc_t ts = vsum(vs), tS = vsum(vS);
-    for (; c < b1; ++c) {
-      const acc_t d = z[c] - m;
-      const acc_t ex = std::exp(d);
-      ts += ex;
-      tS += w ? w[c] * d : d;
-      if (e) e[c] = ex;
+    if (c < b1) {
+      const int64_t n = b1 - c;
+      const Vec d = load_tail(z + c, n, -std::numeric_limits<acc_t>::infinity()) - vm;
+      const Vec ex = vexp(d);  // padding lanes: exp(-inf) = 0
+      vs = vs + ex;
+      const Vec d0 = Vec::set(Vec(0), d, n);
+      vS = w ? at::vec::fmadd(Vec::loadu(w + c, n), d0, vS) : vS + d0;
+      if (e) ex.store(e + c, n);
     }
-    s += ts;
-    S += tS;
+    s += vsum(vs);
+    S += vsum(vS);
   }
   s_out = s;
   S_out = S;
@@ -170,10 +180,10 @@ void grad_pass(acc_t* g, const acc_t* w, int64_t K, acc_t kp, acc_t kw) {
   if (w) {
     for (; c + V <= K; c += V)
       (Vec::loadu(g + c) * vkp - vkw * Vec::loadu(w + c)).store(g + c);
-    for (; c < K; ++c) g[c] = g[c] * kp - kw * w[c];
+    if (c < K) (Vec::loadu(g + c, K - c) * vkp - vkw * Vec::loadu(w + c, K - c)).store(g + c, K - c);
   } else {
     for (; c + V <= K; c += V) (Vec::loadu(g + c) * vkp - vkw).store(g + c);
-    for (; c < K; ++c) g[c] = g[c] * kp - kw;
+    if (c < K) (Vec::loadu(g + c, K - c) * vkp - vkw).store(g + c, K - c);
   }
 }
 

@@ -1,0 +1,63 @@
+"""Speed and memory of labelsmooth_ext against PyTorch eager, torch.compile and the
+pure-PyTorch reference (run with `pytest bench`, never by CI's test command).
+
+Each result's extra_info holds the bytes moved, GB/s, the ratio to the copy floor (and on CPU
+to the exp floor) timed in the same run, and the peak extra memory of one call.
+"""
+import statistics
+
+import pytest
+import torch
+
+from labelsmooth_ext import benchmark as B
+from conftest import CASES, floors_for, inputs_for
+
+
+def _id(case):
+    return f"{case.name}-{case.rows}x{case.k}-{case.dtype}-{case.device}"
+
+
+@pytest.mark.parametrize("case", CASES, ids=_id)
+@pytest.mark.parametrize("mode", B.MODES)
+@pytest.mark.parametrize("impl", list(B.IMPLEMENTATIONS))
+def test_loss(benchmark, record, case, mode, impl):
+    x, t = inputs_for(case)
+    fl = floors_for(case)
+    step = B.make_step(impl, x, t, mode)
+
+    def timed():
+        step()
+        B.sync(case.device)  # synchronise inside every timed call
+
+    benchmark.group = f"{case.label} {case.dtype} {case.device} {mode}"
+    rounds = 5 if case.rows * case.k >= 1 << 24 else 20
+    benchmark.pedantic(timed, rounds=rounds, iterations=1, warmup_rounds=2)
+    median = benchmark.stats.stats.median
+    moved = B.bytes_moved(case, mode)
+    peak = B.peak_extra_bytes(step, case.device)
+    benchmark.extra_info.update({
+        "bytes_moved": moved,
+        "gbps": moved / median / 1e9,
+        "copy_floor_s": fl["copy"],
+        "ratio_to_copy_floor": median / fl["copy"],
+        "peak_extra_bytes": peak,
+    })
+    if "exp" in fl:
+        benchmark.extra_info.update({"exp_floor_s": fl["exp"], "ratio_to_exp_floor": median / fl["exp"]})
+    record(B.Result(case, mode, impl, median, fl, moved, peak))
+
+
+@pytest.mark.parametrize("case", CASES, ids=_id)
+def test_copy_floor(benchmark, case):
+    """The floor itself, tracked like the rest: dst.copy_(src) of the logits."""
+    x, _ = inputs_for(case)
+    y = torch.empty_like(x)
+    benchmark.group = f"{case.label} {case.dtype} {case.device} floor"
+
+    def timed():
+        y.copy_(x)
+        B.sync(case.device)
+
+    benchmark.pedantic(timed, rounds=10, iterations=1, warmup_rounds=1)
+    benchmark.extra_info["gbps"] = 2 * x.numel() * x.element_size() / statistics.median(
+        benchmark.stats.stats.data) / 1e9
