@@ -84,6 +84,29 @@ void check_prob_args(const at::Tensor& input, const at::Tensor& target,
                     " but input is on ", input.device());
 }
 
+void check_bce_args(const at::Tensor& input, const at::Tensor& target,
+                    const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& pos_weight,
+                    double eps, int64_t reduction) {
+  const char* fn = "labelsmooth_ext::bce_forward";
+  const auto dt = input.scalar_type();
+  TORCH_CHECK_TYPE(dt == at::kFloat || dt == at::kDouble || dt == at::kHalf || dt == at::kBFloat16,
+                   fn, ": input must be float32, float64, float16 or bfloat16, got ", dtype_name(dt));
+  TORCH_CHECK_VALUE(target.numel() == input.numel() && target.scalar_type() == dt &&
+                        target.device() == input.device(),
+                    fn, ": target must match the input's size, dtype and device");
+  TORCH_CHECK_VALUE(eps >= 0.0 && eps <= 1.0, fn, ": label_smoothing must be in [0, 1], got ", eps);
+  TORCH_CHECK_VALUE(reduction == kNone || reduction == kMean || reduction == kSum, fn,
+                    ": reduction must be 0 (none), 1 (mean) or 2 (sum), got ", reduction);
+  for (const auto* w : {&weight, &pos_weight}) {
+    if (!w->has_value() || !(*w)->defined()) continue;
+    const at::Tensor& t = **w;
+    TORCH_CHECK_VALUE(t.dim() == 1 && t.numel() > 0 && input.numel() % t.numel() == 0 &&
+                          t.scalar_type() == dt && t.device() == input.device(),
+                      fn, ": weight and pos_weight must be 1-d, of the input's dtype and device, with a "
+                      "length that divides the input's numel; got shape ", t.sizes());
+  }
+}
+
 at::Tensor rows_with_unit_class_stride(const at::Tensor& t) {
   if (t.size(1) <= 1 || t.stride(1) == 1) return t;
   return t.contiguous();
@@ -102,8 +125,14 @@ at::Tensor finish_loss(const at::Tensor& rows, const at::Tensor& denom, int64_t 
 // Multiplies the gradient the forward saved by the incoming gradient (one scalar for
 // mean/sum, one value per row for none). Out of place: used under torch.compile and
 // create_graph; eager backward uses ce_scale_, which can skip the pass.
+at::Tensor per_row_view(const at::Tensor& grad_output, const at::Tensor& grad) {
+  std::vector<int64_t> shape(grad.dim(), 1);
+  shape[0] = grad.size(0);
+  return grad_output.reshape(shape);
+}
+
 static at::Tensor ce_backward(const at::Tensor& grad, const at::Tensor& grad_output, int64_t reduction) {
-  if (reduction == kNone) return grad.mul(grad_output.reshape({-1, 1}));
+  if (reduction == kNone) return grad.mul(per_row_view(grad_output, grad));
   return grad.mul(grad_output.reshape({}));
 }
 
@@ -137,6 +166,12 @@ TORCH_LIBRARY(labelsmooth_ext, m) {
   m.def(
       "ce_prob_forward(Tensor input, Tensor target, Tensor? weight, float label_smoothing, "
       "int smoothing_mode, int reduction, bool compute_grad) -> (Tensor, Tensor)");
+  // Binary cross-entropy with logits, elementwise. input/target: any shape, same numel;
+  // weight/pos_weight: 1-d, periodic over the flattened input (element i uses w[i % len]).
+  // Returns (loss, grad): loss (numel,) for none, () otherwise; grad (numel,) or (0,).
+  m.def(
+      "bce_forward(Tensor input, Tensor target, Tensor? weight, Tensor? pos_weight, "
+      "float label_smoothing, int reduction, bool compute_grad) -> (Tensor, Tensor)");
   m.def("ce_backward(Tensor grad, Tensor grad_output, int reduction) -> Tensor");
   // In place; skips the pass when the incoming gradient is exactly 1 (decided on the device).
   m.def("ce_scale_(Tensor(a!) grad, Tensor grad_output, int reduction) -> ()");

@@ -17,6 +17,13 @@ void check_prob_args(const at::Tensor& input, const at::Tensor& target,
                      const std::optional<at::Tensor>& weight, double eps, int64_t mode,
                      int64_t reduction);
 
+void check_bce_args(const at::Tensor& input, const at::Tensor& target,
+                    const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& pos_weight,
+                    double eps, int64_t reduction);
+
+// grad_output (one value per row of grad) shaped to broadcast over grad's rows.
+at::Tensor per_row_view(const at::Tensor& grad_output, const at::Tensor& grad);
+
 // The rows of a 2-d input with unit class stride; copies only when the class stride is not 1.
 at::Tensor rows_with_unit_class_stride(const at::Tensor& t);
 

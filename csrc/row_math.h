@@ -25,6 +25,8 @@ LSE_HD float lse_exp(float x) { return expf(x); }
 LSE_HD double lse_exp(double x) { return exp(x); }
 LSE_HD float lse_log(float x) { return logf(x); }
 LSE_HD double lse_log(double x) { return log(x); }
+LSE_HD float lse_log1p(float x) { return log1pf(x); }
+LSE_HD double lse_log1p(double x) { return log1p(x); }
 
 template <typename acc_t>
 struct Smoothing {
@@ -117,6 +119,24 @@ LSE_HD acc_t prob_q(acc_t t, Smoothing<acc_t> sm) {
 template <typename acc_t>
 LSE_HD acc_t prob_row_loss(acc_t log_s, acc_t Q, acc_t Sq) {
   return log_s * Q - Sq;
+}
+
+// Binary cross-entropy with logits on the smoothed target t' = t (1 - 2a) + a, with weight w
+// and positive-class weight p (PyTorch's binary_cross_entropy_with_logits otherwise):
+//   loss = w [ (1 - t') x + L softplus(-x) ],     L = 1 + (p - 1) t'
+//   dloss/dx = w (L sigmoid(x) - p t')
+// softplus(-x) = max(-x, 0) + log1p(exp(-|x|)) and sigmoid from the same exp(-|x|): stable
+// for any |x|.
+template <typename acc_t>
+LSE_HD void bce_elem(acc_t x, acc_t t, acc_t w, acc_t p, acc_t a, acc_t& loss, acc_t& grad) {
+  const acc_t ts = t * (acc_t(1) - acc_t(2) * a) + a;
+  const acc_t L = acc_t(1) + (p - acc_t(1)) * ts;
+  const acc_t e = lse_exp(x < acc_t(0) ? x : -x);
+  const acc_t sp_neg = (x < acc_t(0) ? -x : acc_t(0)) + lse_log1p(e);
+  loss = w * ((acc_t(1) - ts) * x + L * sp_neg);
+  const acc_t inv = acc_t(1) / (acc_t(1) + e);
+  const acc_t sig = x >= acc_t(0) ? inv : e * inv;
+  grad = w * (L * sig - p * ts);
 }
 
 // True for a target that is neither ignored nor a valid class.

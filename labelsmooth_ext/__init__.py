@@ -4,8 +4,8 @@ import json as _json
 from . import _ops
 from . import reference
 from ._ops import set_inplace_backward
-from .functional import cross_entropy, set_target_validation
-from .modules import CrossEntropyLoss
+from .functional import binary_cross_entropy_with_logits, cross_entropy, set_target_validation
+from .modules import BCEWithLogitsLoss, CrossEntropyLoss
 
 __version__ = "0.1.0"
 
@@ -19,6 +19,6 @@ def build_info():
 
 
 __all__ = [
-    "cross_entropy", "CrossEntropyLoss", "build_info", "reference", "set_inplace_backward",
-    "set_target_validation",
+    "cross_entropy", "CrossEntropyLoss", "binary_cross_entropy_with_logits", "BCEWithLogitsLoss",
+    "build_info", "reference", "set_inplace_backward", "set_target_validation",
 ]

@@ -58,6 +58,14 @@ def _(input, target, weight, label_smoothing, smoothing_mode, reduction, compute
     return _fake_forward(input, reduction, compute_grad)
 
 
+@torch.library.register_fake("labelsmooth_ext::bce_forward")
+def _(input, target, weight, pos_weight, label_smoothing, reduction, compute_grad):
+    n = input.numel()
+    loss = input.new_empty((n,) if reduction == REDUCTIONS["none"] else ())
+    grad = input.new_empty((n,) if compute_grad else (0,))
+    return loss, grad
+
+
 @torch.library.register_fake("labelsmooth_ext::ce_scale_")
 def _(grad, grad_output, reduction):
     return None
@@ -112,6 +120,7 @@ def _scaled_gradient(ctx, grad, grad_output, reduction):
 def _setup_context(ctx, inputs, output):
     _, grad = output
     ctx.reduction = inputs[-2]
+    ctx.had_grad = inputs[-1]
     ctx.consumed = False
     ctx.set_materialize_grads(False)
     ctx.mark_non_differentiable(grad)
@@ -128,7 +137,7 @@ def _backward(ctx, grad_loss, _unused):
     (grad,) = ctx.saved_tensors
     if grad_loss is None:
         return (None,) * ctx.n_inputs
-    if grad.dim() != 2:
+    if not ctx.had_grad:
         raise RuntimeError("labelsmooth_ext: the forward ran without compute_grad; no gradient was saved")
     g = _scaled_gradient(ctx, grad, grad_loss, ctx.reduction)
     return (g,) + (None,) * (ctx.n_inputs - 1)
@@ -144,7 +153,13 @@ def _setup_prob(ctx, inputs, output):
     _setup_context(ctx, inputs, output)
 
 
+def _setup_bce(ctx, inputs, output):
+    ctx.n_inputs = 7
+    _setup_context(ctx, inputs, output)
+
+
 torch.library.register_autograd("labelsmooth_ext::ce_forward", _backward, setup_context=_setup_ce)
+torch.library.register_autograd("labelsmooth_ext::bce_forward", _backward, setup_context=_setup_bce)
 torch.library.register_autograd("labelsmooth_ext::ce_prob_forward", _backward, setup_context=_setup_prob)
 
 

@@ -199,3 +199,70 @@ def _prob_cross_entropy(input, target, weight, red, eps, mode, need_grad, num_cl
     if red == REDUCTIONS["none"]:
         loss = loss.reshape(_expected_target_shape(input))
     return loss
+
+
+def _periodic_weight(w, shape, dtype, name):
+    """A weight broadcastable to `shape`, as the 1-d periodic vector the kernel indexes with
+    i % len (a scalar, or trailing dimensions equal to the input's); other layouts expanded."""
+    if w is None:
+        return None
+    if not isinstance(w, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor or None, got {type(w).__name__}")
+    try:
+        if torch.broadcast_shapes(w.shape, shape) != shape:
+            raise RuntimeError
+    except RuntimeError:
+        raise ValueError(f"{name} of shape {tuple(w.shape)} does not broadcast to the input shape "
+                         f"{tuple(shape)}") from None
+    w = w.detach().to(dtype)
+    padded = (1,) * (len(shape) - w.dim()) + tuple(w.shape)
+    k = next((i for i, s in enumerate(padded) if s != 1), len(padded))
+    if all(padded[j] == shape[j] for j in range(k, len(shape))):
+        return w.reshape(-1).contiguous()
+    return w.expand(shape).contiguous().reshape(-1)
+
+
+def binary_cross_entropy_with_logits(
+    input,
+    target,
+    weight=None,
+    size_average=None,
+    reduce=None,
+    reduction="mean",
+    pos_weight=None,
+    *,
+    label_smoothing=0.0,
+):
+    """Drop-in for torch.nn.functional.binary_cross_entropy_with_logits with binary label
+    smoothing: each target t becomes t (1 - 2a) + a (1 -> 1 - a, 0 -> a), a = label_smoothing.
+    Loss and gradient in one fused elementwise pass."""
+    if size_average is not None or reduce is not None:
+        reduction = legacy_reduction(size_average, reduce)
+    red = check_reduction(reduction)
+    a = check_label_smoothing(label_smoothing)
+    if not isinstance(input, torch.Tensor) or input.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"input must be a floating tensor, got {getattr(input, 'dtype', type(input).__name__)}")
+    if not isinstance(target, torch.Tensor):
+        raise TypeError(f"target must be a torch.Tensor, got {type(target).__name__}")
+    if target.shape != input.shape:
+        raise ValueError(f"Target size ({tuple(target.shape)}) must be the same as input size "
+                         f"({tuple(input.shape)})")
+    if target.device != input.device:
+        raise ValueError(f"target is on {target.device} but input is on {input.device}")
+    if target.requires_grad and torch.is_grad_enabled():
+        from . import reference  # a gradient for the target: the differentiable formula
+
+        return reference.binary_cross_entropy_with_logits(
+            input, target, weight, reduction=reduction, pos_weight=pos_weight, label_smoothing=a)
+    shape = input.shape
+    w = _periodic_weight(weight, shape, input.dtype, "weight")
+    pw = _periodic_weight(pos_weight, shape, input.dtype, "pos_weight")
+    for name, t in (("weight", w), ("pos_weight", pw)):
+        if t is not None and t.device != input.device:
+            raise ValueError(f"{name} is on {t.device} but input is on {input.device}")
+    need_grad = input.requires_grad and torch.is_grad_enabled()
+    loss, _ = _ops.ops.bce_forward(input.reshape(-1), target.to(input.dtype).reshape(-1), w, pw, a,
+                                   red, need_grad)
+    if red == REDUCTIONS["none"]:
+        loss = loss.reshape(shape)
+    return loss

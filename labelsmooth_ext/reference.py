@@ -62,3 +62,22 @@ def cross_entropy(input, target, weight=None, ignore_index=-100, reduction="mean
     if reduction == "mean":
         return loss.sum() / denom
     raise ValueError(f"reduction must be 'none', 'mean' or 'sum', got {reduction!r}")
+
+
+def binary_cross_entropy_with_logits(input, target, weight=None, reduction="mean", pos_weight=None,
+                                     label_smoothing=0.0):
+    """Binary cross-entropy with logits on smoothed targets t (1 - 2a) + a, from the formula
+    loss = w [(1 - t) x + (1 + (p - 1) t) softplus(-x)]."""
+    a = float(label_smoothing)
+    t = target * (1.0 - 2.0 * a) + a
+    lw = 1.0 if pos_weight is None else 1.0 + (pos_weight - 1.0) * t
+    loss = (1.0 - t) * input + lw * torch.nn.functional.softplus(-input)
+    if weight is not None:
+        loss = loss * weight
+    if reduction == "none":
+        return loss
+    if reduction == "sum":
+        return loss.sum()
+    if reduction == "mean":
+        return loss.mean()
+    raise ValueError(f"reduction must be 'none', 'mean' or 'sum', got {reduction!r}")

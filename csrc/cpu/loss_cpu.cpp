@@ -1,5 +1,6 @@
 // CPU implementations: target validation, mean denominator, dispatch to the row kernels
 // of the best CPU capability.
+#include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/from_blob.h>
 #include <ATen/ops/scalar_tensor.h>
@@ -214,11 +215,56 @@ std::tuple<at::Tensor, at::Tensor> ce_prob_forward_cpu(const at::Tensor& input, 
           grad};
 }
 
+template <typename scalar_t>
+void bce_elements(const at::Tensor& x, const at::Tensor& t, const at::Tensor& w, const at::Tensor& pw,
+                  double eps, double scale, at::Tensor& rows, at::Tensor& grad) {
+  using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+  const scalar_t* xp = x.data_ptr<scalar_t>();
+  const scalar_t* tp = t.data_ptr<scalar_t>();
+  const scalar_t* wp = w.defined() ? w.data_ptr<scalar_t>() : nullptr;
+  const scalar_t* pp = pw.defined() ? pw.data_ptr<scalar_t>() : nullptr;
+  const int64_t nw = w.defined() ? w.numel() : 1, np = pw.defined() ? pw.numel() : 1;
+  acc_t* lp = rows.data_ptr<acc_t>();
+  scalar_t* gp = grad.numel() ? grad.data_ptr<scalar_t>() : nullptr;
+  const acc_t a = acc_t(eps), sc = acc_t(scale);
+  at::parallel_for(0, x.numel(), 4096, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      acc_t loss, g;
+      bce_elem<acc_t>(acc_t(xp[i]), acc_t(tp[i]), wp ? acc_t(wp[i % nw]) : acc_t(1),
+                      pp ? acc_t(pp[i % np]) : acc_t(1), a, loss, g);
+      lp[i] = loss;
+      if (gp) gp[i] = scalar_t(g * sc);
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> bce_forward_cpu(const at::Tensor& input, const at::Tensor& target,
+                                                   const std::optional<at::Tensor>& weight,
+                                                   const std::optional<at::Tensor>& pos_weight,
+                                                   double eps, int64_t reduction, bool compute_grad) {
+  check_bce_args(input, target, weight, pos_weight, eps, reduction);
+  const at::Tensor x = input.contiguous(), t = target.contiguous();
+  const at::Tensor w = weight.has_value() && weight->defined() ? weight->contiguous() : at::Tensor();
+  const at::Tensor pw = pos_weight.has_value() && pos_weight->defined() ? pos_weight->contiguous() : at::Tensor();
+  const int64_t n = x.numel();
+  at::Tensor rows = at::empty({n}, x.options().dtype(acc_type_of(x.scalar_type())));
+  at::Tensor grad = compute_grad ? empty_rows(n, 1, x.options()).view({n}) : at::empty({0}, x.options());
+  const double scale = reduction == kMean ? 1.0 / double(n) : 1.0;
+  switch (x.scalar_type()) {
+    case at::kFloat: bce_elements<float>(x, t, w, pw, eps, scale, rows, grad); break;
+    case at::kDouble: bce_elements<double>(x, t, w, pw, eps, scale, rows, grad); break;
+    case at::kBFloat16: bce_elements<c10::BFloat16>(x, t, w, pw, eps, scale, rows, grad); break;
+    case at::kHalf: bce_elements<c10::Half>(x, t, w, pw, eps, scale, rows, grad); break;
+    default: TORCH_INTERNAL_ASSERT(false);
+  }
+  return {finish_loss(rows, at::scalar_tensor(double(n), rows.options()), reduction, x.scalar_type()), grad};
+}
+
 // The incoming gradient is on the host here, so "is it exactly 1" costs nothing.
 void ce_scale_cpu_(at::Tensor& grad, const at::Tensor& grad_output, int64_t reduction) {
   if (grad.numel() == 0) return;
   if (reduction == kNone) {
-    grad.mul_(grad_output.reshape({-1, 1}));
+    grad.mul_(per_row_view(grad_output, grad));
     return;
   }
   if (grad_output.item<double>() == 1.0) return;
@@ -231,6 +277,7 @@ TORCH_LIBRARY_IMPL(labelsmooth_ext, CPU, m) {
   m.impl("ce_forward", &ce_forward_cpu);
   m.impl("ce_prob_forward", &ce_prob_forward_cpu);
   m.impl("ce_scale_", &ce_scale_cpu_);
+  m.impl("bce_forward", &bce_forward_cpu);
 }
 
 }  // namespace cpu

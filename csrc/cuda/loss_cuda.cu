@@ -184,6 +184,24 @@ __global__ void __launch_bounds__(ROW_THREADS * ROWS_PER_BLOCK, 1)
   for (int64_t c = tail + tid; c < K; c += ROW_THREADS) grow[c] = grad_of(static_cast<acc_t>(z[c]), c);
 }
 
+template <typename scalar_t>
+__global__ void bce_kernel(const scalar_t* x, const scalar_t* t, const scalar_t* w, int64_t nw,
+                           const scalar_t* pw, int64_t np, acc_of<scalar_t> a,
+                           const acc_of<scalar_t>* inv_n, acc_of<scalar_t>* loss, scalar_t* grad,
+                           int64_t n) {
+  using acc_t = acc_of<scalar_t>;
+  const acc_t scale = inv_n ? *inv_n : acc_t(1);
+  const int64_t stride = int64_t(gridDim.x) * blockDim.x;
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride) {
+    acc_t l, g;
+    bce_elem<acc_t>(static_cast<acc_t>(x[i]), static_cast<acc_t>(t[i]),
+                    w ? static_cast<acc_t>(w[i % nw]) : acc_t(1),
+                    pw ? static_cast<acc_t>(pw[i % np]) : acc_t(1), a, l, g);
+    loss[i] = l;
+    if (grad) grad[i] = static_cast<scalar_t>(g * scale);
+  }
+}
+
 // grad *= grad_output in place; returns at once where grad_output is exactly 1.
 // per_row: grad_output has one value per row ("none"); else one scalar.
 template <typename scalar_t>
@@ -207,12 +225,11 @@ __global__ void scale_kernel(scalar_t* g, const scalar_t* go, int64_t N, int64_t
       g[c] = static_cast<scalar_t>(static_cast<acc_t>(g[c]) * f);
     return;
   }
-  for (int64_t r = blockIdx.x; r < N; r += gridDim.x) {
-    const acc_t f = static_cast<acc_t>(go[r]);
-    if (f == acc_t(1)) continue;
-    scalar_t* gr = g + r * K;
-    for (int64_t c = threadIdx.x; c < K; c += blockDim.x)
-      gr[c] = static_cast<scalar_t>(static_cast<acc_t>(gr[c]) * f);
+  const int64_t n = N * K;
+  const int64_t stride = int64_t(gridDim.x) * blockDim.x;
+  for (int64_t c = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; c < n; c += stride) {
+    const acc_t f = static_cast<acc_t>(go[c / K]);
+    if (f != acc_t(1)) g[c] = static_cast<scalar_t>(static_cast<acc_t>(g[c]) * f);
   }
 }
 
@@ -327,9 +344,46 @@ std::tuple<at::Tensor, at::Tensor> ce_prob_forward_cuda(const at::Tensor& input,
   return {finish_loss(rows, denom, reduction, input.scalar_type()), grad};
 }
 
+std::tuple<at::Tensor, at::Tensor> bce_forward_cuda(const at::Tensor& input, const at::Tensor& target,
+                                                    const std::optional<at::Tensor>& weight,
+                                                    const std::optional<at::Tensor>& pos_weight,
+                                                    double eps, int64_t reduction, bool compute_grad) {
+  check_bce_args(input, target, weight, pos_weight, eps, reduction);
+  const c10::cuda::CUDAGuard guard(input.device());
+  const at::Tensor x = input.contiguous(), t = target.contiguous();
+  const bool has_w = weight.has_value() && weight->defined();
+  const bool has_p = pos_weight.has_value() && pos_weight->defined();
+  const at::Tensor w = has_w ? weight->contiguous() : at::Tensor();
+  const at::Tensor pw = has_p ? pos_weight->contiguous() : at::Tensor();
+  const int64_t n = x.numel();
+  const auto acc = acc_type_of(x.scalar_type());
+  at::Tensor rows = at::empty({n}, x.options().dtype(acc));
+  at::Tensor grad = at::empty({compute_grad ? n : 0}, x.options());
+  const at::Tensor denom = at::empty({}, rows.options()).fill_(double(n));
+  const at::Tensor inv_n = denom.reciprocal();
+  if (n > 0) {
+    int sms = 0;
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, x.get_device()));
+    const int64_t blocks = std::min<int64_t>((n + 255) / 256, int64_t(sms) * 8);
+    const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+    dispatch_dtype(x.scalar_type(), [&](auto tag) {
+      using scalar_t = decltype(tag);
+      using acc_t = acc_of<scalar_t>;
+      bce_kernel<scalar_t><<<unsigned(blocks), 256, 0, stream>>>(
+          static_cast<const scalar_t*>(x.data_ptr()), static_cast<const scalar_t*>(t.data_ptr()),
+          has_w ? static_cast<const scalar_t*>(w.data_ptr()) : nullptr, has_w ? w.numel() : 1,
+          has_p ? static_cast<const scalar_t*>(pw.data_ptr()) : nullptr, has_p ? pw.numel() : 1, acc_t(eps),
+          reduction == kMean ? static_cast<const acc_t*>(inv_n.data_ptr()) : nullptr,
+          static_cast<acc_t*>(rows.data_ptr()), compute_grad ? static_cast<scalar_t*>(grad.data_ptr()) : nullptr, n);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  }
+  return {finish_loss(rows, denom, reduction, x.scalar_type()), grad};
+}
+
 void ce_scale_cuda_(at::Tensor& grad, const at::Tensor& grad_output, int64_t reduction) {
   if (grad.numel() == 0) return;
-  TORCH_CHECK(grad.is_contiguous() && grad.dim() == 2, "labelsmooth_ext::ce_scale_: grad must be a contiguous 2-d tensor");
+  TORCH_CHECK(grad.is_contiguous() && grad.dim() >= 1, "labelsmooth_ext::ce_scale_: grad must be contiguous");
   const c10::cuda::CUDAGuard guard(grad.device());
   const at::Tensor go = grad_output.to(grad.scalar_type()).contiguous();
   const bool per_row = reduction == kNone;
@@ -342,7 +396,7 @@ void ce_scale_cuda_(at::Tensor& grad, const at::Tensor& grad_output, int64_t red
     using scalar_t = decltype(tag);
     scale_kernel<scalar_t><<<unsigned(sms * 4), 256, 0, stream>>>(
         static_cast<scalar_t*>(grad.data_ptr()), static_cast<const scalar_t*>(go.data_ptr()),
-        grad.size(0), grad.size(1), per_row);
+        grad.size(0), grad.numel() / grad.size(0), per_row);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
@@ -351,6 +405,7 @@ TORCH_LIBRARY_IMPL(labelsmooth_ext, CUDA, m) {
   m.impl("ce_forward", &ce_forward_cuda);
   m.impl("ce_prob_forward", &ce_prob_forward_cuda);
   m.impl("ce_scale_", &ce_scale_cuda_);
+  m.impl("bce_forward", &bce_forward_cuda);
 }
 
 }  // namespace cuda
