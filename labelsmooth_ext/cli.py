@@ -64,10 +64,14 @@ def main(argv=None):
         p.add_argument("--rows", type=int, default=4096)
         p.add_argument("--classes", type=int, default=32000)
     p_bench = sub.add_parser("bench", help="benchmark report: ours vs PyTorch eager and compiled")
-    from . import benchmark
+    from . import benchmark, demo
 
     benchmark.add_arguments(p_bench)
+    p_demo = sub.add_parser("demo", help="label smoothing on real data: accuracy, calibration, logit gap, pictures")
+    demo.add_arguments(p_demo)
     args = parser.parse_args(argv)
     if args.command == "bench":
         return benchmark.report_command(args)
+    if args.command == "demo":
+        return demo.demo_command(args)
     return info_command(args)
