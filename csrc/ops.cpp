@@ -28,11 +28,13 @@ static const char* dtype_name(at::ScalarType t) { return c10::toString(t); }
 
 static void check_common(const char* fn, const at::Tensor& input,
                          const std::optional<at::Tensor>& weight, double eps, int64_t mode,
-                         int64_t reduction) {
+                         int64_t reduction, bool allow_3d = false) {
   const auto dt = input.scalar_type();
   TORCH_CHECK_TYPE(dt == at::kFloat || dt == at::kDouble || dt == at::kHalf || dt == at::kBFloat16,
                    fn, ": input must be float32, float64, float16 or bfloat16, got ", dtype_name(dt));
-  TORCH_CHECK_VALUE(input.dim() == 2, fn, ": input must be 2-d (rows, classes), got shape ",
+  TORCH_CHECK_VALUE(input.dim() == 2 || (allow_3d && input.dim() == 3), fn,
+                    allow_3d ? ": input must be (rows, classes) or (N, classes, positions), got shape "
+                             : ": input must be 2-d (rows, classes), got shape ",
                     input.sizes());
   TORCH_CHECK_VALUE(eps >= 0.0 && eps <= 1.0, fn, ": label_smoothing must be in [0, 1], got ", eps);
   TORCH_CHECK_VALUE(mode == kUniform || mode == kOffTarget, fn,
@@ -56,14 +58,15 @@ static void check_common(const char* fn, const at::Tensor& input,
 
 void check_ce_args(const at::Tensor& input, const at::Tensor& target,
                    const std::optional<at::Tensor>& weight, double eps, int64_t mode,
-                   int64_t reduction) {
-  check_common("labelsmooth_ext::ce_forward", input, weight, eps, mode, reduction);
+                   int64_t reduction, bool allow_3d) {
+  check_common("labelsmooth_ext::ce_forward", input, weight, eps, mode, reduction, allow_3d);
+  const int64_t rows = input.dim() == 3 ? input.size(0) * input.size(2) : input.size(0);
   TORCH_CHECK_TYPE(target.scalar_type() == at::kLong,
                    "labelsmooth_ext::ce_forward: target must be int64, got ",
                    dtype_name(target.scalar_type()));
-  TORCH_CHECK_VALUE(target.dim() == 1 && target.size(0) == input.size(0),
-                    "labelsmooth_ext::ce_forward: target must have shape (", input.size(0),
-                    ",), got ", target.sizes());
+  TORCH_CHECK_VALUE(target.dim() == 1 && target.size(0) == rows,
+                    "labelsmooth_ext::ce_forward: target must have shape (", rows, ",), got ",
+                    target.sizes());
   TORCH_CHECK_VALUE(target.device() == input.device(), "labelsmooth_ext::ce_forward: target is on ",
                     target.device(), " but input is on ", input.device());
 }
@@ -126,6 +129,7 @@ at::Tensor finish_loss(const at::Tensor& rows, const at::Tensor& denom, int64_t 
 // mean/sum, one value per row for none). Out of place: used under torch.compile and
 // create_graph; eager backward uses ce_scale_, which can skip the pass.
 at::Tensor per_row_view(const at::Tensor& grad_output, const at::Tensor& grad) {
+  if (grad.dim() == 3) return grad_output.reshape({grad.size(0), 1, grad.size(2)});  // (N, C, S)
   std::vector<int64_t> shape(grad.dim(), 1);
   shape[0] = grad.size(0);
   return grad_output.reshape(shape);
@@ -157,7 +161,8 @@ static std::string build_info() {
 TORCH_LIBRARY(labelsmooth_ext, m) {
   // Class-index targets. Returns (loss, grad): loss in the input dtype, shaped (N,) for
   // reduction none and () otherwise; grad (N, K) in the input dtype, already divided by the
-  // mean denominator, or an empty (0,) tensor when compute_grad is false.
+  // mean denominator, or an empty (0,) tensor when compute_grad is false. The CPU also takes
+  // a (N, K, S) input (classes along dim 1, target (N*S,)), whose grad is (N, K, S).
   m.def(
       "ce_forward(Tensor input, Tensor target, Tensor? weight, int ignore_index, "
       "float label_smoothing, int smoothing_mode, int reduction, bool compute_grad) "

@@ -12,7 +12,7 @@ namespace labelsmooth_ext {
 // the same things first (with Python exception types); these guard C++ callers.
 void check_ce_args(const at::Tensor& input, const at::Tensor& target,
                    const std::optional<at::Tensor>& weight, double eps, int64_t mode,
-                   int64_t reduction);
+                   int64_t reduction, bool allow_3d = false);
 void check_prob_args(const at::Tensor& input, const at::Tensor& target,
                      const std::optional<at::Tensor>& weight, double eps, int64_t mode,
                      int64_t reduction);

@@ -50,6 +50,9 @@ def _fake_forward(input, reduction, compute_grad):
 
 @torch.library.register_fake("labelsmooth_ext::ce_forward")
 def _(input, target, weight, ignore_index, label_smoothing, smoothing_mode, reduction, compute_grad):
+    if input.dim() == 3:  # (N, K, S): one row per position, gradient shaped like the input
+        loss = input.new_empty((target.shape[0],) if reduction == REDUCTIONS["none"] else ())
+        return loss, input.new_empty(input.shape if compute_grad else (0,))
     return _fake_forward(input, reduction, compute_grad)
 
 

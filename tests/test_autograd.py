@@ -46,6 +46,14 @@ def test_opcheck_forward_ops(device, reduction, compute_grad, weighted):
     opcheck(torch.ops.labelsmooth_ext.ce_prob_forward, (x, p, w, 0.1, 1, reduction, compute_grad))
 
 
+@pytest.mark.parametrize("reduction", [0, 1, 2])
+def test_opcheck_spatial_cpu_operator(reduction):
+    x = torch.randn(2, 5, 7, requires_grad=True)
+    t = torch.randint(0, 5, (14,))
+    t[3] = -100
+    opcheck(torch.ops.labelsmooth_ext.ce_forward, (x, t, torch.rand(5), -100, 0.1, 0, reduction, True))
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_opcheck_backward_ops(device):
     g = torch.randn(7, 11, device=device)

@@ -68,15 +68,34 @@ def test_single_row_and_non_batched(device, N):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
 @pytest.mark.parametrize("weighted", [False, True])
-def test_k_dimensional(device, reduction, weighted):
-    g = torch.Generator().manual_seed(3)
-    x = torch.randn(2, 5, 4, 3, generator=g).to(device)
-    t = torch.randint(0, 5, (2, 4, 3), generator=g).to(device)
-    t[0, 1, 2] = -100
-    w = torch.rand(5, generator=g).to(device) if weighted else None
-    _check(x, t, torch.float32, weight=w, reduction=reduction, label_smoothing=0.1)
+@pytest.mark.parametrize("eps", [0.0, 0.1, 1.0])
+@pytest.mark.parametrize("shape", [(2, 5, 4, 3), (3, 21, 17), (1, 1, 9), (2, 3, 2, 2, 2)])
+def test_k_dimensional(device, dtype, reduction, weighted, eps, shape):
+    """(N, C, d1, ...): on the CPU a kernel vectorised across positions (S not a multiple of
+    the vector width included), elsewhere rows."""
+    g = torch.Generator().manual_seed(sum(shape))
+    C = shape[1]
+    x = (torch.randn(*shape, generator=g) * 2).to(device=device, dtype=dtype)
+    t = torch.randint(0, C, (shape[0],) + shape[2:], generator=g)
+    t.view(-1)[:: 4] = -100
+    w = (torch.rand(C, generator=g) + 0.1).to(device=device, dtype=dtype) if weighted else None
+    _check(x, t.to(device), dtype, weight=w, reduction=reduction, label_smoothing=eps)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_k_dimensional_nan_and_views(device):
+    x = torch.randn(2, 6, 5, 3, device=device)
+    x[0, 2, 1, 1] = float("nan")   # one position's row
+    x[1, :, 4, 2] = float("-inf")  # every class -inf at one position
+    t = torch.randint(0, 6, (2, 5, 3), device=device)
+    t[0, 3, 0] = -100
+    _check(x, t, torch.float32, reduction="none", label_smoothing=0.1)
+    big = torch.randn(2, 8, 5, 3, device=device)
+    _check(big[:, 1:7], t, torch.float32, label_smoothing=0.1)  # a non-contiguous class slice
+    _check(big[:, 1:7].permute(0, 1, 3, 2), t.transpose(1, 2), torch.float32, label_smoothing=0.1)
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -22,6 +22,18 @@ struct CeRowsArgs {
   double W;      // sum of the weights
 };
 
+// Class-index targets on a (N, C, S) contiguous input (classes along dim 1, S positions): the
+// K-dimensional case, vectorised across positions instead of along 21-element rows.
+struct CeSpatialArgs {
+  const void* input;      // (N, C, S) contiguous
+  const int64_t* target;  // (N * S,), validated
+  const void* weight;     // (C,) or nullptr
+  void* grad;             // (N, C, S) contiguous, or nullptr
+  void* loss_rows;        // (N * S,)
+  int64_t N, C, S, ignore_index, mode;
+  double eps, scale, W;
+};
+
 struct ProbRowsArgs {
   const void* input;
   int64_t in_row_stride;
@@ -36,10 +48,12 @@ struct ProbRowsArgs {
 };
 
 void ce_rows_DEFAULT(ScalarKind, const CeRowsArgs&);
+void ce_spatial_DEFAULT(ScalarKind, const CeSpatialArgs&);
 void prob_rows_DEFAULT(ScalarKind, const ProbRowsArgs&);
 #if defined(__x86_64__) && !defined(LSE_NO_AVX2)
 #define LSE_HAVE_AVX2_KERNELS 1
 void ce_rows_AVX2(ScalarKind, const CeRowsArgs&);
+void ce_spatial_AVX2(ScalarKind, const CeSpatialArgs&);
 void prob_rows_AVX2(ScalarKind, const ProbRowsArgs&);
 #endif
 

@@ -269,6 +269,105 @@ void ce_rows(const CeRowsArgs& A) {
   });
 }
 
+// K-dimensional input (N, C, S): V positions at a time, one vector lane per position. The
+// C x V tile of logits is converted into a float tile once, then max, exp and sums, and the
+// gradient run over the tile across classes; per-lane scalars (loss, coefficients) in between.
+template <typename scalar_t>
+void ce_spatial(const CeSpatialArgs& A) {
+  using acc_t = acc_for<scalar_t>;
+  using Vec = Vectorized<acc_t>;
+  constexpr int64_t V = Vec::size();
+  const int64_t C = A.C, S = A.S;
+  const auto sm = smoothing_coefs<acc_t>(A.eps, C, A.mode);
+  const scalar_t* in = static_cast<const scalar_t*>(A.input);
+  scalar_t* grad = static_cast<scalar_t*>(A.grad);
+  acc_t* loss = static_cast<acc_t*>(A.loss_rows);
+  const bool weighted = A.weight != nullptr;
+  std::vector<acc_t> wacc(weighted ? C : 0);
+  if (weighted) to_acc(static_cast<const scalar_t*>(A.weight), wacc.data(), C);
+  const acc_t W = weighted ? acc_t(A.W) : acc_t(C);
+  const acc_t scale = acc_t(A.scale);
+  const acc_t ninf = -std::numeric_limits<acc_t>::infinity();
+  const int64_t chunks = (S + V - 1) / V;
+
+  at::parallel_for(0, A.N * chunks, std::max<int64_t>(1, 4096 / std::max<int64_t>(C, 1)),
+                   [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> tile(C * V);
+    alignas(64) acc_t lane_m[V], lane_s[V], lane_S[V], kp[V], kw[V], ky[V], cls[V], keep[V];
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t n = task / chunks, s0 = (task % chunks) * V;
+      const int64_t lanes = std::min<int64_t>(V, S - s0);
+      const scalar_t* base = in + n * C * S + s0;
+      const int64_t* tgt = A.target + n * S + s0;
+      // 1. tile + max
+      Vec vm(ninf);
+      for (int64_t c = 0; c < C; ++c) {
+        acc_t* row = tile.data() + c * V;
+        for (int64_t l = 0; l < lanes; ++l) row[l] = static_cast<acc_t>(base[c * S + l]);
+        for (int64_t l = lanes; l < V; ++l) row[l] = ninf;
+        vm = at::vec::maximum(vm, Vec::loadu(row));
+      }
+      // 2. e = exp(z - m) in place, sums
+      Vec vs(0), vS(0);
+      for (int64_t c = 0; c < C; ++c) {
+        acc_t* row = tile.data() + c * V;
+        const Vec d = Vec::loadu(row) - vm;
+        const Vec e = vexp(d);
+        vs = vs + e;
+        vS = weighted ? at::vec::fmadd(Vec(wacc[c]), d, vS) : vS + d;
+        e.store(row);
+      }
+      vm.store(lane_m);
+      vs.store(lane_s);
+      vS.store(lane_S);
+      // 3. per position: loss and gradient coefficients
+      for (int64_t l = 0; l < V; ++l) {
+        kp[l] = kw[l] = ky[l] = acc_t(0);
+        keep[l] = acc_t(0);  // 0: the gradient is 0 (ignored or padding); 1: computed; NaN: poisoned
+        cls[l] = acc_t(-1);
+        if (l >= lanes) continue;
+        const int64_t y = tgt[l];
+        if (y == A.ignore_index) {
+          loss[n * S + s0 + l] = 0;
+          continue;
+        }
+        const acc_t m = lane_m[l];
+        if (!row_max_is_finite(m)) {
+          loss[n * S + s0 + l] = NAN;
+          keep[l] = NAN;
+          continue;
+        }
+        // Lanes are positions of the tile, so e_y is tile[y][l]; z_y - m = log(e_y) loses
+        // precision for tiny e_y, so read z_y again instead.
+        const acc_t zy = static_cast<acc_t>(base[y * S + l]);
+        const acc_t wy = weighted ? wacc[y] : acc_t(1);
+        const acc_t log_s = lse_log(lane_s[l]);
+        loss[n * S + s0 + l] = ce_row_loss<acc_t>(log_s, zy - m, lane_S[l], sm, wy, W);
+        const auto gc = ce_grad_coefs<acc_t>(acc_t(1) / lane_s[l], sm, scale, weighted, wy, W);
+        kp[l] = gc.kp;
+        kw[l] = gc.kw;
+        ky[l] = gc.ky;
+        cls[l] = acc_t(y);
+        keep[l] = acc_t(1);
+      }
+      if (!grad) continue;
+      const Vec vkp = Vec::loadu(kp), vkw = Vec::loadu(kw), vky = Vec::loadu(ky), vcls = Vec::loadu(cls);
+      const Vec vkeep = Vec::loadu(keep);
+      scalar_t* gbase = grad + n * C * S + s0;
+      alignas(64) acc_t out[V];
+      for (int64_t c = 0; c < C; ++c) {
+        const Vec e = Vec::loadu(tile.data() + c * V);
+        Vec g = e * vkp - vkw * Vec(weighted ? wacc[c] : acc_t(1));
+        g = g - Vec::blendv(Vec(0), vky, vcls == Vec(acc_t(c)));
+        // keep = 0 -> exactly 0 (even for NaN logits in an ignored row); NaN -> NaN
+        g = Vec::blendv(g * vkeep, Vec(0), vkeep == Vec(0));
+        g.store(out);
+        for (int64_t l = 0; l < lanes; ++l) gbase[c * S + l] = static_cast<scalar_t>(out[l]);
+      }
+    }
+  });
+}
+
 // Probability targets (same shape as the input; any row strides, unit class stride).
 template <typename scalar_t>
 void prob_rows(const ProbRowsArgs& A) {
@@ -337,6 +436,10 @@ struct CeRun {
   static void run(const CeRowsArgs& a) { ce_rows<T>(a); }
 };
 template <typename T>
+struct SpatialRun {
+  static void run(const CeSpatialArgs& a) { ce_spatial<T>(a); }
+};
+template <typename T>
 struct ProbRun {
   static void run(const ProbRowsArgs& a) { prob_rows<T>(a); }
 };
@@ -351,6 +454,9 @@ struct ProbRun {
   namespace cpu {                                                                          \
   void ce_rows_##cap(ScalarKind k, const CeRowsArgs& a) {                                  \
     CPU_CAPABILITY::dispatch<CPU_CAPABILITY::CeRun>(k, a);                                 \
+  }                                                                                        \
+  void ce_spatial_##cap(ScalarKind k, const CeSpatialArgs& a) {                            \
+    CPU_CAPABILITY::dispatch<CPU_CAPABILITY::SpatialRun>(k, a);                            \
   }                                                                                        \
   void prob_rows_##cap(ScalarKind k, const ProbRowsArgs& a) {                              \
     CPU_CAPABILITY::dispatch<CPU_CAPABILITY::ProbRun>(k, a);                               \

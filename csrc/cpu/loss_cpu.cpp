@@ -125,10 +125,11 @@ std::tuple<at::Tensor, at::Tensor> ce_forward_cpu(const at::Tensor& input, const
                                                   const std::optional<at::Tensor>& weight,
                                                   int64_t ignore_index, double eps, int64_t mode,
                                                   int64_t reduction, bool compute_grad) {
-  check_ce_args(input, target, weight, eps, mode, reduction);
-  const at::Tensor in = rows_with_unit_class_stride(input);
+  check_ce_args(input, target, weight, eps, mode, reduction, /*allow_3d=*/true);
+  const bool spatial = input.dim() == 3;
+  const at::Tensor in = spatial ? input.contiguous() : rows_with_unit_class_stride(input);
   const at::Tensor tgt = target.contiguous();
-  const int64_t N = in.size(0), K = in.size(1);
+  const int64_t N = tgt.size(0), K = in.size(1);  // N: rows (positions for a spatial input)
   const int64_t* t = tgt.data_ptr<int64_t>();
   const std::vector<double> w = weights_as_double(weight);
   const bool weighted = weight.has_value() && weight->defined();
@@ -148,9 +149,30 @@ std::tuple<at::Tensor, at::Tensor> ce_forward_cpu(const at::Tensor& input, const
 
   const auto acc = acc_type_of(in.scalar_type());
   at::Tensor rows = at::empty({N}, in.options().dtype(acc));
-  at::Tensor grad = compute_grad ? empty_rows(N, K, in.options()) : at::empty({0}, in.options());
+  at::Tensor grad = compute_grad ? empty_rows(N, K, in.options()).view(in.sizes()) : at::empty({0}, in.options());
   at::Tensor wc = weighted ? weight->contiguous() : at::Tensor();
-  if (N > 0) {
+  if (N > 0 && spatial) {
+    CeSpatialArgs a{};
+    a.input = in.data_ptr();
+    a.target = t;
+    a.weight = weighted ? wc.data_ptr() : nullptr;
+    a.grad = compute_grad ? grad.data_ptr() : nullptr;
+    a.loss_rows = rows.data_ptr();
+    a.N = in.size(0);
+    a.C = K;
+    a.S = in.size(2);
+    a.ignore_index = ignore_index;
+    a.mode = mode;
+    a.eps = eps;
+    a.scale = reduction == kMean ? 1.0 / D : 1.0;
+    a.W = W;
+    const ScalarKind k = kind_of(in.scalar_type());
+#ifdef LSE_HAVE_AVX2_KERNELS
+    if (use_avx2()) ce_spatial_AVX2(k, a); else ce_spatial_DEFAULT(k, a);
+#else
+    ce_spatial_DEFAULT(k, a);
+#endif
+  } else if (N > 0) {
     CeRowsArgs a{};
     a.input = in.data_ptr();
     a.in_row_stride = in.stride(0);
