@@ -42,3 +42,11 @@ def random_targets(n, k, ignore_frac=0.2, ignore_index=-100, device="cpu", gener
     if ignore_frac:
         t[torch.rand(n, generator=generator) < ignore_frac] = ignore_index
     return t.to(device)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    """Deterministic inputs per test (LSE_TEST_SEED picks another draw, to hunt for flakiness)."""
+    import os
+
+    torch.manual_seed(int(os.environ.get("LSE_TEST_SEED", "0")))

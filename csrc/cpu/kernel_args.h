@@ -9,29 +9,21 @@ namespace cpu {
 
 enum class ScalarKind { kFloat, kDouble, kBFloat16, kHalf };
 
+// Class-index targets. S == 1: input is (N, K) rows with unit class stride and row stride
+// in_row_stride. S > 1 (the K-dimensional case): input is (N / S, K, S) contiguous, classes
+// along dim 1, and row r is position r % S of sample r / S (ce_spatial).
 struct CeRowsArgs {
-  const void* input;      // (N, K) rows, unit class stride, input dtype
-  int64_t in_row_stride;  // elements
+  const void* input;      // input dtype
+  int64_t in_row_stride;  // elements (S == 1 only)
+  int64_t S;              // positions per sample
   const int64_t* target;  // (N,), validated
   const void* weight;     // (K,) input dtype, or nullptr
-  void* grad;             // (N, K) contiguous, input dtype, or nullptr (no gradient wanted)
+  void* grad;             // shaped and laid out like the input (contiguous), or nullptr
   void* loss_rows;        // (N,) float (double for double input)
   int64_t N, K, ignore_index, mode;
   double eps;
   double scale;  // multiplies the gradient (1/D for "mean")
   double W;      // sum of the weights
-};
-
-// Class-index targets on a (N, C, S) contiguous input (classes along dim 1, S positions): the
-// K-dimensional case, vectorised across positions instead of along 21-element rows.
-struct CeSpatialArgs {
-  const void* input;      // (N, C, S) contiguous
-  const int64_t* target;  // (N * S,), validated
-  const void* weight;     // (C,) or nullptr
-  void* grad;             // (N, C, S) contiguous, or nullptr
-  void* loss_rows;        // (N * S,)
-  int64_t N, C, S, ignore_index, mode;
-  double eps, scale, W;
 };
 
 struct ProbRowsArgs {
@@ -48,12 +40,12 @@ struct ProbRowsArgs {
 };
 
 void ce_rows_DEFAULT(ScalarKind, const CeRowsArgs&);
-void ce_spatial_DEFAULT(ScalarKind, const CeSpatialArgs&);
+void ce_spatial_DEFAULT(ScalarKind, const CeRowsArgs&);
 void prob_rows_DEFAULT(ScalarKind, const ProbRowsArgs&);
 #if defined(__x86_64__) && !defined(LSE_NO_AVX2)
 #define LSE_HAVE_AVX2_KERNELS 1
 void ce_rows_AVX2(ScalarKind, const CeRowsArgs&);
-void ce_spatial_AVX2(ScalarKind, const CeSpatialArgs&);
+void ce_spatial_AVX2(ScalarKind, const CeRowsArgs&);
 void prob_rows_AVX2(ScalarKind, const ProbRowsArgs&);
 #endif
 

@@ -187,11 +187,6 @@ void grad_pass(acc_t* g, const acc_t* w, int64_t K, acc_t kp, acc_t kw) {
   }
 }
 
-template <typename acc_t>
-void fill(acc_t* p, int64_t n, acc_t v) {
-  std::fill(p, p + n, v);
-}
-
 template <typename scalar_t, typename acc_t>
 void to_acc(const scalar_t* src, acc_t* dst, int64_t n) {
   if constexpr (std::is_same_v<scalar_t, acc_t>) {
@@ -273,11 +268,11 @@ void ce_rows(const CeRowsArgs& A) {
 // C x V tile of logits is converted into a float tile once, then max, exp and sums, and the
 // gradient run over the tile across classes; per-lane scalars (loss, coefficients) in between.
 template <typename scalar_t>
-void ce_spatial(const CeSpatialArgs& A) {
+void ce_spatial(const CeRowsArgs& A) {
   using acc_t = acc_for<scalar_t>;
   using Vec = Vectorized<acc_t>;
   constexpr int64_t V = Vec::size();
-  const int64_t C = A.C, S = A.S;
+  const int64_t C = A.K, S = A.S, samples = A.N / A.S;
   const auto sm = smoothing_coefs<acc_t>(A.eps, C, A.mode);
   const scalar_t* in = static_cast<const scalar_t*>(A.input);
   scalar_t* grad = static_cast<scalar_t*>(A.grad);
@@ -290,7 +285,7 @@ void ce_spatial(const CeSpatialArgs& A) {
   const acc_t ninf = -std::numeric_limits<acc_t>::infinity();
   const int64_t chunks = (S + V - 1) / V;
 
-  at::parallel_for(0, A.N * chunks, std::max<int64_t>(1, 4096 / std::max<int64_t>(C, 1)),
+  at::parallel_for(0, samples * chunks, std::max<int64_t>(1, 4096 / std::max<int64_t>(C, 1)),
                    [&](int64_t begin, int64_t end) {
     std::vector<acc_t> tile(C * V);
     alignas(64) acc_t lane_m[V], lane_s[V], lane_S[V], kp[V], kw[V], ky[V], cls[V], keep[V];
@@ -437,7 +432,7 @@ struct CeRun {
 };
 template <typename T>
 struct SpatialRun {
-  static void run(const CeSpatialArgs& a) { ce_spatial<T>(a); }
+  static void run(const CeRowsArgs& a) { ce_spatial<T>(a); }
 };
 template <typename T>
 struct ProbRun {
@@ -455,7 +450,7 @@ struct ProbRun {
   void ce_rows_##cap(ScalarKind k, const CeRowsArgs& a) {                                  \
     CPU_CAPABILITY::dispatch<CPU_CAPABILITY::CeRun>(k, a);                                 \
   }                                                                                        \
-  void ce_spatial_##cap(ScalarKind k, const CeSpatialArgs& a) {                            \
+  void ce_spatial_##cap(ScalarKind k, const CeRowsArgs& a) {                               \
     CPU_CAPABILITY::dispatch<CPU_CAPABILITY::SpatialRun>(k, a);                            \
   }                                                                                        \
   void prob_rows_##cap(ScalarKind k, const ProbRowsArgs& a) {                              \

@@ -112,6 +112,14 @@ at::Tensor empty_rows(int64_t N, int64_t K, const at::TensorOptions& opts) {
   return at::empty({N, K}, opts);
 }
 
+// Calls the AVX2 build of a kernel when this CPU (and LABELSMOOTH_EXT_CPU_CAPABILITY) allow.
+#ifdef LSE_HAVE_AVX2_KERNELS
+#define LSE_RUN_BEST(avx2_fn, default_fn, kind, args) \
+  (use_avx2() ? avx2_fn(kind, args) : default_fn(kind, args))
+#else
+#define LSE_RUN_BEST(avx2_fn, default_fn, kind, args) default_fn(kind, args)
+#endif
+
 std::vector<double> weights_as_double(const std::optional<at::Tensor>& weight) {
   std::vector<double> w;
   if (!weight.has_value() || !weight->defined()) return w;
@@ -151,31 +159,11 @@ std::tuple<at::Tensor, at::Tensor> ce_forward_cpu(const at::Tensor& input, const
   at::Tensor rows = at::empty({N}, in.options().dtype(acc));
   at::Tensor grad = compute_grad ? empty_rows(N, K, in.options()).view(in.sizes()) : at::empty({0}, in.options());
   at::Tensor wc = weighted ? weight->contiguous() : at::Tensor();
-  if (N > 0 && spatial) {
-    CeSpatialArgs a{};
-    a.input = in.data_ptr();
-    a.target = t;
-    a.weight = weighted ? wc.data_ptr() : nullptr;
-    a.grad = compute_grad ? grad.data_ptr() : nullptr;
-    a.loss_rows = rows.data_ptr();
-    a.N = in.size(0);
-    a.C = K;
-    a.S = in.size(2);
-    a.ignore_index = ignore_index;
-    a.mode = mode;
-    a.eps = eps;
-    a.scale = reduction == kMean ? 1.0 / D : 1.0;
-    a.W = W;
-    const ScalarKind k = kind_of(in.scalar_type());
-#ifdef LSE_HAVE_AVX2_KERNELS
-    if (use_avx2()) ce_spatial_AVX2(k, a); else ce_spatial_DEFAULT(k, a);
-#else
-    ce_spatial_DEFAULT(k, a);
-#endif
-  } else if (N > 0) {
+  if (N > 0) {
     CeRowsArgs a{};
     a.input = in.data_ptr();
-    a.in_row_stride = in.stride(0);
+    a.in_row_stride = spatial ? 0 : in.stride(0);
+    a.S = spatial ? in.size(2) : 1;
     a.target = t;
     a.weight = weighted ? wc.data_ptr() : nullptr;
     a.grad = compute_grad ? grad.data_ptr() : nullptr;
@@ -188,11 +176,11 @@ std::tuple<at::Tensor, at::Tensor> ce_forward_cpu(const at::Tensor& input, const
     a.scale = reduction == kMean ? 1.0 / D : 1.0;
     a.W = W;
     const ScalarKind k = kind_of(in.scalar_type());
-#ifdef LSE_HAVE_AVX2_KERNELS
-    if (use_avx2()) ce_rows_AVX2(k, a); else ce_rows_DEFAULT(k, a);
-#else
-    ce_rows_DEFAULT(k, a);
-#endif
+    if (spatial) {
+      LSE_RUN_BEST(ce_spatial_AVX2, ce_spatial_DEFAULT, k, a);
+    } else {
+      LSE_RUN_BEST(ce_rows_AVX2, ce_rows_DEFAULT, k, a);
+    }
   }
   return {finish_loss(rows, at::scalar_tensor(D, rows.options()), reduction, in.scalar_type()), grad};
 }
@@ -224,12 +212,7 @@ std::tuple<at::Tensor, at::Tensor> ce_prob_forward_cpu(const at::Tensor& input, 
     a.mode = mode;
     a.eps = eps;
     a.scale = reduction == kMean ? 1.0 / double(N) : 1.0;
-    const ScalarKind k = kind_of(in.scalar_type());
-#ifdef LSE_HAVE_AVX2_KERNELS
-    if (use_avx2()) prob_rows_AVX2(k, a); else prob_rows_DEFAULT(k, a);
-#else
-    prob_rows_DEFAULT(k, a);
-#endif
+    LSE_RUN_BEST(prob_rows_AVX2, prob_rows_DEFAULT, kind_of(in.scalar_type()), a);
   } else if (N > 0) {
     rows.zero_();
   }
