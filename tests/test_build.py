@@ -85,3 +85,23 @@ def test_cuda_kernels_have_no_spills_or_stack():
     bad = {k: v for k, v in usage.items() if v.get("STACK", 0) or v.get("LOCAL", 0)}
     assert not bad, "kernels with stack or local memory (register spills): " + "; ".join(
         f"{a} {fn}: REG {v['REG']} STACK {v.get('STACK')} LOCAL {v.get('LOCAL')}" for (a, fn), v in bad.items())
+
+
+def test_import_of_a_build_for_another_torch_says_what_to_run(monkeypatch):
+    from labelsmooth_ext import _build_info, _ops
+
+    monkeypatch.setitem(_build_info.BUILD_INFO, "torch_version", "0.0.1")
+    with pytest.raises(ImportError, match=r"built against torch 0\.0\.1 .*pip install --no-build-isolation"):
+        _ops._load_library()
+
+
+def test_import_without_a_compiled_library_says_what_to_run(monkeypatch):
+    import importlib.util
+
+    from labelsmooth_ext import _ops
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "labelsmooth_ext._C" else real(name, *a))
+    with pytest.raises(ImportError, match=r"compiled library \(_C\) is missing; build it .*pip install"):
+        _ops._load_library()
