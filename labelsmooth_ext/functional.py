@@ -51,13 +51,13 @@ def check_smoothing_mode(smoothing_mode):
     return SMOOTHING_MODES[smoothing_mode]
 
 
-def check_label_smoothing(label_smoothing, upper=1.0):
+def check_label_smoothing(label_smoothing):
     try:
         eps = float(label_smoothing)
     except (TypeError, ValueError):
         raise TypeError(f"label_smoothing must be a float, got {label_smoothing!r}") from None
-    if math.isnan(eps) or not 0.0 <= eps <= upper:
-        raise ValueError(f"label_smoothing must be in [0, {upper:g}], got {label_smoothing!r}")
+    if math.isnan(eps) or not 0.0 <= eps <= 1.0:
+        raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing!r}")
     return eps
 
 
@@ -154,7 +154,7 @@ def cross_entropy(
     need_grad = input.requires_grad and torch.is_grad_enabled()
 
     if target.is_floating_point():
-        return _prob_cross_entropy(input, target, weight, red, eps, mode, need_grad, num_classes)
+        return _prob_cross_entropy(input, target, weight, reduction, smoothing_mode, eps, need_grad)
 
     if target.dtype not in _INT_DTYPES:
         raise TypeError(f"target must hold class indices (an integer dtype) or probabilities "
@@ -181,7 +181,7 @@ def cross_entropy(
     return loss
 
 
-def _prob_cross_entropy(input, target, weight, red, eps, mode, need_grad, num_classes):
+def _prob_cross_entropy(input, target, weight, reduction, smoothing_mode, eps, need_grad):
     if tuple(target.shape) != tuple(input.shape):
         raise ValueError(
             f"probability target shape {tuple(target.shape)} must equal the input shape "
@@ -192,13 +192,12 @@ def _prob_cross_entropy(input, target, weight, red, eps, mode, need_grad, num_cl
         # pure-PyTorch formula, differentiable in both arguments.
         from . import reference
 
-        smoothing_mode = "off_target" if mode == SMOOTHING_MODES["off_target"] else "uniform"
-        reduction = {v: k for k, v in REDUCTIONS.items()}[red]
         return reference.cross_entropy(input, target, weight, reduction=reduction,
                                        label_smoothing=eps, smoothing_mode=smoothing_mode)
     target = target.to(input.dtype)
     rows = _to_rows(input, input.dim())
     trows = _to_rows(target, target.dim())
+    red, mode = REDUCTIONS[reduction], SMOOTHING_MODES[smoothing_mode]
     loss, _ = _ops.ops.ce_prob_forward(rows, trows, weight, eps, mode, red, need_grad)
     if red == REDUCTIONS["none"]:
         loss = loss.reshape(_expected_target_shape(input))
