@@ -205,12 +205,12 @@ __global__ void bce_kernel(const scalar_t* x, const scalar_t* t, const scalar_t*
 // grad *= grad_output in place; returns at once where grad_output is exactly 1.
 // per_row: grad_output has one value per row ("none"); else one scalar.
 template <typename scalar_t>
-__global__ void scale_kernel(scalar_t* g, const scalar_t* go, int64_t N, int64_t K, bool per_row) {
+__global__ void scale_kernel(scalar_t* g, const acc_of<scalar_t>* go, int64_t N, int64_t K, bool per_row) {
   using acc_t = acc_of<scalar_t>;
   using P = Pack<scalar_t>;
   constexpr int VEC = P::kSize;
   if (!per_row) {
-    const acc_t f = static_cast<acc_t>(go[0]);
+    const acc_t f = go[0];
     if (f == acc_t(1)) return;
     const int64_t n = N * K;
     const int64_t nvec = (reinterpret_cast<uintptr_t>(g) % 16 == 0) ? n / VEC : 0;
@@ -228,7 +228,7 @@ __global__ void scale_kernel(scalar_t* g, const scalar_t* go, int64_t N, int64_t
   const int64_t n = N * K;
   const int64_t stride = int64_t(gridDim.x) * blockDim.x;
   for (int64_t c = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; c < n; c += stride) {
-    const acc_t f = static_cast<acc_t>(go[c / K]);
+    const acc_t f = go[c / K];
     if (f != acc_t(1)) g[c] = static_cast<scalar_t>(static_cast<acc_t>(g[c]) * f);
   }
 }
@@ -385,7 +385,8 @@ void ce_scale_cuda_(at::Tensor& grad, const at::Tensor& grad_output, int64_t red
   if (grad.numel() == 0) return;
   TORCH_CHECK(grad.is_contiguous() && grad.dim() >= 1, "labelsmooth_ext::ce_scale_: grad must be contiguous");
   const c10::cuda::CUDAGuard guard(grad.device());
-  const at::Tensor go = grad_output.to(grad.scalar_type()).contiguous();
+  // compared with 1 and multiplied in the accumulation type, so nothing rounds before the test
+  const at::Tensor go = grad_output.to(acc_type_of(grad.scalar_type())).contiguous();
   const bool per_row = reduction == kNone;
   TORCH_CHECK(go.numel() == (per_row ? grad.size(0) : 1), "labelsmooth_ext::ce_scale_: grad_output has ",
               go.numel(), " elements, expected ", per_row ? grad.size(0) : 1);
@@ -395,7 +396,7 @@ void ce_scale_cuda_(at::Tensor& grad, const at::Tensor& grad_output, int64_t red
   dispatch_dtype(grad.scalar_type(), [&](auto tag) {
     using scalar_t = decltype(tag);
     scale_kernel<scalar_t><<<unsigned(sms * 4), 256, 0, stream>>>(
-        static_cast<scalar_t*>(grad.data_ptr()), static_cast<const scalar_t*>(go.data_ptr()),
+        static_cast<scalar_t*>(grad.data_ptr()), static_cast<const acc_of<scalar_t>*>(go.data_ptr()),
         grad.size(0), grad.numel() / grad.size(0), per_row);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
