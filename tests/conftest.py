@@ -32,9 +32,11 @@ def assert_close_to(actual, expected, dtype, what=""):
     if a.numel() == 0:
         return
     tol = TOL[dtype]
-    scale = max(float(e.abs().max()), 1e-30)
+    # Relative to the largest reference value; where the reference is (near) zero because O(1)
+    # terms cancel exactly (K = 1: p = q = 1), relative to 0.01 instead.
+    scale = max(float(e.abs().max()), 1e-2)
     err = float((a - e).abs().max())
-    assert err <= tol * scale + tol * 1e-3, f"{what}: max error {err:.3g} > {tol:g} * {scale:.3g}"
+    assert err <= tol * scale, f"{what}: max error {err:.3g} > {tol:g} * {scale:.3g}"
 
 
 def random_targets(n, k, ignore_frac=0.2, ignore_index=-100, device="cpu", generator=None):

@@ -264,6 +264,42 @@ void ce_rows(const CeRowsArgs& A) {
   });
 }
 
+// `lanes` consecutive values of scalar_t to / from one accumulation-type vector, converting
+// 16-bit types with vector instructions (the spatial kernel's position tiles).
+template <typename scalar_t, typename acc_t = acc_for<scalar_t>>
+Vectorized<acc_t> load_lanes(const scalar_t* p, int64_t lanes) {
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    return Vectorized<acc_t>::loadu(p, lanes);
+  } else {
+    if (lanes == Vectorized<float>::size()) {  // the common case: a full tile row
+      Vectorized<float> out;
+      at::vec::load_to_float<scalar_t>(p, out);
+      return out;
+    }
+    alignas(64) float buf[Vectorized<float>::size()] = {};
+    for (int64_t l = 0; l < lanes; ++l) buf[l] = static_cast<float>(p[l]);
+    return Vectorized<float>::loadu(buf);
+  }
+}
+
+template <typename scalar_t, typename acc_t = acc_for<scalar_t>>
+void store_lanes(scalar_t* p, const Vectorized<acc_t>& v, int64_t lanes) {
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    v.store(p, lanes);
+  } else {
+    const Vectorized<scalar_t> h = at::vec::convert_from_float<scalar_t>(v, Vectorized<float>(0));
+#if defined(CPU_CAPABILITY_AVX2)
+    if (lanes == Vectorized<float>::size()) {  // the low 8 of 16 lanes: one 128-bit store
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_castsi256_si128(__m256i(h)));
+      return;
+    }
+#endif
+    alignas(64) scalar_t buf[Vectorized<scalar_t>::size()];
+    h.store(buf);
+    for (int64_t l = 0; l < lanes; ++l) p[l] = buf[l];
+  }
+}
+
 // K-dimensional input (N, C, S): V positions at a time, one vector lane per position. The
 // C x V tile of logits is converted into a float tile once, then max, exp and sums, and the
 // gradient run over the tile across classes; per-lane scalars (loss, coefficients) in between.
@@ -297,10 +333,10 @@ void ce_spatial(const CeRowsArgs& A) {
       // 1. tile + max
       Vec vm(ninf);
       for (int64_t c = 0; c < C; ++c) {
-        acc_t* row = tile.data() + c * V;
-        for (int64_t l = 0; l < lanes; ++l) row[l] = static_cast<acc_t>(base[c * S + l]);
-        for (int64_t l = lanes; l < V; ++l) row[l] = ninf;
-        vm = at::vec::maximum(vm, Vec::loadu(row));
+        Vec z = load_lanes(base + c * S, lanes);
+        if (lanes < V) z = Vec::set(Vec(ninf), z, lanes);
+        z.store(tile.data() + c * V);
+        vm = at::vec::maximum(vm, z);
       }
       // 2. e = exp(z - m) in place, sums
       Vec vs(0), vS(0);
@@ -349,15 +385,13 @@ void ce_spatial(const CeRowsArgs& A) {
       const Vec vkp = Vec::loadu(kp), vkw = Vec::loadu(kw), vky = Vec::loadu(ky), vcls = Vec::loadu(cls);
       const Vec vkeep = Vec::loadu(keep);
       scalar_t* gbase = grad + n * C * S + s0;
-      alignas(64) acc_t out[V];
       for (int64_t c = 0; c < C; ++c) {
         const Vec e = Vec::loadu(tile.data() + c * V);
         Vec g = e * vkp - vkw * Vec(weighted ? wacc[c] : acc_t(1));
         g = g - Vec::blendv(Vec(0), vky, vcls == Vec(acc_t(c)));
         // keep = 0 -> exactly 0 (even for NaN logits in an ignored row); NaN -> NaN
         g = Vec::blendv(g * vkeep, Vec(0), vkeep == Vec(0));
-        g.store(out);
-        for (int64_t l = 0; l < lanes; ++l) gbase[c * S + l] = static_cast<scalar_t>(out[l]);
+        store_lanes(gbase + c * S, g, lanes);
       }
     }
   });
