@@ -1,25 +1,10 @@
 """Command line: build info and a quick comparison with PyTorch (default), the benchmark report."""
 import argparse
-import time
 
 import torch
 import torch.nn.functional as F
 
-from . import build_info, cross_entropy
-
-
-def _time(fn, reps=5):
-    fn()
-    best = float("inf")
-    for _ in range(reps):
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - t0)
-    return best
+from . import benchmark, build_info, cross_entropy
 
 
 def info_command(args):
@@ -45,8 +30,8 @@ def info_command(args):
 
     ours_loss, ours_grad = (t.detach() for t in run(cross_entropy)())
     ref_loss, ref_grad = (t.detach() for t in run(F.cross_entropy)())
-    t_ours = _time(run(cross_entropy))
-    t_ref = _time(run(F.cross_entropy))
+    t_ours = min(benchmark.time_call(run(cross_entropy), device, reps=5))
+    t_ref = min(benchmark.time_call(run(F.cross_entropy), device, reps=5))
     print(f"\nforward + backward, N={n}, K={k}, float32, label_smoothing=0.1, on {device}:")
     print(f"  loss: labelsmooth_ext {float(ours_loss):.6f}  torch {float(ref_loss):.6f}  "
           f"(|diff| {abs(float(ours_loss) - float(ref_loss)):.2e}, max |grad diff| "
@@ -64,7 +49,7 @@ def main(argv=None):
         p.add_argument("--rows", type=int, default=4096)
         p.add_argument("--classes", type=int, default=32000)
     p_bench = sub.add_parser("bench", help="benchmark report: ours vs PyTorch eager and compiled")
-    from . import benchmark, demo
+    from . import demo
 
     benchmark.add_arguments(p_bench)
     p_demo = sub.add_parser("demo", help="label smoothing on real data: accuracy, calibration, logit gap, pictures")

@@ -196,6 +196,14 @@ void to_acc(const scalar_t* src, acc_t* dst, int64_t n) {
   }
 }
 
+// The class weights in the accumulation type (empty when unweighted).
+template <typename scalar_t, typename acc_t = acc_for<scalar_t>>
+std::vector<acc_t> weights_in_acc(const void* weight, int64_t K) {
+  std::vector<acc_t> w(weight ? K : 0);
+  if (weight) to_acc(static_cast<const scalar_t*>(weight), w.data(), K);
+  return w;
+}
+
 constexpr int64_t kStoreBlock = 2048;
 
 inline int64_t grain_for(int64_t K) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(K, 1)); }
@@ -211,11 +219,7 @@ void ce_rows(const CeRowsArgs& A) {
   scalar_t* grad = static_cast<scalar_t*>(A.grad);
   acc_t* loss = static_cast<acc_t*>(A.loss_rows);
   const bool weighted = A.weight != nullptr;
-  std::vector<acc_t> wacc;
-  if (weighted) {
-    wacc.resize(K);
-    to_acc(static_cast<const scalar_t*>(A.weight), wacc.data(), K);
-  }
+  const std::vector<acc_t> wacc = weights_in_acc<scalar_t>(A.weight, K);
   const acc_t* w = weighted ? wacc.data() : nullptr;
   const acc_t W = weighted ? acc_t(A.W) : acc_t(K);
   const acc_t scale = acc_t(A.scale);
@@ -314,8 +318,7 @@ void ce_spatial(const CeRowsArgs& A) {
   scalar_t* grad = static_cast<scalar_t*>(A.grad);
   acc_t* loss = static_cast<acc_t*>(A.loss_rows);
   const bool weighted = A.weight != nullptr;
-  std::vector<acc_t> wacc(weighted ? C : 0);
-  if (weighted) to_acc(static_cast<const scalar_t*>(A.weight), wacc.data(), C);
+  const std::vector<acc_t> wacc = weights_in_acc<scalar_t>(A.weight, C);
   const acc_t W = weighted ? acc_t(A.W) : acc_t(C);
   const acc_t scale = acc_t(A.scale);
   const acc_t ninf = -std::numeric_limits<acc_t>::infinity();
@@ -410,8 +413,7 @@ void prob_rows(const ProbRowsArgs& A) {
   scalar_t* grad = static_cast<scalar_t*>(A.grad);
   acc_t* loss = static_cast<acc_t*>(A.loss_rows);
   const bool weighted = A.weight != nullptr;
-  std::vector<acc_t> wacc(weighted ? K : 0);
-  if (weighted) to_acc(static_cast<const scalar_t*>(A.weight), wacc.data(), K);
+  const std::vector<acc_t> wacc = weights_in_acc<scalar_t>(A.weight, K);
   const acc_t scale = acc_t(A.scale);
   const Vec va(sm.a), vb(sm.b);
 
