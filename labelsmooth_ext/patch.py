@@ -37,6 +37,7 @@ from . import functional as _lf
 _FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 _HALF = (torch.float16, torch.bfloat16)
 _REDUCTIONS = ("none", "mean", "sum")
+_LOG_SOFTMAX_UPCAST = ("cuda",)  # autocast runs log_softmax in float32 on CUDA, not on the CPU
 # An ignore_index no int64 target equals except itself (for losses that have no ignore_index).
 _NO_IGNORE = -(2 ** 63)
 
@@ -56,6 +57,8 @@ def _plain(*tensors):
     ts = tuple(t for t in tensors if t is not None)
     if torch.overrides.has_torch_function(ts):
         return False
+    if torch.compiler.is_compiling():
+        return True  # dynamo traces the call; our operators have fake kernels
     wrapped = getattr(torch._C._functorch, "is_functorch_wrapped_tensor", None)
     return wrapped is None or not any(wrapped(t) for t in ts)
 
@@ -66,10 +69,12 @@ def _device_ok(t):
     return t.device.type == "cuda" and bool(_ops.BUILD_INFO.get("cuda"))
 
 
-def _autocast_up(device_type, *tensors):
-    """Autocast's float32 policy for these losses: float16/bfloat16 floating arguments become
-    float32 (float64 and integer tensors are left alone). No-op when autocast is off."""
-    if not torch.is_autocast_enabled(device_type):
+def _autocast_up(device_type, *tensors, upcasting=("cpu", "cuda")):
+    """Autocast's float32 policy: float16/bfloat16 floating arguments become float32 (float64 and
+    integer tensors are left alone). No-op when autocast is off or, on that device, autocast does
+    not upcast the op the original is built on (`upcasting`: cross_entropy and
+    binary_cross_entropy_with_logits on CPU and CUDA, log_softmax on CUDA only)."""
+    if device_type not in upcasting or not torch.is_autocast_enabled(device_type):
         return tensors
     return tuple(t.float() if t is not None and t.dtype in _HALF else t for t in tensors)
 
@@ -228,7 +233,10 @@ def _make_label_smoother_call(original):
             # rows and count as the original's logits[..., :-1, :] / labels[..., 1:], no copy.
             labels = torch.nn.functional.pad(labels[..., 1:], (0, 1), value=ignore)
         labels = torch.where(labels == ignore, labels, labels.clamp(min=0))
-        (logits,) = _autocast_up(logits.device.type, logits)
+        if logits.dtype in _HALF:
+            # The original returns a float32 loss here (its smoothing sum is float32); ours is
+            # computed from the float32 logits (as autocast does on CUDA), so it is float32-exact.
+            logits = logits.float()
         rows, tgt = logits.reshape(-1, logits.shape[-1]), labels.reshape(-1)
         if num_items_in_batch is None:
             denominator = None
@@ -236,14 +244,6 @@ def _make_label_smoother_call(original):
             denominator = num_items_in_batch.to(logits.device)
         else:
             denominator = num_items_in_batch
-        if rows.dtype in _HALF:
-            # the original returns float32 here: per-row losses, summed in float32
-            per_row = _lf.cross_entropy(rows, tgt, ignore_index=ignore, reduction="none",
-                                        label_smoothing=float(eps))
-            total = per_row.sum(dtype=torch.float32)
-            if denominator is None:
-                denominator = (tgt != ignore).sum()
-            return total / denominator
         if denominator is None:
             return _lf.cross_entropy(rows, tgt, ignore_index=ignore, reduction="mean",
                                      label_smoothing=float(eps))
@@ -287,7 +287,7 @@ def _make_timm_label_smoothing_forward(original):
               and tuple(target.shape) == (x.shape[0],))
         if not ok:
             return original(self, x, target)
-        (x,) = _autocast_up(x.device.type, x)
+        (x,) = _autocast_up(x.device.type, x, upcasting=_LOG_SOFTMAX_UPCAST)
         return _lf.cross_entropy(x, target, ignore_index=_NO_IGNORE, reduction="mean",
                                  label_smoothing=float(s))
 
@@ -303,7 +303,7 @@ def _make_timm_soft_target_forward(original):
               and _device_ok(x) and target.device == x.device and x.dim() >= 1
               and x.shape[-1] > 0 and target.shape == x.shape)
         if ok:
-            x, target = _autocast_up(x.device.type, x, target)
+            x, target = _autocast_up(x.device.type, x, target, upcasting=_LOG_SOFTMAX_UPCAST)
             ok = x.dtype in _FLOATS and target.dtype == x.dtype
         if not ok:
             return original(self, x, target)
