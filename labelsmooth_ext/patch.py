@@ -224,7 +224,7 @@ def _make_label_smoother_call(original):
               and _plain(logits, labels) and _device_ok(logits) and labels.device == logits.device
               and logits.dtype in _FLOATS and labels.dtype == torch.int64
               and logits.dim() >= (2 if shift_labels else 1) and logits.shape[-1] > 0)
-        if ok and labels.dim() == logits.dim() and labels.shape[-1] == 1:
+        if ok and not shift_labels and labels.dim() == logits.dim() and labels.shape[-1] == 1:
             labels = labels.squeeze(-1)  # the original also takes labels with a trailing 1
         if not ok or tuple(labels.shape) != tuple(logits.shape[:-1]):
             return original(self, model_output, labels, shift_labels, num_items_in_batch)
@@ -362,7 +362,11 @@ class PatchHandle:
 def _restore(name):
     record = _active.pop(name, None)
     if record is not None:
-        owner, attr, original = record
+        owner, attr, original, replacement = record
+        if vars(owner).get(attr) is not replacement:
+            warnings.warn(f"labelsmooth_ext.unpatch: {name} was replaced by someone else after "
+                          f"patch(); leaving their replacement in place", stacklevel=3)
+            return
         if original is _INHERITED:
             delattr(owner, attr)
         else:
@@ -404,8 +408,9 @@ def patch(functional=True, modules=True, transformers=True, timm=True):
             attr = path[-1]
             # a class's own attribute (not a bound or inherited lookup), so undo puts back exactly it
             original = vars(owner).get(attr, _INHERITED) if isinstance(owner, type) else getattr(owner, attr)
-            setattr(owner, attr, factory(getattr(owner, attr) if original is _INHERITED else original))
-            _active[name] = (owner, attr, original)
+            replacement = factory(getattr(owner, attr) if original is _INHERITED else original)
+            setattr(owner, attr, replacement)
+            _active[name] = (owner, attr, original, replacement)
             done.append(name)
     return PatchHandle(done)
 

@@ -214,7 +214,6 @@ FALL_THROUGH = {
     "label_smoothing_tensor": lambda x, t: F.cross_entropy(x, t, label_smoothing=torch.tensor(0.1)),
     "bad_reduction": lambda x, t: F.cross_entropy(x, t, reduction="avg"),
     "target_shape": lambda x, t: F.cross_entropy(x, t[:4]),
-    "meta_device": lambda x, t: F.cross_entropy(x.to("meta"), t.to("meta")).to("cpu").zero_(),
     "int_input": lambda x, t: F.cross_entropy(x.long(), t),
     "bce_target_dtype": lambda x, t: F.binary_cross_entropy_with_logits(x, torch.rand(8, 5, dtype=torch.float64)),
     "bce_weight_bigger": lambda x, t: F.binary_cross_entropy_with_logits(x, torch.rand(8, 5), weight=torch.rand(2, 8, 5)),
@@ -235,6 +234,29 @@ def test_unservable_calls_fall_through_to_the_original(case):
         return call(x.clone().requires_grad_(), t)
 
     _same_outcome(seeded)
+
+
+def test_meta_tensors_fall_through():
+    x, t = torch.randn(8, 5, device="meta", requires_grad=True), torch.zeros(8, dtype=torch.long, device="meta")
+    with torch_only():
+        r = F.cross_entropy(x, t, label_smoothing=0.1)
+    assert r.device.type == "meta" and not ours(r)
+
+
+def test_undo_leaves_a_later_replacement_alone():
+    h = torch_only()
+    mine = F.cross_entropy
+
+    def theirs(*a, **k):
+        return mine(*a, **k)
+
+    F.cross_entropy = theirs
+    try:
+        with pytest.warns(UserWarning, match="replaced by someone else"):
+            h.undo()
+        assert F.cross_entropy is theirs
+    finally:
+        F.cross_entropy = ORIG_CE
 
 
 def test_tensor_subclass_and_torch_function_mode():
@@ -362,7 +384,8 @@ def test_label_smoother_bfloat16_more_precise_same_dtype():
 
 
 @NEEDS_TRANSFORMERS
-@pytest.mark.parametrize("case", ["ignore_index_0", "int32_labels", "trailing_dim", "tuple_output"])
+@pytest.mark.parametrize("case", ["ignore_index_0", "int32_labels", "trailing_dim", "trailing_dim_shift",
+                                  "tuple_output", "num_items_float"])
 def test_label_smoother_fall_through_and_variants(case):
     from transformers.trainer_pt_utils import LabelSmoother
 
@@ -370,12 +393,14 @@ def test_label_smoother_fall_through_and_variants(case):
     smoother = LabelSmoother(epsilon=0.1, ignore_index=ignore)
     logits, labels, _ = _smoother_case(torch.float64, False, None, ignore_index=ignore,
                                        labels_dtype=torch.int32 if case == "int32_labels" else torch.int64,
-                                       trailing=case == "trailing_dim")
+                                       trailing=case.startswith("trailing_dim"))
     out = (logits,) if case == "tuple_output" else {"logits": logits}
+    kw = dict(shift_labels=case == "trailing_dim_shift",
+              num_items_in_batch=11.0 if case == "num_items_float" else None)
 
     def run():
         try:
-            return float(smoother(out, labels))
+            return float(smoother(out, labels, **kw))
         except Exception as e:  # noqa: BLE001
             return (type(e), str(e))
 
