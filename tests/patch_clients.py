@@ -138,6 +138,27 @@ def transformers_client():
                 {"trainer_label_smoothing": train_phase.ops, "model_labels_loss": own_phase.ops})
 
     result = _run_twice(train_once)
+
+    # the model's own labels= loss on one model (same weights), without and with the patch
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128,
+                                         num_hidden_layers=2, num_attention_heads=4,
+                                         num_key_value_heads=2, max_position_embeddings=64))
+    batch = {k: torch.stack([e[k] for e in examples[:4]]) for k in examples[0]}
+
+    def own_loss():
+        model.zero_grad()
+        loss = model(**batch).loss
+        loss.backward()
+        return float(loss), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    base_loss, base_grads = own_loss()
+    with labelsmooth_ext.patch(), Phase() as phase:
+        ours_loss, ours_grads = own_loss()
+    result["model_labels_same_weights"] = {
+        "loss_unpatched": base_loss, "loss_patched": ours_loss, "ops_patched": phase.ops,
+        "max_abs_loss_diff": abs(base_loss - ours_loss),
+        "max_abs_grad_diff": _weight_diffs(base_grads, ours_grads)[0]}
     result["max_abs_model_labels_loss_diff"] = abs(result["extra_unpatched"]["model_labels_loss"]
                                                    - result["extra_patched"]["model_labels_loss"])
     return result

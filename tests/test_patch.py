@@ -533,3 +533,6 @@ def test_client_transformers_trainer():
     r = _run_client("transformers")
     _check_run(r, "labelsmooth_ext::ce_forward")
     assert r["max_abs_model_labels_loss_diff"] <= 1e-6 * abs(r["extra_unpatched"]["model_labels_loss"])
+    same = r["model_labels_same_weights"]
+    assert "labelsmooth_ext::ce_forward" in same["ops_patched"]
+    assert same["max_abs_loss_diff"] <= 1e-6 * abs(same["loss_unpatched"]) and same["max_abs_grad_diff"] <= 1e-6, same
