@@ -13,7 +13,9 @@ What gets replaced (each only when its library is installed; see PATCH_TARGETS):
                 loss of ForCausalLMLoss, ForMaskedLMLoss, sequence / token classification, QA)
   timm:         timm.loss.LabelSmoothingCrossEntropy.forward, timm.loss.SoftTargetCrossEntropy.forward
 
-Every replacement first checks that the call is one our kernel computes with the original's exact
+Before replacing anything, patch() checks on small float64 examples that the replacement gives
+the installed original's losses and gradients (a library release with another formula is left
+alone, with a warning). Every replacement then checks per call that the call is one our kernel computes with the original's exact
 semantics (dtypes, shapes, devices, arguments); anything else (tensor subclasses and torch-function
 modes, torch.func transforms, devices without a kernel, deprecated arguments, dtype promotion,
 unusual shapes or label values) is handed to the original function unchanged, so a patched call
@@ -314,25 +316,108 @@ def _make_timm_soft_target_forward(original):
 
 
 # ---------------------------------------------------------------------------------------------
-# Targets: (group, name, module to import, attribute path, replacement factory)
+# Probes: before replacing a function, patch() checks on small float64 examples that the
+# replacement computes what the installed original computes (losses and gradients), so a new
+# release of a library that changes a formula is left unpatched (with a warning), never
+# silently served with the old formula.
+
+
+def _probe_data():
+    g = torch.Generator().manual_seed(1234)
+    x = torch.randn(5, 7, generator=g, dtype=torch.float64) * 2
+    t = torch.randint(0, 7, (5,), generator=g)
+    t[1] = -100
+    soft = torch.rand(5, 7, generator=g, dtype=torch.float64)
+    w = torch.rand(7, generator=g, dtype=torch.float64) + 0.5
+    seq = torch.randn(2, 4, 7, generator=g, dtype=torch.float64)
+    labels = torch.randint(0, 7, (2, 4), generator=g)
+    labels[0, 2:] = -100
+    labels[1, 1] = -3  # below 0, not ignore_index
+    return x, t, soft, w, seq, labels
+
+
+def _outputs(fn, x, *args):
+    x = x.detach().clone().requires_grad_()
+    loss = fn(x, *args)
+    loss.sum().backward()
+    return loss.detach(), x.grad
+
+
+def _agree(original, replacement, x, *args, tol=1e-6):
+    a, ga = _outputs(original, x, *args)
+    b, gb = _outputs(replacement, x, *args)
+    return (a.dtype == b.dtype and a.shape == b.shape and torch.allclose(a, b, rtol=tol, atol=1e-9)
+            and torch.allclose(ga, gb, rtol=tol, atol=1e-9))
+
+
+def _probe_ce(orig, repl, owner):
+    x, t, soft, w, _, _ = _probe_data()
+    return all(_agree(lambda z, *a: orig(z, *a, **kw), lambda z, *a: repl(z, *a, **kw), x, tgt)
+               for tgt, kw in ((t, dict(label_smoothing=0.1)), (t, dict(weight=w, reduction="sum")),
+                               (t, dict(reduction="none", label_smoothing=0.2)),
+                               (soft, dict(label_smoothing=0.1))))
+
+
+def _probe_bce(orig, repl, owner):
+    x, _, soft, w, _, _ = _probe_data()
+    return all(_agree(lambda z, *a: orig(z, *a, **kw), lambda z, *a: repl(z, *a, **kw), x, soft)
+               for kw in ({}, dict(weight=w, pos_weight=w.flip(0)), dict(reduction="none")))
+
+
+def _probe_module(kwargs, soft_target):
+    def probe(orig, repl, owner):
+        x, t, soft, w, _, _ = _probe_data()
+        inst = owner(**{k: (w if v == "w" else v) for k, v in kwargs.items()})
+        return _agree(lambda z, y: orig(inst, z, y), lambda z, y: repl(inst, z, y), x,
+                      soft if soft_target else t)
+    return probe
+
+
+def _probe_label_smoother(orig, repl, owner):
+    _, _, _, _, seq, labels = _probe_data()
+    inst = owner(epsilon=0.1)
+    # the original sums its smoothing term in float32, even for float64 logits
+    return all(_agree(lambda z, y: orig(inst, {"logits": z}, y, shift, n),
+                      lambda z, y: repl(inst, {"logits": z}, y, shift, n), seq, labels, tol=1e-5)
+               for shift in (False, True) for n in (None, 5))
+
+
+def _probe_fixed_ce(orig, repl, owner):
+    x, t, _, _, _, _ = _probe_data()
+    return all(_agree(lambda z, y: orig(z, y, n), lambda z, y: repl(z, y, n), x, t) for n in (None, 4))
+
+
+def _probe_timm(soft_target):
+    def probe(orig, repl, owner):
+        x, t, soft, _, _, _ = _probe_data()
+        t = t.clamp(min=0)
+        inst = owner() if soft_target else owner(0.1)
+        return _agree(lambda z, y: orig(inst, z, y), lambda z, y: repl(inst, z, y), x,
+                      soft if soft_target else t)
+    return probe
+
+
+# ---------------------------------------------------------------------------------------------
+# Targets: (group, name, module to import, attribute path, replacement factory, probe)
 
 PATCH_TARGETS = (
     ("functional", "torch.nn.functional.cross_entropy", "torch.nn.functional", ("cross_entropy",),
-     _make_cross_entropy),
+     _make_cross_entropy, _probe_ce),
     ("functional", "torch.nn.functional.binary_cross_entropy_with_logits", "torch.nn.functional",
-     ("binary_cross_entropy_with_logits",), _make_bce),
+     ("binary_cross_entropy_with_logits",), _make_bce, _probe_bce),
     ("modules", "torch.nn.CrossEntropyLoss.forward", "torch.nn", ("CrossEntropyLoss", "forward"),
-     _make_ce_module_forward),
+     _make_ce_module_forward, _probe_module(dict(weight="w", label_smoothing=0.1), False)),
     ("modules", "torch.nn.BCEWithLogitsLoss.forward", "torch.nn", ("BCEWithLogitsLoss", "forward"),
-     _make_bce_module_forward),
+     _make_bce_module_forward, _probe_module(dict(pos_weight="w"), True)),
     ("transformers", "transformers.trainer_pt_utils.LabelSmoother.__call__",
-     "transformers.trainer_pt_utils", ("LabelSmoother", "__call__"), _make_label_smoother_call),
+     "transformers.trainer_pt_utils", ("LabelSmoother", "__call__"), _make_label_smoother_call,
+     _probe_label_smoother),
     ("transformers", "transformers.loss.loss_utils.fixed_cross_entropy", "transformers.loss.loss_utils",
-     ("fixed_cross_entropy",), _make_fixed_cross_entropy),
+     ("fixed_cross_entropy",), _make_fixed_cross_entropy, _probe_fixed_ce),
     ("timm", "timm.loss.LabelSmoothingCrossEntropy.forward", "timm.loss.cross_entropy",
-     ("LabelSmoothingCrossEntropy", "forward"), _make_timm_label_smoothing_forward),
+     ("LabelSmoothingCrossEntropy", "forward"), _make_timm_label_smoothing_forward, _probe_timm(False)),
     ("timm", "timm.loss.SoftTargetCrossEntropy.forward", "timm.loss.cross_entropy",
-     ("SoftTargetCrossEntropy", "forward"), _make_timm_soft_target_forward),
+     ("SoftTargetCrossEntropy", "forward"), _make_timm_soft_target_forward, _probe_timm(True)),
 )
 
 
@@ -390,6 +475,20 @@ def _import_owner(module_name, path):
     return obj if hasattr(obj, path[-1]) else None
 
 
+def _probe_passes(name, probe, original, replacement, owner):
+    try:
+        with torch.autocast("cpu", enabled=False), torch.enable_grad():
+            ok = probe(original, replacement, owner)
+    except Exception as e:  # noqa: BLE001 (a probe that cannot run: do not patch)
+        ok, why = False, f"the check raised {type(e).__name__}: {e}"
+    else:
+        why = "its result differs from the original's on a small float64 example"
+    if not ok:
+        warnings.warn(f"labelsmooth_ext.patch: not patching {name}: {why} (a library version "
+                      f"whose formula we do not reproduce?)", stacklevel=4)
+    return ok
+
+
 def patch(functional=True, modules=True, transformers=True, timm=True):
     """Make existing code use the fused loss: see this module's docstring for what is replaced.
     Libraries that are not installed are skipped. Patching twice is harmless (nothing is wrapped
@@ -399,7 +498,7 @@ def patch(functional=True, modules=True, transformers=True, timm=True):
               "timm": timm}
     done = []
     with _lock:
-        for group, name, module_name, path, factory in PATCH_TARGETS:
+        for group, name, module_name, path, factory, probe in PATCH_TARGETS:
             if not groups[group] or name in _active:
                 continue
             owner = _import_owner(module_name, path)
@@ -408,7 +507,10 @@ def patch(functional=True, modules=True, transformers=True, timm=True):
             attr = path[-1]
             # a class's own attribute (not a bound or inherited lookup), so undo puts back exactly it
             original = vars(owner).get(attr, _INHERITED) if isinstance(owner, type) else getattr(owner, attr)
-            replacement = factory(getattr(owner, attr) if original is _INHERITED else original)
+            current = getattr(owner, attr) if original is _INHERITED else original
+            replacement = factory(current)
+            if not _probe_passes(name, probe, current, replacement, owner):
+                continue
             setattr(owner, attr, replacement)
             _active[name] = (owner, attr, original, replacement)
             done.append(name)

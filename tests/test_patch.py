@@ -106,6 +106,21 @@ def test_patch_all_libraries_and_undo():
     assert all(a is b for a, b in zip(before, after))
 
 
+def test_a_changed_original_is_left_unpatched(monkeypatch):
+    """patch() first compares the replacement with the installed original on small examples:
+    an original computing another formula (say, a future release) is not replaced."""
+    def other_formula(self, input, target):
+        return ORIG_CE(input, target, weight=self.weight, reduction=self.reduction,
+                       label_smoothing=self.label_smoothing) * 1.001
+
+    monkeypatch.setattr(torch.nn.CrossEntropyLoss, "forward", other_formula)
+    with pytest.warns(UserWarning, match="not patching torch.nn.CrossEntropyLoss.forward"):
+        h = torch_only()
+    assert "torch.nn.CrossEntropyLoss.forward" not in h.names
+    assert "torch.nn.functional.cross_entropy" in h.names
+    assert torch.nn.CrossEntropyLoss.forward is other_formula
+
+
 def test_missing_library_is_skipped(monkeypatch):
     real = importlib.util.find_spec
     monkeypatch.setattr(patch_module.importlib.util, "find_spec",
