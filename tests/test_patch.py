@@ -551,3 +551,28 @@ def test_client_transformers_trainer():
     same = r["model_labels_same_weights"]
     assert "labelsmooth_ext::ce_forward" in same["ops_patched"]
     assert same["max_abs_loss_diff"] <= 1e-6 * abs(same["loss_unpatched"]) and same["max_abs_grad_diff"] <= 1e-6, same
+
+
+def test_torch_compile_traces_the_patched_loss_to_our_operator():
+    from torch.profiler import ProfilerActivity, profile
+
+    criterion = torch.nn.CrossEntropyLoss(label_smoothing=0.1)
+
+    def step(x, t):
+        return criterion(x, t) + F.cross_entropy(x, t, label_smoothing=0.2, reduction="sum")
+
+    x, t = torch.randn(16, 10, requires_grad=True), torch.randint(0, 10, (16,))
+    ref = step(x, t)
+    (ref_g,) = torch.autograd.grad(ref, x)
+    torch._dynamo.reset()
+    with torch_only():
+        compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+        compiled(x, t)
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            got = compiled(x, t)
+            (got_g,) = torch.autograd.grad(got, x)
+    torch._dynamo.reset()
+    calls = {e.key: e.count for e in prof.key_averages()}
+    assert calls.get("labelsmooth_ext::ce_forward") == 2, calls
+    torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(got_g, ref_g, rtol=1e-5, atol=1e-7)
