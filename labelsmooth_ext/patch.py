@@ -15,11 +15,12 @@ What gets replaced (each only when its library is installed; see PATCH_TARGETS):
 
 Before replacing anything, patch() checks on small float64 examples that the replacement gives
 the installed original's losses and gradients (a library release with another formula is left
-alone, with a warning). Every replacement then checks per call that the call is one our kernel computes with the original's exact
-semantics (dtypes, shapes, devices, arguments); anything else (tensor subclasses and torch-function
-modes, torch.func transforms, devices without a kernel, deprecated arguments, dtype promotion,
-unusual shapes or label values) is handed to the original function unchanged, so a patched call
-gives the original's number or error, never another number. Under autocast, float16 / bfloat16
+alone, with a warning). Every replacement then checks per call that the call is one our kernel
+computes with the original's exact semantics (dtypes, shapes, devices, arguments); anything else
+(torch.func transforms, devices without a kernel, deprecated arguments, dtype promotion, unusual
+shapes or label values) is handed to the original function unchanged, so a patched call gives
+the original's number or error, never another number. Tensor subclasses and torch-function modes
+go to the original, which hands them to their __torch_function__ first (as unpatched). Under autocast, float16 / bfloat16
 inputs are cast to float32 first, as autocast does for these losses.
 
 Not covered: a name bound before patch() with `from torch.nn.functional import cross_entropy`
@@ -43,7 +44,7 @@ _LOG_SOFTMAX_UPCAST = ("cuda",)  # autocast runs log_softmax in float32 on CUDA,
 # An ignore_index no int64 target equals except itself (for losses that have no ignore_index).
 _NO_IGNORE = -(2 ** 63)
 
-# name -> (owner object, attribute, original value); insertion order = patch order.
+# name -> (owner object, attribute, original value, our replacement); in patch order.
 _active = {}
 _lock = threading.Lock()
 _INHERITED = object()  # the class had no attribute of its own: undo deletes ours

@@ -307,6 +307,11 @@ def test_torch_func_falls_through():
     torch.testing.assert_close(g, ref_grad, rtol=1e-12, atol=1e-12)
     ref_hess = torch.func.hessian(lambda z: ORIG_CE(z, t, label_smoothing=0.1))(x)
     torch.testing.assert_close(hess, ref_hess, rtol=1e-12, atol=1e-12)
+    xs, ts = torch.randn(3, 8, 5, dtype=torch.float64), torch.randint(0, 5, (3, 8))
+    ref_v = torch.vmap(lambda z, y: ORIG_CE(z, y, label_smoothing=0.1))(xs, ts)
+    with torch_only():
+        got_v = torch.vmap(lambda z, y: F.cross_entropy(z, y, label_smoothing=0.1))(xs, ts)
+    torch.testing.assert_close(got_v, ref_v, rtol=1e-12, atol=1e-12)
 
 
 def test_autocast_upcasts_like_pytorch():
