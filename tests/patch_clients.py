@@ -3,7 +3,10 @@ without and with labelsmooth_ext.patch(). Run by tests/test_patch.py in a subpro
 timeout); prints one JSON line with the losses, the max |weight difference| and the operators the
 profiler saw in the patched run.
 
-    python tests/patch_clients.py {transformers,timm,torch}
+    python tests/patch_clients.py {transformers,timm,torch,all}
+
+("all": the three in one process, one JSON object keyed by client; the tests use this, since
+importing torch, transformers and timm costs more than the runs.)
 
 Offline: models are built from configs with random weights, data is made here.
 """
@@ -240,5 +243,12 @@ def torch_client():
 
 if __name__ == "__main__":
     torch.set_num_threads(1)
-    client = {"transformers": transformers_client, "timm": timm_client, "torch": torch_client}[sys.argv[1]]
-    print("RESULT " + json.dumps(client()), flush=True)
+    clients = {"torch": torch_client, "timm": timm_client, "transformers": transformers_client}
+    needs = {"torch": (), "timm": ("timm",), "transformers": ("transformers", "accelerate")}
+    import importlib.util
+
+    out = {}
+    for name in (clients if sys.argv[1] == "all" else [sys.argv[1]]):
+        missing = [m for m in needs[name] if importlib.util.find_spec(m) is None]
+        out[name] = {"skipped": f"{', '.join(missing)} not installed"} if missing else clients[name]()
+    print("RESULT " + json.dumps(out if sys.argv[1] == "all" else out[sys.argv[1]]), flush=True)

@@ -498,66 +498,6 @@ def test_timm_fall_through():
         assert a.dtype == b.dtype and torch.equal(a, b)
 
 
-# ---------------------------------------------------------------------------------------------
-# real client code, unpatched vs patched (subprocess, bounded)
-
-CLIENT_TIMEOUT_S = 600
-_root = os.path.dirname(os.path.dirname(os.path.abspath(labelsmooth_ext.__file__)))
-
-
-def _run_client(name):
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1",
-               PYTHONPATH=os.pathsep.join([_root, os.environ.get("PYTHONPATH", "")]))
-    script = os.path.join(os.path.dirname(__file__), "patch_clients.py")
-    try:
-        proc = subprocess.run([sys.executable, script, name], env=env, capture_output=True, text=True,
-                              timeout=CLIENT_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        pytest.fail(f"the {name} client did not finish in {CLIENT_TIMEOUT_S} s")
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-    assert proc.returncode == 0 and lines, f"{name} client failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-    return json.loads(lines[-1][len("RESULT "):])
-
-
-def _check_run(r, op, float64=False):
-    assert all(not ops for ops in r["ops_unpatched"].values()), r["ops_unpatched"]
-    assert all(op in ops for ops in r["ops_patched"].values()), r["ops_patched"]
-    base, got = r["losses_unpatched"], r["losses_patched"]
-    assert len(base) == len(got) == 3
-    if float64:
-        assert r["max_abs_loss_diff"] <= 1e-12 and r["max_abs_weight_diff"] <= 1e-12, r
-        return
-    # the first step sees identical weights: float32 rounding only
-    assert abs(base[0] - got[0]) <= 1e-6 * abs(base[0]), r
-    # later steps: within the run's own float32 noise (the unpatched run with its loss scaled by
-    # 1 + 2^-22 moves the weights by noise_max_abs_weight_diff)
-    assert r["max_abs_loss_diff"] <= 4 * r["noise_max_abs_loss_diff"] + 2e-6 * max(map(abs, base)), r
-    assert r["max_abs_weight_diff"] <= 4 * r["noise_max_abs_weight_diff"] + 1e-6, r
-
-
-def test_client_plain_pytorch_script():
-    r = _run_client("torch")
-    _check_run(r, "labelsmooth_ext::ce_forward")
-
-
-@NEEDS_TIMM
-def test_client_timm_training():
-    r = _run_client("timm")
-    for name, run in r.items():
-        op = "labelsmooth_ext::ce_prob_forward" if "soft_target" in name else "labelsmooth_ext::ce_forward"
-        _check_run(run, op, float64=name.endswith("float64"))
-
-
-@NEEDS_TRANSFORMERS
-def test_client_transformers_trainer():
-    r = _run_client("transformers")
-    _check_run(r, "labelsmooth_ext::ce_forward")
-    assert r["max_abs_model_labels_loss_diff"] <= 1e-6 * abs(r["extra_unpatched"]["model_labels_loss"])
-    same = r["model_labels_same_weights"]
-    assert "labelsmooth_ext::ce_forward" in same["ops_patched"]
-    assert same["max_abs_loss_diff"] <= 1e-6 * abs(same["loss_unpatched"]) and same["max_abs_grad_diff"] <= 1e-6, same
-
-
 def test_torch_compile_traces_the_patched_loss_to_our_operator():
     from torch.profiler import ProfilerActivity, profile
 
@@ -581,3 +521,63 @@ def test_torch_compile_traces_the_patched_loss_to_our_operator():
     assert calls.get("labelsmooth_ext::ce_forward") == 2, calls
     torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(got_g, ref_g, rtol=1e-5, atol=1e-7)
+
+
+# ---------------------------------------------------------------------------------------------
+# real client code, unpatched vs patched (subprocess, bounded)
+
+CLIENT_TIMEOUT_S = 900
+_root = os.path.dirname(os.path.dirname(os.path.abspath(labelsmooth_ext.__file__)))
+
+
+@pytest.fixture(scope="module")
+def clients():
+    """The three clients, run once in one subprocess (offline, bounded by a timeout)."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1",
+               PYTHONPATH=os.pathsep.join([_root, os.environ.get("PYTHONPATH", "")]))
+    script = os.path.join(os.path.dirname(__file__), "patch_clients.py")
+    try:
+        proc = subprocess.run([sys.executable, script, "all"], env=env, capture_output=True, text=True,
+                              timeout=CLIENT_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"the client runs did not finish in {CLIENT_TIMEOUT_S} s")
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    assert proc.returncode == 0 and lines, f"client runs failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+def _check_run(r, op, float64=False):
+    assert all(not ops for ops in r["ops_unpatched"].values()), r["ops_unpatched"]
+    assert all(op in ops for ops in r["ops_patched"].values()), r["ops_patched"]
+    base, got = r["losses_unpatched"], r["losses_patched"]
+    assert len(base) == len(got) == 3
+    if float64:
+        assert r["max_abs_loss_diff"] <= 1e-12 and r["max_abs_weight_diff"] <= 1e-12, r
+        return
+    # the first step sees identical weights: float32 rounding only
+    assert abs(base[0] - got[0]) <= 1e-6 * abs(base[0]), r
+    # later steps: within the run's own float32 noise (the unpatched run with its loss scaled by
+    # 1 + 2^-22 moves the weights by noise_max_abs_weight_diff)
+    assert r["max_abs_loss_diff"] <= 4 * r["noise_max_abs_loss_diff"] + 2e-6 * max(map(abs, base)), r
+    assert r["max_abs_weight_diff"] <= 4 * r["noise_max_abs_weight_diff"] + 1e-6, r
+
+
+def test_client_plain_pytorch_script(clients):
+    _check_run(clients["torch"], "labelsmooth_ext::ce_forward")
+
+
+@NEEDS_TIMM
+def test_client_timm_training(clients):
+    for name, run in clients["timm"].items():
+        op = "labelsmooth_ext::ce_prob_forward" if "soft_target" in name else "labelsmooth_ext::ce_forward"
+        _check_run(run, op, float64=name.endswith("float64"))
+
+
+@NEEDS_TRANSFORMERS
+def test_client_transformers_trainer(clients):
+    r = clients["transformers"]
+    _check_run(r, "labelsmooth_ext::ce_forward")
+    assert r["max_abs_model_labels_loss_diff"] <= 1e-6 * abs(r["extra_unpatched"]["model_labels_loss"])
+    same = r["model_labels_same_weights"]
+    assert "labelsmooth_ext::ce_forward" in same["ops_patched"]
+    assert same["max_abs_loss_diff"] <= 1e-6 * abs(same["loss_unpatched"]) and same["max_abs_grad_diff"] <= 1e-6, same
