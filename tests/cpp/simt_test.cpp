@@ -40,6 +40,11 @@ static void selftests() {
       {"oob_write", "out-of-bounds write"},
   };
   for (auto& c : must_raise) {
+#ifdef LSE_SIMT_MEM_ASAN
+    // under ASan the guards are poisoned: the write itself stops the process (as it should);
+    // the guard check is shown by the uninstrumented build (tests/test_simt_emulation.py)
+    if (std::string(c[0]) == "oob_write") continue;
+#endif
     std::string got;
     try {
       got = "returned " + labelsmooth_ext::simt_selftest::run(c[0]);
