@@ -3,6 +3,7 @@
 The operators themselves are declared once in csrc/ops.cpp (TORCH_LIBRARY); each backend
 registers its implementation in C++. Everything here is what torch.compile and autograd need.
 """
+import contextlib
 import importlib.util
 
 import torch
@@ -36,6 +37,28 @@ def _load_library():
 
 BUILD_INFO = _load_library()
 ops = torch.ops.labelsmooth_ext
+
+# Tests only: while emulated(namespace) is active, the functional API calls that operator
+# namespace (the CUDA kernels under the SIMT emulation, tests/simt_ext.py) and takes the CUDA
+# paths for CPU tensors.
+_emulated_ops = None
+
+
+@contextlib.contextmanager
+def emulated(namespace):
+    global ops, _emulated_ops
+    saved = ops, _emulated_ops
+    ops, _emulated_ops = namespace, namespace
+    try:
+        yield
+    finally:
+        ops, _emulated_ops = saved
+
+
+def takes_cuda_path(t):
+    """True for CUDA tensors, and for every tensor while the SIMT emulation is active (tests)."""
+    return t.is_cuda or _emulated_ops is not None
+
 
 REDUCTIONS = {"none": 0, "mean": 1, "sum": 2}
 SMOOTHING_MODES = {"uniform": 0, "off_target": 1}
@@ -98,6 +121,7 @@ def _scaled_gradient(ctx, grad, grad_output, reduction):
     """The gradient the forward computed, times the incoming gradient."""
     if reduction == REDUCTIONS["none"]:
         grad_output = grad_output.reshape(-1)
+    ops = ctx.ops
     if torch.compiler.is_compiling() or not (_is_plain(grad) and _is_plain(grad_output)):
         return ops.ce_backward(grad, grad_output, reduction)  # traced: functional
     if torch.is_grad_enabled():
@@ -106,7 +130,7 @@ def _scaled_gradient(ctx, grad, grad_output, reduction):
             "supported; use torch.nn.functional.cross_entropy or labelsmooth_ext.reference for "
             "higher-order gradients"
         )
-    if grad.device.type != "cuda":
+    if not ctx.cuda_path:
         # Host-side check costs nothing here; the saved gradient is returned as is (no copy:
         # autograd takes it over as .grad) or multiplied out of place, so graphs can be reused.
         if reduction != REDUCTIONS["none"] and float(grad_output) == 1.0:
@@ -125,6 +149,7 @@ def _setup_context(ctx, inputs, output):
     ctx.reduction = inputs[-2]
     ctx.had_grad = inputs[-1]
     ctx.consumed = False
+    ctx.ops, ctx.cuda_path = ops, takes_cuda_path(grad)
     ctx.set_materialize_grads(False)
     ctx.mark_non_differentiable(grad)
     ctx.save_for_backward(grad)
