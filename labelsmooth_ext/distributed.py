@@ -325,7 +325,12 @@ def _vocab_parallel(local_logits, target, group, weight, ignore_index, reduction
                   ignore_index=ignore_index, reduction=_F.REDUCTIONS[reduction],
                   strategy=_strategy, need_grad=local_logits.requires_grad and torch.is_grad_enabled(),
                   weighted=weight is not None, denominator_groups=tuple(denominator_groups))
-    rows = _F._to_rows(local_logits, local_logits.dim())
+    if local_logits.dim() == 1:
+        rows = local_logits.unsqueeze(0)
+    elif local_logits.dim() == 2:
+        rows = local_logits
+    else:  # (N, K_r, d1, ...) -> (N d1 ..., K_r); explicit row count: K_r may be 0
+        rows = local_logits.movedim(1, -1).reshape(metas[rank]["rows"], kr)
     loss = _VocabParallelCE.apply(rows, target.reshape(-1).long(), weight, cfg)
     if cfg.reduction == _F.REDUCTIONS["none"]:
         loss = loss.reshape(target.shape)

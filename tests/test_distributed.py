@@ -440,16 +440,23 @@ def spawn(world, suites, backend="gloo", timeout=SPAWN_TIMEOUT):
         ctx = mp.spawn(_worker, args=(world, _free_port(), out, suites, backend), nprocs=world,
                        join=False)
         end = time.monotonic() + timeout
-        for p in ctx.processes:
-            p.join(max(0.0, end - time.monotonic()))
+        crashed = False
+        while time.monotonic() < end and not crashed:
+            if all(p.exitcode is not None for p in ctx.processes):
+                break
+            # a rank that died (e.g. gloo aborting) would leave the others waiting
+            crashed = any(p.exitcode not in (None, 0) for p in ctx.processes)
+            ctx.processes[0].join(0.2)
         alive = [p for p in ctx.processes if p.is_alive()]
         for p in alive:
             p.kill()
             p.join(5)
-        if alive:
+        codes = [p.exitcode for p in ctx.processes]
+        if alive and not crashed:
             pytest.fail(f"{len(alive)} of {world} processes still running after {timeout:.0f} s "
                         f"(suites {suites}): killed; a hang")
-        codes = [p.exitcode for p in ctx.processes]
+        if crashed:
+            pytest.fail(f"a rank crashed (exit codes {codes}, suites {suites}); the others were killed")
         per_rank = {}
         for r in range(world):
             path = os.path.join(out, f"rank{r}.json")
@@ -520,7 +527,7 @@ def test_dtensor_2d_mesh(world4):
 def test_hang_is_caught_by_the_timeout():
     """The harness itself: a rank that never joins the collective is killed and reported."""
     with pytest.raises(pytest.fail.Exception, match="a hang"):
-        spawn(2, ["__hang__"], timeout=5)
+        spawn(2, ["__hang__"], timeout=3)
 
 
 # ----------------------------------------------------------------------------- one process
