@@ -298,6 +298,30 @@ def _run_world_sizes(world, rank, group):
 
 # ----------------------------------------------------------------------------- DTensor
 
+def _run_compile(world, rank, group):
+    """torch.compile (with graph breaks: the metadata exchange is read on the host) gives the
+    eager loss and gradient."""
+    torch._dynamo.reset()
+    gen = torch.Generator().manual_seed(11)
+    x = torch.randn(N, K, generator=gen, dtype=torch.float64)
+    t = torch.randint(0, K, (N,), generator=gen)
+    sizes = SPLITS[world]["uneven"]
+    start = sum(sizes[:rank])
+    local = x[:, start:start + sizes[rank]].clone().requires_grad_()
+
+    def f(a, b):
+        return D.vocab_parallel_cross_entropy(a, b, group, label_smoothing=0.1, z_loss=1e-3,
+                                              softcap=5.0)
+
+    loss = torch.compile(f)(local, t)
+    loss.backward()
+    x64 = x.clone().requires_grad_()
+    ref = R.cross_entropy(x64, t, label_smoothing=0.1, z_loss=1e-3, softcap=5.0)
+    ref.backward()
+    _close(loss, ref, 1e-12, "compiled loss")
+    _close(local.grad, x64.grad[:, start:start + sizes[rank]], 1e-12, "compiled gradient")
+
+
 def _run_dtensor_1d(world, rank, group):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Replicate, Shard, distribute_tensor
@@ -412,7 +436,8 @@ def _worker(rank, world, port, out_dir, suites, backend):
                     dict(label_smoothing=0.1, weight="local"), world, rank, group)))
             else:
                 fn = {"world_sizes": _run_world_sizes, "dtensor_1d": _run_dtensor_1d,
-                      "dtensor_2d": _run_dtensor_2d, "__hang__": _hang}[suite]
+                      "dtensor_2d": _run_dtensor_2d, "__hang__": _hang,
+                      "compile": _run_compile}[suite]
                 items = [(suite, lambda fn=fn: fn(world, rank, group))]
             for name, fn in items:
                 try:
@@ -550,6 +575,13 @@ def test_single_process_errors_raise_directly():
         D.vocab_parallel_cross_entropy(x, torch.zeros(4, dtype=torch.long), z_loss=float("nan"))
     with pytest.raises(ValueError, match="strategy"):
         D.set_collective_strategy("ring")
+
+
+@pytest.mark.skipif(os.environ.get("LSE_DIST_COMPILE_TEST", "0") in ("", "0"),
+                    reason="torch.compile on 2 ranks takes minutes on a 2-core machine; opt in "
+                           "with LSE_DIST_COMPILE_TEST=1")
+def test_torch_compile_with_graph_breaks():
+    _check(spawn(2, ["compile"], timeout=600), "compile", 2)
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2,
