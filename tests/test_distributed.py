@@ -550,7 +550,9 @@ def test_dtensor_2d_mesh(world4):
 
 
 def test_hang_is_caught_by_the_timeout():
-    """The harness itself: a rank that never joins the collective is killed and reported."""
+    """The harness itself: processes still running at the deadline (here the last rank sleeps
+    instead of joining the collective, or start-up is not even over after 3 s) are killed and
+    the test fails saying so, instead of hanging."""
     with pytest.raises(pytest.fail.Exception, match="a hang"):
         spawn(2, ["__hang__"], timeout=3)
 
