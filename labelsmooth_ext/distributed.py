@@ -7,7 +7,7 @@ modes), and each rank's gradient is its slice of the single-process gradient.
 
 How (per call):
 
-1. A metadata exchange (one all-gather of ~20 int64 per rank): slice sizes (hence offsets and
+1. A metadata exchange (one all-gather of 16 int64 per rank): slice sizes (hence offsets and
    the global K), row shapes, dtypes, options, the target's range and fingerprint. Every rank
    checks the gathered facts the same way, so bad input raises on *every* rank, never a hang.
    A local error (a wrong argument on one rank) is reported through the same exchange.
