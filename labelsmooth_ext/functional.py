@@ -116,6 +116,14 @@ def _validate_targets_on_host(target, num_classes, ignore_index):
         )
 
 
+def _is_dtensor(x):
+    if type(x) in (torch.Tensor, torch.nn.Parameter) or not torch.distributed.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(x, DTensor)
+
+
 def cross_entropy(
     input,
     target,
@@ -136,6 +144,11 @@ def cross_entropy(
     """
     if size_average is not None or reduce is not None:
         reduction = legacy_reduction(size_average, reduce)
+    if _is_dtensor(input):  # logits sharded by class across ranks: labelsmooth_ext.distributed
+        from .distributed import _dtensor_cross_entropy
+
+        return _dtensor_cross_entropy(input, target, weight, ignore_index, reduction,
+                                      label_smoothing, smoothing_mode)
     red = check_reduction(reduction)
     mode = check_smoothing_mode(smoothing_mode)
     eps = check_label_smoothing(label_smoothing)

@@ -1,0 +1,181 @@
+"""Tensor parallel benchmark: vocabulary-parallel cross-entropy over 2 gloo ranks (CPU).
+
+    python bench/bench_distributed.py [--rows 4096] [--classes 32000] [--reps 5] [--json out.json]
+
+Not part of any test run. Spawns 2 processes (loopback, gloo, one thread each), each holding
+half of the classes of (N, K) float32 logits, label_smoothing=0.1, 10% of rows ignored, and
+times one forward + backward step (median over reps, the slower rank of each rep) of:
+
+- ours: labelsmooth_ext.distributed.vocab_parallel_cross_entropy (both collective strategies)
+- gather: all-gather the full logits, F.cross_entropy on them, backward, keep the local slice
+- loss_parallel: PyTorch's DTensor loss_parallel() on Shard(1) logits, which has no label
+  smoothing, so it is compared with ours at label_smoothing=0 too
+
+Bytes communicated per rank and step are counted, not estimated: every functional collective
+(torch.distributed._functional_collectives.*) a step issues is wrapped, and the bytes of the
+tensors each rank hands in ("sent") and gets back ("received") are summed.
+"""
+import argparse
+import datetime
+import json
+import os
+import socket
+import statistics
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+
+class CountCollectives:
+    """Counts the functional collectives a step issues (ours, the gather baseline and
+    loss_parallel all go through torch.distributed._functional_collectives) and the bytes
+    of the tensors each rank hands in ("sent") and gets back ("received")."""
+
+    NAMES = ("all_reduce", "all_gather_single", "all_gather_tensor", "reduce_scatter_tensor",
+             "all_to_all_single", "broadcast")
+
+    def __enter__(self):
+        from torch.distributed import _functional_collectives as funcol
+
+        self.sent = self.received = self.calls = 0
+        self._saved = {n: getattr(funcol, n) for n in self.NAMES}
+
+        def wrap(fn):
+            def counted(t, *a, **kw):
+                out = fn(t, *a, **kw)
+                self.calls += 1
+                self.sent += t.numel() * t.element_size()
+                self.received += out.numel() * out.element_size()
+                return out
+            return counted
+
+        for n, fn in self._saved.items():
+            setattr(funcol, n, wrap(fn))
+        return self
+
+    def __exit__(self, *exc):
+        from torch.distributed import _functional_collectives as funcol
+
+        for n, fn in self._saved.items():
+            setattr(funcol, n, fn)
+
+
+def _steps(local, target, start, group, mesh, eps):
+    from labelsmooth_ext import distributed as D
+    from torch.distributed import _functional_collectives as funcol
+    from torch.distributed.tensor import DTensor, Shard
+    from torch.distributed.tensor.parallel import loss_parallel
+
+    def ours(strategy, e):
+        def step():
+            D.set_collective_strategy(strategy)
+            x = local.detach().requires_grad_()
+            D.vocab_parallel_cross_entropy(x, target, group, label_smoothing=e).backward()
+            return x.grad
+        return step
+
+    def gather():
+        full = funcol.all_gather_single(local.detach().t().contiguous(), 0, group)
+        full = (full.wait() if hasattr(full, "wait") else full).t().requires_grad_()
+        F.cross_entropy(full, target, label_smoothing=eps).backward()
+        return full.grad[:, start:start + local.shape[1]]
+
+    def lp():
+        x = local.detach().requires_grad_()
+        dx = DTensor.from_local(x, mesh, [Shard(1)], run_check=False)
+        with loss_parallel():
+            F.cross_entropy(dx, target).backward()
+        return x.grad
+
+    return {
+        f"ours (allgather), eps={eps}": ours("allgather", eps),
+        f"ours (allreduce), eps={eps}": ours("allreduce", eps),
+        f"gather full logits + F.cross_entropy, eps={eps}": gather,
+        "ours (allgather), eps=0": ours("allgather", 0.0),
+        "loss_parallel(), eps=0 (no smoothing)": lp,
+    }
+
+
+def _worker(rank, world, port, args, out):
+    os.environ["GLOO_SOCKET_IFNAME"] = "lo"
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=world, timeout=datetime.timedelta(seconds=600))
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh("cpu", (world,))
+    group = dist.group.WORLD
+    n, k = args.rows, args.classes
+    sizes = [k // world + (1 if r < k % world else 0) for r in range(world)]
+    start = sum(sizes[:rank])
+    gen = torch.Generator().manual_seed(0)
+    target = torch.randint(0, k, (n,), generator=gen)
+    target[torch.rand(n, generator=gen) < 0.1] = -100
+    torch.manual_seed(1 + rank)
+    local = torch.randn(n, sizes[rank]) * 2
+    rows = []
+    for name, step in _steps(local, target, start, group, mesh, args.eps).items():
+        step()  # warm-up
+        times = []
+        for _ in range(args.reps):
+            dist.barrier()
+            t0 = time.perf_counter()
+            step()
+            dt = torch.tensor([time.perf_counter() - t0])
+            dist.all_reduce(dt, op=dist.ReduceOp.MAX)
+            times.append(float(dt))
+        with CountCollectives() as c:
+            step()
+        rows.append(dict(name=name, median_s=statistics.median(times), min_s=min(times),
+                         sent_bytes=c.sent, received_bytes=c.received, collectives=c.calls))
+    if rank == 0:
+        with open(out, "w") as f:
+            json.dump(rows, f)
+    dist.destroy_process_group()
+
+
+def _fmt_bytes(b):
+    for unit, s in (("MB", 1e6), ("kB", 1e3)):
+        if b >= s:
+            return f"{b / s:.3g} {unit}"
+    return f"{b} B"
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--rows", type=int, default=4096)
+    ap.add_argument("--classes", type=int, default=32000)
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--eps", type=float, default=0.1)
+    ap.add_argument("--world", type=int, default=2)
+    ap.add_argument("--json")
+    args = ap.parse_args()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = args.json or "/tmp/labelsmooth_ext_bench_distributed.json"
+    mp.spawn(_worker, args=(args.world, port, args, out), nprocs=args.world)
+    with open(out) as f:
+        rows = json.load(f)
+    base = next(r for r in rows if r["name"].startswith("gather"))
+    print(f"N={args.rows} K={args.classes} float32, {args.world} gloo ranks (1 thread each), "
+          f"label_smoothing={args.eps}, forward + backward; torch {torch.__version__}")
+    print("| method | median ms | min ms | vs gather | sent / rank | received / rank | collectives |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['name']} | {r['median_s'] * 1e3:.1f} | {r['min_s'] * 1e3:.1f} | "
+              f"{base['median_s'] / r['median_s']:.2f}x | {_fmt_bytes(r['sent_bytes'])} | "
+              f"{_fmt_bytes(r['received_bytes'])} | {r['collectives']} |")
+    if args.json:
+        with open(args.json) as f:
+            data = json.load(f)
+        with open(args.json, "w") as f:
+            json.dump({"args": vars(args), "torch": torch.__version__, "rows": data}, f, indent=1)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
