@@ -84,7 +84,8 @@ def torch_mismatch_error(build_version, target_version, same_environment=False):
 # torch.__version__ of an environment without importing torch (seconds): torch/version.py.
 # The distribution's metadata version is no substitute: it can lack the local label (+cu130).
 _TARGET_TORCH_CODE = r"""
-import importlib.util, json, os, re
+import importlib.util, json, os, re, sys
+sys.path = [p for p in sys.path if p not in ("", ".")]  # not the source tree (the current dir)
 spec = importlib.util.find_spec("torch")
 if spec is None or not spec.origin:
     print("null")
@@ -98,10 +99,11 @@ else:
 
 def installed_torch(executable=None):
     """{"version": torch.__version__, "location": torch's package directory} in the environment
-    of `executable` (default: this interpreter) as it is outside any build isolation (`-I`: no
-    PYTHONPATH, which is how pip isolates a build), or None when it has no torch or cannot say."""
+    of `executable` (default: this interpreter) as it is outside any build isolation (`-E`:
+    without PYTHONPATH and PYTHONNOUSERSITE, through which pip isolates a build; so the user's
+    site-packages count, as at run time), or None when it has no torch or cannot say."""
     try:
-        out = subprocess.run([executable or sys.executable, "-I", "-c", _TARGET_TORCH_CODE],
+        out = subprocess.run([executable or sys.executable, "-E", "-c", _TARGET_TORCH_CODE],
                              capture_output=True, text=True, timeout=60, check=True).stdout
         found = json.loads(out.strip().splitlines()[-1])
     except (OSError, subprocess.SubprocessError, ValueError, IndexError):

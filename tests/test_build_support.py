@@ -145,8 +145,11 @@ def test_installed_torch_is_the_one_of_this_environment():
 
 
 def test_setup_py_stops_on_contradictory_settings_before_writing_anything():
+    generated = [ROOT / "labelsmooth_ext" / "_build_info.py", ROOT / "csrc" / "build_config.h"]
+    before = [p.stat().st_mtime_ns if p.exists() else None for p in generated]
     env = dict(os.environ, LABELSMOOTH_EXT_CPU_ONLY="1", LABELSMOOTH_EXT_REQUIRE_CUDA="1")
     r = subprocess.run([sys.executable, str(ROOT / "setup.py"), "--version"], cwd=ROOT, env=env,
                        capture_output=True, text=True, timeout=300)
     assert r.returncode != 0
     assert "LABELSMOOTH_EXT_REQUIRE_CUDA=1 is set, but the CUDA kernels cannot be built" in r.stderr
+    assert [p.stat().st_mtime_ns if p.exists() else None for p in generated] == before
