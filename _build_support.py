@@ -111,9 +111,26 @@ def installed_torch(executable=None):
     return found if found and found.get("version") else None
 
 
+def source_build_error(target_version):
+    """The message that stops an isolated build at once when the installed torch is a build from
+    source ("2.9.0a0+git1234"), which no index has (else it would stop only after installing
+    another torch into the build environment); None otherwise."""
+    if "+git" not in (target_version or ""):
+        return None
+    return (
+        f"labelsmooth_ext: the installed torch {target_version} is a build from source, which an "
+        "isolated build cannot install; build against it instead:\n"
+        "    pip install 'setuptools>=77' wheel ninja numpy\n"
+        "    pip install --no-build-isolation ."
+    )
+
+
 def _requires():
     target = installed_torch()
-    return [torch_build_requirement(target and target["version"])]
+    version = target and target["version"]
+    if source_build_error(version) and not truthy(os.environ.get(ENV_SKIP_TORCH_CHECK)):
+        sys.exit(source_build_error(version))
+    return [torch_build_requirement(version)]
 
 
 def get_requires_for_build_wheel(config_settings=None):

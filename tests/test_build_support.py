@@ -125,6 +125,18 @@ def test_mismatch_stops_the_build_with_what_to_run():
     assert bs.torch_mismatch_error("2.4.1", "2.4.1+cpu")
 
 
+def test_a_source_build_of_torch_stops_the_isolated_build_at_once(monkeypatch):
+    assert bs.source_build_error("2.4.1+cu121") is None and bs.source_build_error(None) is None
+    monkeypatch.setattr(bs, "installed_torch", lambda: {"version": "2.9.0a0+git1234", "location": "/x"})
+    monkeypatch.delenv("LABELSMOOTH_EXT_SKIP_TORCH_CHECK", raising=False)
+    with pytest.raises(SystemExit) as e:
+        bs.get_requires_for_build_wheel()
+    assert "torch 2.9.0a0+git1234 is a build from source" in str(e.value)
+    assert "pip install --no-build-isolation ." in str(e.value)
+    monkeypatch.setenv("LABELSMOOTH_EXT_SKIP_TORCH_CHECK", "1")
+    assert bs.get_requires_for_build_editable() == ["torch>=2.4"]
+
+
 @pytest.mark.parametrize("build, target, same_env", [
     ("2.4.1+cu121", "2.4.1+cu121", False),
     ("2.14.1", None, False),          # no torch yet: pip installs the one the wheel pins
