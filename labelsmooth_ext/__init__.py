@@ -12,8 +12,10 @@ __version__ = "0.1.0"
 
 
 def build_info():
-    """What this build is: torch it was built against, CUDA kernels and architectures."""
+    """What this build is: torch it was built against, CUDA kernels and architectures (or why
+    they are absent: cuda_absent_reason), and the CPU kernels."""
     info = _json.loads(_ops.ops.build_info())
+    info["cuda_absent_reason"] = _ops.BUILD_INFO.get("cuda_absent_reason")
     info["cuda_archs"] = [a for a in info["cuda_archs"].split(";") if a]
     info["cpu_kernels"] = info["cpu_kernels"].split(",")
     return info
