@@ -139,6 +139,21 @@ LSE_HD void bce_elem(acc_t x, acc_t t, acc_t w, acc_t p, acc_t a, acc_t& loss, a
   grad = w * (L * sig - p * ts);
 }
 
+// Whether a gradient already rounded to its 16-bit (or float32) dtype, multiplied by the
+// incoming gradient `go`, equals one rounding of the exact product: go = 0 or +-2^k with
+// k >= 0 (a power-of-two factor changes only the exponent, and k >= 0 makes no new subnormals).
+// float16 only for go == 1: its saved gradient may already have underflowed before go arrived.
+template <typename acc_t>
+LSE_HD bool exact_multiplier(acc_t go, bool is_half) {
+  if (go == acc_t(1)) return true;
+  if (is_half) return false;
+  if (go == acc_t(0)) return true;
+  const acc_t a = go < acc_t(0) ? -go : go;
+  if (!(a >= acc_t(1)) || a == acc_t(INFINITY)) return false;  // also NaN
+  int e = 0;
+  return frexp(a, &e) == acc_t(0.5);
+}
+
 // True for a target that is neither ignored nor a valid class.
 LSE_HD bool target_out_of_range(int64_t y, int64_t K, int64_t ignore_index) {
   return y != ignore_index && (y < 0 || y >= K);
