@@ -133,7 +133,7 @@ def _scaled_gradient(ctx, grad, grad_output, reduction):
     if reduction == REDUCTIONS["none"]:
         grad_output = grad_output.reshape(-1)
     if _traced(grad, grad_output):
-        return ops.ce_backward(grad, grad_output, reduction)  # traced: functional
+        return _functional(ops.ce_backward, grad, grad_output, reduction)  # traced: functional
     _check_no_double_backward()
     if grad.device.type != "cuda":
         # Host-side check costs nothing here; the saved gradient is returned as is (no copy:
@@ -174,7 +174,7 @@ def _exact_gradient(ctx, grad_loss):
     saved = grad if grad.numel() else None
     args = (ctx.ignore_index, ctx.label_smoothing, ctx.smoothing_mode, red)
     if _traced(input, go):
-        return ops.ce_grad(input, target, weight, go, saved, *args)
+        return _functional(ops.ce_grad, input, target, weight, go, saved, *args)
     _check_no_double_backward()
     if saved is not None and red != REDUCTIONS["none"] and go.device.type == "cpu" and float(go) == 1.0:
         return saved  # no copy: autograd takes it over as .grad (the CPU never mutates it)
@@ -242,6 +242,31 @@ torch.library.register_autograd(
 torch.library.register_autograd(
     "labelsmooth_ext::ce_grad", _no_double_backward, setup_context=_setup_nothing
 )
+
+
+class _FirstOrderOnly(torch.autograd.Function):
+    """A backward operator called inside a torch.func transform, which differentiates its
+    backward (create_graph): first-order results as usual, a clear error if differentiated."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(op, *args):
+        return op(*args)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, *grads):
+        _no_double_backward(ctx, None)
+
+
+def _functional(op, *args):
+    if functorch_transforms():
+        return _FirstOrderOnly.apply(op, *args)
+    return op(*args)
 
 
 class CeFunction(torch.autograd.Function):

@@ -188,8 +188,9 @@ def cross_entropy(
     if input.is_cuda and _validate_cuda_targets and not torch.compiler.is_compiling():
         _validate_targets_on_host(tgt, num_classes, ignore_index)
     transforms = _ops.functorch_transforms()
-    if torch._C._functorch.TransformType.Vmap in transforms:
-        # vmap (per-sample gradients): the composite path, pure PyTorch ops that vmap batches
+    if transforms and transforms != (torch._C._functorch.TransformType.Grad,):
+        # vmap (per-sample gradients), jvp, nested grad (higher order): the composite path,
+        # pure PyTorch ops that every transform handles. One grad / vjp / jacrev level: fused.
         from . import reference
 
         loss = reference.cross_entropy(_composite_input(input), target, weight,
