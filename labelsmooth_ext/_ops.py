@@ -3,6 +3,7 @@
 The operators themselves are declared once in csrc/ops.cpp (TORCH_LIBRARY); each backend
 registers its implementation in C++. Everything here is what torch.compile and autograd need.
 """
+import contextlib
 import importlib.util
 
 import torch
@@ -36,6 +37,28 @@ def _load_library():
 
 BUILD_INFO = _load_library()
 ops = torch.ops.labelsmooth_ext
+
+# Tests only: while emulated(namespace) is active, the functional API calls that operator
+# namespace (the CUDA kernels under the SIMT emulation, tests/simt_ext.py) and takes the CUDA
+# paths for CPU tensors.
+_emulated_ops = None
+
+
+@contextlib.contextmanager
+def emulated(namespace):
+    global ops, _emulated_ops
+    saved = ops, _emulated_ops
+    ops, _emulated_ops = namespace, namespace
+    try:
+        yield
+    finally:
+        ops, _emulated_ops = saved
+
+
+def takes_cuda_path(t):
+    """True for CUDA tensors, and for every tensor while the SIMT emulation is active (tests)."""
+    return t.is_cuda or _emulated_ops is not None
+
 
 REDUCTIONS = {"none": 0, "mean": 1, "sum": 2}
 SMOOTHING_MODES = {"uniform": 0, "off_target": 1}
@@ -132,10 +155,11 @@ def _scaled_gradient(ctx, grad, grad_output, reduction):
     """The gradient the forward computed, times the incoming gradient."""
     if reduction == REDUCTIONS["none"]:
         grad_output = grad_output.reshape(-1)
+    ops = ctx.ops
     if _traced(grad, grad_output):
         return _functional(ops.ce_backward, grad, grad_output, reduction)  # traced: functional
     _check_no_double_backward()
-    if grad.device.type != "cuda":
+    if not ctx.cuda_path:
         # Host-side check costs nothing here; the saved gradient is returned as is (no copy:
         # autograd takes it over as .grad) or multiplied out of place, so graphs can be reused.
         if reduction != REDUCTIONS["none"] and float(grad_output) == 1.0:
@@ -155,6 +179,7 @@ def _setup_context(ctx, inputs, output, *extra):
     ctx.had_grad = inputs[-1]
     ctx.consumed = False
     ctx.recompute = bool(extra)
+    ctx.ops, ctx.cuda_path = ops, takes_cuda_path(grad)
     ctx.set_materialize_grads(False)
     ctx.mark_non_differentiable(grad)
     ctx.save_for_backward(grad, *extra)
@@ -173,12 +198,22 @@ def _exact_gradient(ctx, grad_loss):
     go = grad_loss.reshape(-1) if red == REDUCTIONS["none"] else grad_loss
     saved = grad if grad.numel() else None
     args = (ctx.ignore_index, ctx.label_smoothing, ctx.smoothing_mode, red)
+    ops = ctx.ops
     if _traced(input, go):
         return _functional(ops.ce_grad, input, target, weight, go, saved, *args)
     _check_no_double_backward()
-    if saved is not None and red != REDUCTIONS["none"] and go.device.type == "cpu" and float(go) == 1.0:
-        return saved  # no copy: autograd takes it over as .grad (the CPU never mutates it)
-    return ops.ce_grad(input, target, weight, go, saved, *args)
+    if not ctx.cuda_path:
+        if saved is not None and red != REDUCTIONS["none"] and float(go) == 1.0:
+            return saved  # no copy: autograd takes it over as .grad (the CPU never mutates it)
+        return ops.ce_grad(input, target, weight, go, saved, *args)
+    if saved is None or not _inplace_cuda_backward:
+        return ops.ce_grad(input, target, weight, go, saved, *args)
+    # CUDA, in place: rows whose incoming gradient is 1 are left as they are, exactly
+    # scalable ones scaled, the others recomputed, all decided on the device (no host sync).
+    ctx.consumed = True
+    ops.ce_grad_(saved, input, target, weight, go, *args)
+    torch.autograd.graph.increment_version(saved)
+    return saved
 
 
 def _backward(ctx, grad_loss, _unused):

@@ -179,13 +179,13 @@ def cross_entropy(
             f"target shape {tuple(target.shape)} does not match input shape {tuple(input.shape)}: "
             f"class-index targets must have shape {expected}"
         )
-    if input.dim() > 2 and input.device.type == "cpu":
+    if input.dim() > 2 and not _ops.takes_cuda_path(input):
         # (N, C, d1, ...) as (N, C, S): the CPU kernel vectorises across positions, no transpose
         rows = input.reshape(input.shape[0], num_classes, math.prod(input.shape[2:]))
     else:
         rows = _to_rows(input, input.dim())
     tgt = target.reshape(-1).long()
-    if input.is_cuda and _validate_cuda_targets and not torch.compiler.is_compiling():
+    if _ops.takes_cuda_path(input) and _validate_cuda_targets and not torch.compiler.is_compiling():
         _validate_targets_on_host(tgt, num_classes, ignore_index)
     transforms = _ops.functorch_transforms()
     if transforms and transforms != (torch._C._functorch.TransformType.Grad,):

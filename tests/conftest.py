@@ -1,3 +1,5 @@
+import os
+
 import pytest
 import torch
 
@@ -9,7 +11,54 @@ CUDA_SKIP_REASON = (
     else "labelsmooth_ext was built without CUDA kernels"
 )
 
-DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not HAS_CUDA, reason=CUDA_SKIP_REASON))]
+
+
+class EmulatedCuda(str):
+    """The "simt" test device: the CUDA kernels (csrc/cuda) run on the CPU under the SIMT
+    emulation (tests/simt_ext.py). Tensors live on the CPU (torch sees the string "cpu"), while
+    the test compares unequal to "cpu" and "cuda", and the autouse fixture below routes
+    labelsmooth_ext's functional API to the emulated operators for the test."""
+
+    def __new__(cls):
+        return super().__new__(cls, "cpu")
+
+    def __eq__(self, other):
+        return isinstance(other, EmulatedCuda) or other == "simt"
+
+    def __ne__(self, other):
+        return not self.__eq__(other)
+
+    __hash__ = str.__hash__
+
+    def __repr__(self):
+        return "simt"
+
+
+SIMT = EmulatedCuda()
+SIMT_SKIP = os.environ.get("LSE_NO_SIMT", "") not in ("", "0")
+SIMT_PARAM = pytest.param(SIMT, id="simt", marks=pytest.mark.skipif(SIMT_SKIP, reason="LSE_NO_SIMT is set"))
+CUDA_PARAM = pytest.param("cuda", marks=pytest.mark.skipif(not HAS_CUDA, reason=CUDA_SKIP_REASON))
+# The real devices, and the emulated GPU: CUDA semantics and CUDA kernels on CPU tensors.
+REAL_DEVICES = ["cpu", CUDA_PARAM]
+DEVICES = REAL_DEVICES + [SIMT_PARAM]
+CUDA_DEVICES = [CUDA_PARAM, SIMT_PARAM]
+
+
+def is_emulated(device):
+    return isinstance(device, EmulatedCuda)
+
+
+@pytest.fixture(autouse=True)
+def _simt_emulation(request):
+    """Tests parametrised with the simt device run with the emulated operators."""
+    callspec = getattr(request.node, "callspec", None)
+    if callspec is None or not any(is_emulated(v) for v in callspec.params.values()):
+        yield
+        return
+    import simt_ext
+
+    with simt_ext.emulation():
+        yield
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 
 # Tolerances against a float64 result, relative to the largest magnitude of the reference

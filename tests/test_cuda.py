@@ -1,12 +1,28 @@
-"""CUDA-only checks (skipped, and reported as skipped, without a GPU)."""
+"""CUDA checks: on a GPU ("cuda"), and on the CPU under the SIMT emulation of the CUDA kernels
+("simt", tests/simt_ext.py: the kernels' own source with CUDA's execution rules checked).
+Real-GPU-only checks (CUDA graphs, 2^31 elements, peak memory) skip without a GPU."""
 import pytest
 import torch
 import torch.nn.functional as F
 
 import labelsmooth_ext as L
-from conftest import CUDA_SKIP_REASON, DTYPES, HAS_CUDA, assert_close_to
+from conftest import CUDA_DEVICES, CUDA_SKIP_REASON, DTYPES, HAS_CUDA, SIMT_PARAM, assert_close_to
 
-pytestmark = pytest.mark.skipif(not HAS_CUDA, reason=CUDA_SKIP_REASON)
+gpu_only = pytest.mark.skipif(not HAS_CUDA, reason=CUDA_SKIP_REASON)
+
+
+def _parity_cases():
+    """Every size on a GPU; under the emulation small N (large K is what picks the kernel)."""
+    cases = []
+    for K in [1, 2, 3, 1000, 32000, 50257, 128256, 262144]:
+        for N in [1, 7, 4096]:
+            if N * K > 4096 * 50257:
+                continue  # covered by the smaller N for this K (keeps the run short)
+            cases.append(pytest.param("cuda", K, N, marks=gpu_only, id=f"cuda-K{K}-N{N}"))
+            if N <= 7 and K <= 50257 and not (N == 7 and K <= 3):
+                cases.append(pytest.param(SIMT_PARAM.values[0], K, N, marks=SIMT_PARAM.marks,
+                                          id=f"simt-K{K}-N{N}"))
+    return cases
 
 
 def _ref(x, t, **kw):
@@ -16,15 +32,12 @@ def _ref(x, t, **kw):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("K", [1, 2, 3, 1000, 32000, 50257, 128256, 262144])
-@pytest.mark.parametrize("N", [1, 7, 4096])
+@pytest.mark.parametrize("device, K, N", _parity_cases())
 @pytest.mark.parametrize("eps", [0.0, 0.1, 1.0])
-def test_parity_sizes(dtype, K, N, eps):
-    if N * K > 4096 * 50257:
-        pytest.skip("covered by the smaller N for this K (keeps the run short)")
-    g = torch.Generator(device="cuda").manual_seed(K + N)
-    x = (torch.randn(N, K, device="cuda", generator=g) * 2).to(dtype)
-    t = torch.randint(0, K, (N,), device="cuda", generator=g)
+def test_parity_sizes(device, dtype, K, N, eps):
+    g = torch.Generator(device=device).manual_seed(K + N)
+    x = (torch.randn(N, K, device=device, generator=g) * 2).to(dtype)
+    t = torch.randint(0, K, (N,), device=device, generator=g)
     t[::5] = -100
     xx = x.clone().requires_grad_()
     out = L.cross_entropy(xx, t, label_smoothing=eps, reduction="sum")
@@ -34,12 +47,13 @@ def test_parity_sizes(dtype, K, N, eps):
     assert_close_to(xx.grad, gref, dtype, "grad")
 
 
-def test_bf16_gradient_precision_when_p_y_is_near_one():
+@pytest.mark.parametrize("device", CUDA_DEVICES)
+def test_bf16_gradient_precision_when_p_y_is_near_one(device):
     """p_y - q_y is formed in float32 and rounded once, so it keeps its relative precision."""
     K = 1000
-    x = torch.zeros(8, K, device="cuda")
-    t = torch.arange(8, device="cuda")
-    x[torch.arange(8), t] = torch.linspace(8, 16, 8, device="cuda")
+    x = torch.zeros(8, K, device=device)
+    t = torch.arange(8, device=device)
+    x[torch.arange(8), t] = torch.linspace(8, 16, 8, device=device)
     xb = x.bfloat16().requires_grad_()
     L.cross_entropy(xb, t, reduction="sum").backward()
     _, gref = _ref(xb.detach(), t, reduction="sum")
@@ -48,6 +62,7 @@ def test_bf16_gradient_precision_when_p_y_is_near_one():
     assert ((gy - gy_ref).abs() / gy_ref.abs()).max() < 1e-2
 
 
+@gpu_only
 def test_cuda_graph_capture_and_replay():
     """No host synchronisation: forward + backward capture in a CUDA graph."""
     N, K = 64, 5000
@@ -77,9 +92,10 @@ def test_cuda_graph_capture_and_replay():
         torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-5)
 
 
-def test_backward_skips_when_incoming_gradient_is_one_and_scales_otherwise():
-    x = torch.randn(16, 3000, device="cuda", requires_grad=True)
-    t = torch.randint(0, 3000, (16,), device="cuda")
+@pytest.mark.parametrize("device", CUDA_DEVICES)
+def test_backward_skips_when_incoming_gradient_is_one_and_scales_otherwise(device):
+    x = torch.randn(16, 3000, device=device, requires_grad=True)
+    t = torch.randint(0, 3000, (16,), device=device)
     for go in (1.0, 0.25, 3.0):
         x.grad = None
         (L.cross_entropy(x, t, label_smoothing=0.1) * go).backward()
@@ -88,10 +104,11 @@ def test_backward_skips_when_incoming_gradient_is_one_and_scales_otherwise():
         torch.testing.assert_close(x.grad, xr.grad, rtol=1e-5, atol=1e-8)
 
 
-def test_very_long_rows():
+@pytest.mark.parametrize("device", CUDA_DEVICES)
+def test_very_long_rows(device):
     K = 1 << 20
-    x = torch.randn(3, K, device="cuda", requires_grad=True)
-    t = torch.tensor([0, K - 1, 12345], device="cuda")
+    x = torch.randn(3, K, device=device, requires_grad=True)
+    t = torch.tensor([0, K - 1, 12345], device=device)
     out = L.cross_entropy(x, t, label_smoothing=0.1, reduction="sum")
     out.backward()
     ref, gref = _ref(x.detach(), t, label_smoothing=0.1, reduction="sum")
@@ -99,6 +116,7 @@ def test_very_long_rows():
     assert_close_to(x.grad, gref, torch.float32, "grad")
 
 
+@gpu_only
 def test_more_than_2_pow_31_elements():
     """64-bit offsets: N*K above 2^31 (needs about 9 GB of GPU memory)."""
     free, _ = torch.cuda.mem_get_info()
@@ -115,6 +133,7 @@ def test_more_than_2_pow_31_elements():
     assert_close_to(x.grad[rows], gref, torch.bfloat16, "grad")
 
 
+@gpu_only
 def test_peak_extra_memory_is_o_of_n():
     N, K = 4096, 32000
     x = torch.randn(N, K, device="cuda", requires_grad=True)

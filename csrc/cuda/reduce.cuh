@@ -1,11 +1,10 @@
 // Warp/block reductions and 16-byte vector packs for the CUDA kernels.
 #pragma once
 
-#include <cuda_runtime.h>
-
 #include <cstdint>
 
 #include "../row_math.h"
+#include "platform.cuh"
 
 namespace labelsmooth_ext {
 namespace cuda {
@@ -19,20 +18,18 @@ struct alignas(16) Pack {
 
 template <typename T>
 __device__ __forceinline__ Pack<T> load_pack(const T* p) {
-  return *reinterpret_cast<const Pack<T>*>(p);
+  return *vec_ptr<const Pack<T>>(p);
 }
 
 template <typename T>
 __device__ __forceinline__ void store_pack(T* p, const Pack<T>& x) {
-  *reinterpret_cast<Pack<T>*>(p) = x;
+  *vec_ptr<Pack<T>>(p) = x;
 }
 
 // exp(x) for the kernels: float uses the hardware ex2 (relative error ~2^-22), double the
 // full-precision exp. exp(-inf) = 0, exp(NaN) = NaN.
 __device__ __forceinline__ float fast_exp(float x) {
-  float y;
-  asm("ex2.approx.f32 %0, %1;" : "=f"(y) : "f"(x * 1.4426950408889634f));
-  return y;
+  return ex2_approx(x * 1.4426950408889634f);
 }
 __device__ __forceinline__ double fast_exp(double x) { return exp(x); }
 
@@ -73,7 +70,7 @@ __device__ __forceinline__ RowState<acc_t> row_reduce(RowState<acc_t> st) {
     return warp_reduce<acc_t, ROW_THREADS>(st);
   } else {
     constexpr int kWarps = ROW_THREADS / 32;
-    __shared__ RowState<acc_t> partial[kWarps];
+    LSE_SHARED(RowState<acc_t>, partial, kWarps);
     st = warp_reduce<acc_t, 32>(st);
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     if (lane == 0) partial[warp] = st;

@@ -1,0 +1,76 @@
+// Host-side launch of the kernels: which kernel instance runs for a row size / dtype, its grid
+// and block (shared by the nvcc build and the SIMT emulation).
+#pragma once
+
+#include <c10/core/ScalarType.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Exception.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <climits>
+
+#include "kernels.cuh"
+#include "platform.cuh"
+
+namespace labelsmooth_ext {
+namespace cuda {
+
+template <typename scalar_t, int ROW_THREADS, int ROWS_PER_BLOCK, int CACHE>
+void launch_forward(const CeParams<scalar_t>& p, stream_t stream) {
+  const dim3 block(ROW_THREADS, ROWS_PER_BLOCK);
+  const int64_t blocks = (p.N + ROWS_PER_BLOCK - 1) / ROWS_PER_BLOCK;
+  TORCH_CHECK(blocks <= int64_t(INT32_MAX), "labelsmooth_ext: too many rows (", p.N, ")");
+  auto* kernel = &ce_forward_kernel<scalar_t, ROW_THREADS, ROWS_PER_BLOCK, CACHE>;
+  LSE_LAUNCH(kernel, unsigned(blocks), block, 0, stream)(p);
+  LSE_LAUNCH_CHECK();
+}
+
+// Threads per row from the row's size in bytes: keep up to CACHE 16-byte packs per thread.
+template <typename scalar_t>
+void dispatch_forward(const CeParams<scalar_t>& p, stream_t stream) {
+  const int64_t bytes = p.K * int64_t(sizeof(scalar_t));
+  if (bytes <= 32 * 16 * 4) {
+    launch_forward<scalar_t, 32, 4, 4>(p, stream);
+  } else if (bytes <= 128 * 16 * 8) {
+    launch_forward<scalar_t, 128, 1, 8>(p, stream);
+  } else {
+    // Up to 64 KiB of the row in registers; the rest is read again in pass 2 (from L2).
+    // (1024 threads x 4 packs holds the same but spills under its 64-register cap.)
+    launch_forward<scalar_t, 512, 1, 8>(p, stream);
+  }
+}
+
+// The elementwise kernels: 256 threads per block, at most `blocks_per_sm` blocks per multiprocessor
+// (grid-stride loops cover the rest).
+template <typename scalar_t>
+void launch_bce(const scalar_t* x, const scalar_t* t, const scalar_t* w, int64_t nw, const scalar_t* pw,
+                int64_t np, acc_of<scalar_t> a, const acc_of<scalar_t>* inv_n, acc_of<scalar_t>* loss,
+                scalar_t* grad, int64_t n, int sms, stream_t stream) {
+  const int64_t blocks = std::min<int64_t>((n + 255) / 256, int64_t(sms) * 8);
+  auto* kernel = &bce_kernel<scalar_t>;
+  LSE_LAUNCH(kernel, unsigned(blocks), 256, 0, stream)(x, t, w, nw, pw, np, a, inv_n, loss, grad, n);
+  LSE_LAUNCH_CHECK();
+}
+
+template <typename scalar_t>
+void launch_scale(scalar_t* g, const acc_of<scalar_t>* go, int64_t N, int64_t K, bool per_row, int sms,
+                  stream_t stream) {
+  auto* kernel = &scale_kernel<scalar_t>;
+  LSE_LAUNCH(kernel, unsigned(sms * 4), 256, 0, stream)(g, go, N, K, per_row);
+  LSE_LAUNCH_CHECK();
+}
+
+template <typename F>
+void dispatch_dtype(at::ScalarType t, F&& f) {
+  switch (t) {
+    case at::kFloat: return f(float{});
+    case at::kDouble: return f(double{});
+    case at::kHalf: return f(c10::Half{});
+    case at::kBFloat16: return f(c10::BFloat16{});
+    default: TORCH_CHECK(false, "labelsmooth_ext: unsupported dtype ", t);
+  }
+}
+
+}  // namespace cuda
+}  // namespace labelsmooth_ext

@@ -1,0 +1,147 @@
+// The CUDA operators at the tensor level: argument checks, device-side denominators, outputs,
+// and the kernel launch through dispatch.cuh. Shared by the nvcc build (loss_cuda.cu registers
+// them for the CUDA dispatch key) and the SIMT emulation (CPU tensors, tests only).
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+
+#include "../ops.h"
+#include "../row_math.h"
+#include "dispatch.cuh"
+#include "platform.cuh"
+
+namespace labelsmooth_ext {
+namespace cuda {
+
+inline std::tuple<at::Tensor, at::Tensor> ce_forward_cuda(const at::Tensor& input, const at::Tensor& target,
+                                                   const std::optional<at::Tensor>& weight,
+                                                   int64_t ignore_index, double eps, int64_t mode,
+                                                   int64_t reduction, bool compute_grad) {
+  check_ce_args(input, target, weight, eps, mode, reduction);
+  const DeviceGuard guard(input.device());
+  const at::Tensor in = rows_with_unit_class_stride(input);
+  const at::Tensor tgt = target.contiguous();
+  const int64_t N = in.size(0), K = in.size(1);
+  const auto acc = acc_type_of(in.scalar_type());
+  const bool weighted = weight.has_value() && weight->defined();
+  const at::Tensor w = weighted ? weight->contiguous() : at::Tensor();
+
+  // Mean denominator and weight sum on the device: never copied to the host.
+  const at::Tensor valid = tgt.ne(ignore_index);
+  at::Tensor denom;
+  if (weighted) {
+    denom = w.to(acc).index_select(0, tgt.clamp(0, std::max<int64_t>(K - 1, 0))).mul(valid).sum();
+  } else {
+    denom = valid.sum(acc);
+  }
+  const at::Tensor inv_denom = reduction == kMean ? denom.reciprocal() : at::Tensor();
+  const at::Tensor wsum = weighted ? w.sum(acc) : at::Tensor();
+
+  at::Tensor rows = at::empty({N}, in.options().dtype(acc));
+  at::Tensor grad = at::empty(compute_grad ? std::vector<int64_t>{N, K} : std::vector<int64_t>{0},
+                              in.options());
+  if (N > 0) {
+    const stream_t stream = current_stream();
+    dispatch_dtype(in.scalar_type(), [&](auto tag) {
+      using scalar_t = decltype(tag);
+      using acc_t = acc_of<scalar_t>;
+      CeParams<scalar_t> p{};
+      p.in = static_cast<const scalar_t*>(in.data_ptr());
+      p.in_row_stride = in.stride(0);
+      p.target = tgt.data_ptr<int64_t>();
+      p.weight = weighted ? static_cast<const scalar_t*>(w.data_ptr()) : nullptr;
+      p.weight_sum = weighted ? static_cast<const acc_t*>(wsum.data_ptr()) : nullptr;
+      p.inv_denom = reduction == kMean ? static_cast<const acc_t*>(inv_denom.data_ptr()) : nullptr;
+      p.grad = compute_grad ? static_cast<scalar_t*>(grad.data_ptr()) : nullptr;
+      p.loss_rows = static_cast<acc_t*>(rows.data_ptr());
+      p.N = N;
+      p.K = K;
+      p.ignore_index = ignore_index;
+      p.sm = smoothing_coefs<acc_t>(eps, K, mode);
+      dispatch_forward<scalar_t>(p, stream);
+    });
+  }
+  return {finish_loss(rows, denom, reduction, in.scalar_type()), grad};
+}
+
+// Probability targets: the composite path (several passes, fp32 math), correct everywhere.
+inline std::tuple<at::Tensor, at::Tensor> ce_prob_forward_cuda(const at::Tensor& input, const at::Tensor& target,
+                                                        const std::optional<at::Tensor>& weight,
+                                                        double eps, int64_t mode, int64_t reduction,
+                                                        bool compute_grad) {
+  check_prob_args(input, target, weight, eps, mode, reduction);
+  const DeviceGuard guard(input.device());
+  const int64_t N = input.size(0), K = input.size(1);
+  const auto acc = acc_type_of(input.scalar_type());
+  const auto sm = smoothing_coefs<double>(eps, K, mode);
+  const at::Tensor z = input.to(acc);
+  at::Tensor wq = target.to(acc).mul(sm.b).add(sm.a);
+  if (weight.has_value() && weight->defined()) wq = wq.mul(weight->to(acc));
+  const at::Tensor logp = z.log_softmax(1);
+  const at::Tensor rows = wq.mul(logp).sum(1).neg();
+  at::Tensor grad = at::empty({0}, input.options());
+  if (compute_grad) {
+    const double scale = reduction == kMean ? 1.0 / double(std::max<int64_t>(N, 1)) : 1.0;
+    grad = logp.exp().mul(wq.sum(1, true)).sub(wq).mul(scale).to(input.scalar_type());
+  }
+  const at::Tensor denom = at::empty({}, rows.options()).fill_(double(N));
+  return {finish_loss(rows, denom, reduction, input.scalar_type()), grad};
+}
+
+inline std::tuple<at::Tensor, at::Tensor> bce_forward_cuda(const at::Tensor& input, const at::Tensor& target,
+                                                    const std::optional<at::Tensor>& weight,
+                                                    const std::optional<at::Tensor>& pos_weight,
+                                                    double eps, int64_t reduction, bool compute_grad) {
+  check_bce_args(input, target, weight, pos_weight, eps, reduction);
+  const DeviceGuard guard(input.device());
+  const at::Tensor x = input.contiguous(), t = target.contiguous();
+  const bool has_w = weight.has_value() && weight->defined();
+  const bool has_p = pos_weight.has_value() && pos_weight->defined();
+  const at::Tensor w = has_w ? weight->contiguous() : at::Tensor();
+  const at::Tensor pw = has_p ? pos_weight->contiguous() : at::Tensor();
+  const int64_t n = x.numel();
+  const auto acc = acc_type_of(x.scalar_type());
+  at::Tensor rows = at::empty({n}, x.options().dtype(acc));
+  at::Tensor grad = at::empty({compute_grad ? n : 0}, x.options());
+  const at::Tensor denom = at::empty({}, rows.options()).fill_(double(n));
+  const at::Tensor inv_n = denom.reciprocal();
+  if (n > 0) {
+    const int sms = sm_count(x.get_device());
+    const stream_t stream = current_stream();
+    dispatch_dtype(x.scalar_type(), [&](auto tag) {
+      using scalar_t = decltype(tag);
+      using acc_t = acc_of<scalar_t>;
+      launch_bce<scalar_t>(
+          static_cast<const scalar_t*>(x.data_ptr()), static_cast<const scalar_t*>(t.data_ptr()),
+          has_w ? static_cast<const scalar_t*>(w.data_ptr()) : nullptr, has_w ? w.numel() : 1,
+          has_p ? static_cast<const scalar_t*>(pw.data_ptr()) : nullptr, has_p ? pw.numel() : 1, acc_t(eps),
+          reduction == kMean ? static_cast<const acc_t*>(inv_n.data_ptr()) : nullptr,
+          static_cast<acc_t*>(rows.data_ptr()), compute_grad ? static_cast<scalar_t*>(grad.data_ptr()) : nullptr, n,
+          sms, stream);
+    });
+  }
+  return {finish_loss(rows, denom, reduction, x.scalar_type()), grad};
+}
+
+inline void ce_scale_cuda_(at::Tensor& grad, const at::Tensor& grad_output, int64_t reduction) {
+  if (grad.numel() == 0) return;
+  TORCH_CHECK(grad.is_contiguous() && grad.dim() >= 1, "labelsmooth_ext::ce_scale_: grad must be contiguous");
+  const DeviceGuard guard(grad.device());
+  // compared with 1 and multiplied in the accumulation type, so nothing rounds before the test
+  const at::Tensor go = grad_output.to(acc_type_of(grad.scalar_type())).contiguous();
+  const bool per_row = reduction == kNone;
+  TORCH_CHECK(go.numel() == (per_row ? grad.size(0) : 1), "labelsmooth_ext::ce_scale_: grad_output has ",
+              go.numel(), " elements, expected ", per_row ? grad.size(0) : 1);
+  const stream_t stream = current_stream();
+  const int sms = sm_count(grad.get_device());
+  dispatch_dtype(grad.scalar_type(), [&](auto tag) {
+    using scalar_t = decltype(tag);
+    launch_scale<scalar_t>(static_cast<scalar_t*>(grad.data_ptr()),
+                           static_cast<const acc_of<scalar_t>*>(go.data_ptr()), grad.size(0),
+                           grad.numel() / grad.size(0), per_row, sms, stream);
+  });
+}
+
+}  // namespace cuda
+}  // namespace labelsmooth_ext

@@ -1,0 +1,231 @@
+// The CUDA kernels (device code only; compiled by nvcc in loss_cuda.cu and by the SIMT
+// emulation in tests, from this one source).
+//
+// Kernel shape: each row is handled by ROW_THREADS threads (a warp for small K, a block for
+// large K). Pass 1 reads the row once with 16-byte loads, keeping the first CACHE packs per
+// thread in registers, and folds it into an online (max, sum exp) plus linear sums. Pass 2
+// writes the gradient from the registers; packs beyond the cache are read again, from L2
+// (the rows in flight fit in it), so HBM sees one read of the logits and one write of the
+// gradient.
+#pragma once
+
+#include <cstdint>
+#include <type_traits>
+
+#include "../row_math.h"
+#include "platform.cuh"
+#include "reduce.cuh"
+
+namespace labelsmooth_ext {
+namespace cuda {
+
+template <typename T>
+using acc_of = std::conditional_t<std::is_same_v<T, double>, double, float>;
+
+template <typename scalar_t>
+struct CeParams {
+  using acc_t = acc_of<scalar_t>;
+  const scalar_t* in;
+  int64_t in_row_stride;
+  const int64_t* target;
+  const scalar_t* weight;     // nullptr: unweighted
+  const acc_t* weight_sum;    // device scalar, weighted only
+  const acc_t* inv_denom;     // device scalar 1/D for mean; nullptr otherwise
+  scalar_t* grad;             // nullptr: no gradient wanted
+  acc_t* loss_rows;
+  int64_t N, K, ignore_index;
+  Smoothing<acc_t> sm;
+};
+
+template <typename scalar_t, int ROW_THREADS>
+__device__ void fill_row(scalar_t* g, int64_t K, float v) {
+  for (int64_t c = threadIdx.x; c < K; c += ROW_THREADS) g[c] = static_cast<scalar_t>(v);
+}
+
+// Folds logits into a thread's RowState: online max / rescaled sum of exp (one rescale per
+// pack), and the linear sums around `ref`. A NaN makes the max NaN, as in PyTorch.
+template <typename scalar_t>
+struct RowAccum {
+  using acc_t = acc_of<scalar_t>;
+  static constexpr int VEC = Pack<scalar_t>::kSize;
+  RowState<acc_t> st;
+  acc_t ref;
+  const scalar_t* weight;  // nullptr: unweighted
+
+  __device__ __forceinline__ void linear(acc_t x, int64_t c) {
+    st.T += x - ref;
+    if (weight) st.Tw += static_cast<acc_t>(weight[c]) * (x - ref);
+  }
+
+  __device__ __forceinline__ void add(acc_t x, int64_t c) {
+    linear(x, c);
+    const acc_t mn = nan_max(st.m, x);
+    if (mn == acc_t(-INFINITY)) return;  // everything so far is -inf
+    st.s = st.s * fast_exp(st.m - mn) + fast_exp(x - mn);
+    st.m = mn;
+  }
+
+  __device__ __forceinline__ void add_pack(const Pack<scalar_t>& pk, int64_t c0) {
+    acc_t v[VEC];
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) {
+      v[i] = static_cast<acc_t>(pk.v[i]);
+      linear(v[i], c0 + i);
+    }
+    acc_t vm = v[0];
+#pragma unroll
+    for (int i = 1; i < VEC; ++i) vm = nan_max(vm, v[i]);
+    const acc_t mn = nan_max(st.m, vm);
+    if (mn == acc_t(-INFINITY)) return;
+    acc_t s = st.s * fast_exp(st.m - mn);
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) s += fast_exp(v[i] - mn);
+    st.s = s;
+    st.m = mn;
+  }
+};
+
+template <typename scalar_t, int ROW_THREADS, int ROWS_PER_BLOCK, int CACHE>
+__global__ void __launch_bounds__(ROW_THREADS * ROWS_PER_BLOCK, 1)
+    ce_forward_kernel(const CeParams<scalar_t> p) {
+  using acc_t = acc_of<scalar_t>;
+  using P = Pack<scalar_t>;
+  constexpr int VEC = P::kSize;
+  const int64_t row = int64_t(blockIdx.x) * ROWS_PER_BLOCK + threadIdx.y;
+  if (row >= p.N) return;  // uniform over the row's threads
+  const int tid = threadIdx.x;
+  const int64_t K = p.K;
+  scalar_t* grow = p.grad ? p.grad + row * K : nullptr;
+  const int64_t y = p.target[row];
+  if (y == p.ignore_index) {
+    if (tid == 0) p.loss_rows[row] = acc_t(0);
+    if (grow) fill_row<scalar_t, ROW_THREADS>(grow, K, 0.f);
+    return;
+  }
+  if (y < 0 || y >= K) {  // no host check on this path: poison the row, never read out of bounds
+    if (tid == 0) p.loss_rows[row] = acc_t(NAN);
+    if (grow) fill_row<scalar_t, ROW_THREADS>(grow, K, NAN);
+    return;
+  }
+  const scalar_t* z = p.in + row * p.in_row_stride;
+  const bool weighted = p.weight != nullptr;
+  const acc_t zy = static_cast<acc_t>(z[y]);
+  const acc_t ref = (zy > acc_t(-INFINITY) && zy < acc_t(INFINITY)) ? zy : acc_t(0);
+
+  // Scalar head up to 16-byte alignment, packs, scalar tail. If the gradient row is aligned
+  // differently from the input row (an odd-offset view), the whole row takes the scalar path.
+  const int mis = int((reinterpret_cast<uintptr_t>(z) % 16) / sizeof(scalar_t));
+  int64_t head = mis ? VEC - mis : 0;
+  if (grow && int((reinterpret_cast<uintptr_t>(grow) % 16) / sizeof(scalar_t)) != mis) head = K;
+  if (head > K) head = K;
+  const int64_t nvec = (K - head) / VEC;
+  const int64_t tail = head + nvec * VEC;
+
+  RowAccum<scalar_t> acc{{acc_t(-INFINITY), acc_t(0), acc_t(0), acc_t(0)}, ref, p.weight};
+  auto absorb_scalar = [&](int64_t c) { acc.add(static_cast<acc_t>(z[c]), c); };
+  auto absorb_pack = [&](const P& pk, int64_t c0) { acc.add_pack(pk, c0); };
+
+  P cache[CACHE];
+  for (int64_t c = tid; c < head; c += ROW_THREADS) absorb_scalar(c);
+#pragma unroll
+  for (int i = 0; i < CACHE; ++i) {
+    const int64_t v = tid + int64_t(i) * ROW_THREADS;
+    if (v < nvec) {
+      cache[i] = load_pack(z + head + v * VEC);
+      absorb_pack(cache[i], head + v * VEC);
+    }
+  }
+  for (int64_t v = tid + int64_t(CACHE) * ROW_THREADS; v < nvec; v += ROW_THREADS)
+    absorb_pack(load_pack(z + head + v * VEC), head + v * VEC);
+  for (int64_t c = tail + tid; c < K; c += ROW_THREADS) absorb_scalar(c);
+
+  const RowState<acc_t> st = row_reduce<acc_t, ROW_THREADS>(acc.st);
+  const acc_t m = st.m;
+  const acc_t wy = weighted ? static_cast<acc_t>(p.weight[y]) : acc_t(1);
+  const acc_t W = weighted ? *p.weight_sum : acc_t(K);
+  if (!row_max_is_finite(m)) {
+    if (tid == 0) p.loss_rows[row] = acc_t(NAN);
+    if (grow) fill_row<scalar_t, ROW_THREADS>(grow, K, NAN);
+    return;
+  }
+  const acc_t log_s = lse_log(st.s);
+  // Linear sums moved from the reference to the max: sum w (z - m) = Tw + W (ref - m).
+  const acc_t S = weighted ? st.Tw + W * (ref - m) : st.T + acc_t(K) * (ref - m);
+  if (tid == 0) p.loss_rows[row] = ce_row_loss<acc_t>(log_s, zy - m, S, p.sm, wy, W);
+  if (!grow) return;
+
+  const acc_t scale = p.inv_denom ? *p.inv_denom : acc_t(1);
+  const GradCoefs<acc_t> gc = ce_grad_coefs<acc_t>(acc_t(1) / st.s, p.sm, scale, weighted, wy, W);
+  auto grad_of = [&](acc_t zc, int64_t c) -> scalar_t {
+    acc_t g = fast_exp(zc - m) * gc.kp - gc.kw * (weighted ? static_cast<acc_t>(p.weight[c]) : acc_t(1));
+    if (c == y) g -= gc.ky;
+    return static_cast<scalar_t>(g);  // computed in acc_t, rounded once
+  };
+  auto emit_pack = [&](const P& pk, int64_t c0) {
+    P out;
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) out.v[i] = grad_of(static_cast<acc_t>(pk.v[i]), c0 + i);
+    store_pack(grow + c0, out);
+  };
+  for (int64_t c = tid; c < head; c += ROW_THREADS) grow[c] = grad_of(static_cast<acc_t>(z[c]), c);
+#pragma unroll
+  for (int i = 0; i < CACHE; ++i) {
+    const int64_t v = tid + int64_t(i) * ROW_THREADS;
+    if (v < nvec) emit_pack(cache[i], head + v * VEC);
+  }
+  for (int64_t v = tid + int64_t(CACHE) * ROW_THREADS; v < nvec; v += ROW_THREADS)
+    emit_pack(load_pack(z + head + v * VEC), head + v * VEC);
+  for (int64_t c = tail + tid; c < K; c += ROW_THREADS) grow[c] = grad_of(static_cast<acc_t>(z[c]), c);
+}
+
+template <typename scalar_t>
+__global__ void bce_kernel(const scalar_t* x, const scalar_t* t, const scalar_t* w, int64_t nw,
+                           const scalar_t* pw, int64_t np, acc_of<scalar_t> a,
+                           const acc_of<scalar_t>* inv_n, acc_of<scalar_t>* loss, scalar_t* grad,
+                           int64_t n) {
+  using acc_t = acc_of<scalar_t>;
+  const acc_t scale = inv_n ? *inv_n : acc_t(1);
+  const int64_t stride = int64_t(gridDim.x) * blockDim.x;
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride) {
+    acc_t l, g;
+    bce_elem<acc_t>(static_cast<acc_t>(x[i]), static_cast<acc_t>(t[i]),
+                    w ? static_cast<acc_t>(w[i % nw]) : acc_t(1),
+                    pw ? static_cast<acc_t>(pw[i % np]) : acc_t(1), a, l, g);
+    loss[i] = l;
+    if (grad) grad[i] = static_cast<scalar_t>(g * scale);
+  }
+}
+
+// grad *= grad_output in place; returns at once where grad_output is exactly 1.
+// per_row: grad_output has one value per row ("none"); else one scalar.
+template <typename scalar_t>
+__global__ void scale_kernel(scalar_t* g, const acc_of<scalar_t>* go, int64_t N, int64_t K, bool per_row) {
+  using acc_t = acc_of<scalar_t>;
+  using P = Pack<scalar_t>;
+  constexpr int VEC = P::kSize;
+  if (!per_row) {
+    const acc_t f = go[0];
+    if (f == acc_t(1)) return;
+    const int64_t n = N * K;
+    const int64_t nvec = (reinterpret_cast<uintptr_t>(g) % 16 == 0) ? n / VEC : 0;
+    const int64_t stride = int64_t(gridDim.x) * blockDim.x;
+    for (int64_t v = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; v < nvec; v += stride) {
+      P pk = load_pack(g + v * VEC);
+#pragma unroll
+      for (int i = 0; i < VEC; ++i) pk.v[i] = static_cast<scalar_t>(static_cast<acc_t>(pk.v[i]) * f);
+      store_pack(g + v * VEC, pk);
+    }
+    for (int64_t c = nvec * VEC + int64_t(blockIdx.x) * blockDim.x + threadIdx.x; c < n; c += stride)
+      g[c] = static_cast<scalar_t>(static_cast<acc_t>(g[c]) * f);
+    return;
+  }
+  const int64_t n = N * K;
+  const int64_t stride = int64_t(gridDim.x) * blockDim.x;
+  for (int64_t c = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; c < n; c += stride) {
+    const acc_t f = go[c / K];
+    if (f != acc_t(1)) g[c] = static_cast<scalar_t>(static_cast<acc_t>(g[c]) * f);
+  }
+}
+
+}  // namespace cuda
+}  // namespace labelsmooth_ext

@@ -1,0 +1,224 @@
+"""The CUDA kernels run on the CPU under the SIMT emulation (tests/simt_ext.py, csrc/cuda/simt/).
+
+1. The emulator's own tests: each rule it enforces is shown by a deliberately broken kernel that
+   it must catch (as a Python exception, with the process alive), and a correct twin it must pass.
+2. The CUDA operators, emulated, against a float64 reference over the sizes that pick each
+   kernel: every dtype, K in {1, 2, 3, 7, 8, 31, 32, 33, 1000, 4097, 32000, 50257}, N in
+   {1, 7, 33}, both smoothing modes, weights, ignore_index (all rows too), every reduction,
+   misaligned views, NaN / -inf rows, out-of-range targets, in-place backward.
+
+What the emulation cannot check: speed, the hardware's exp precision (ex2.approx is exp2f here),
+real memory ordering across blocks running at once.
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import labelsmooth_ext as L
+from conftest import DTYPES, SIMT_SKIP, assert_close_to
+
+pytestmark = pytest.mark.skipif(SIMT_SKIP, reason="LSE_NO_SIMT is set")
+
+
+@pytest.fixture(scope="module")
+def simt():
+    import simt_ext
+
+    return simt_ext
+
+
+@pytest.fixture
+def emulated(simt):
+    with simt.emulation():
+        yield
+
+
+# ---- 1. the emulator's own tests ------------------------------------------------------------
+
+MUST_RAISE = {
+    # warp_reduce's full 0xffffffff mask with rows narrower than a warp, one row returning early
+    "rows_4_lanes_partial": "named in the mask but has exited",
+    "rows_8_lanes_partial": "named in the mask but has exited",
+    "rows_16_lanes_partial": "named in the mask but has exited",
+    "race_no_barrier": "depends on the schedule",  # shared memory read before the barrier
+    "race_blocks": "depends on the schedule",  # two blocks write one element
+    "partial_syncthreads": "only part of the block",
+    "exit_before_syncthreads": "only part of the block",
+    "caller_not_in_mask": "does not name it",
+    "source_not_in_mask": "which the mask does not name",
+    "misaligned_pack": "misaligned 16-byte pack access",
+    "oob_write": "out-of-bounds write 0 bytes past the end",
+}
+MUST_GIVE_NAN = ["shared_uninitialised", "unwritten_output"]  # 0xFF-filled shared memory / outputs
+MUST_PASS = ["rows_32_lanes_partial", "rows_128_lanes", "rows_512_lanes", "ok_barrier", "ok_shfl_width8",
+             "ok_aligned_pack", "ok_write"]
+
+
+@pytest.mark.parametrize("case", sorted(MUST_RAISE))
+def test_emulator_catches_broken_kernel(simt, case):
+    with pytest.raises(RuntimeError, match=MUST_RAISE[case]):
+        simt.load().selftest(case)
+    assert simt.load().selftest("ok_barrier") == "ok"  # and the process carries on
+
+
+@pytest.mark.parametrize("case", MUST_GIVE_NAN)
+def test_emulator_poisons_unwritten_memory(simt, case):
+    assert simt.load().selftest(case) == "nan"
+
+
+@pytest.mark.parametrize("case", MUST_PASS)
+def test_emulator_passes_correct_kernel(simt, case):
+    assert simt.load().selftest(case) == "ok"
+
+
+def test_emulated_outputs_are_guarded_and_nan_filled(simt):
+    """The emulated operator's outputs come from guarded memory (0xFF until written): an
+    ignored row's loss is written as 0 by the kernel, not left over from the allocation."""
+    x = torch.randn(5, 40)
+    t = torch.tensor([-100, 1, -100, 3, 4])
+    rows, grad = simt.load().ce_forward(x, t, None, -100, 0.1, 0, 0, True)
+    assert rows[0] == 0 and rows[2] == 0 and not rows.isnan().any()
+    assert torch.equal(grad[0], torch.zeros(40)) and not grad.isnan().any()
+
+
+# ---- 2. the CUDA operators, emulated ------------------------------------------------------------
+
+KS = [1, 2, 3, 7, 8, 31, 32, 33, 1000, 4097, 32000, 50257]
+# (label_smoothing, smoothing_mode, weighted, reduction): rotated over the cases
+VARIANTS = [(0.0, "uniform", False, "mean"), (0.1, "uniform", True, "sum"),
+            (0.2, "off_target", False, "none"), (0.1, "off_target", True, "mean"),
+            (1.0, "uniform", False, "sum"), (0.3, "uniform", True, "none")]
+
+
+def _reference(x, t, w, **kw):
+    xd = x.detach().double().requires_grad_()
+    out = L.reference.cross_entropy(xd, t, None if w is None else w.double(), **kw)
+    return out, torch.autograd.grad(out.sum(), xd)[0]
+
+
+def _check(x, t, w, dtype, **kw):
+    xx = x.detach().clone().requires_grad_()
+    out = L.cross_entropy(xx, t, weight=w, **kw)
+    out.sum().backward()
+    ref, gref = _reference(x, t, w, **kw)
+    assert_close_to(out, ref, dtype, f"loss {kw}")
+    assert_close_to(xx.grad, gref, dtype, f"grad {kw}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("K", KS)
+def test_parity_matrix(emulated, dtype, K):
+    big = K >= 4097
+    for i, N in enumerate([1, 7] if big else [1, 7, 33]):
+        for j in range(2 if big else 3):
+            eps, mode, weighted, red = VARIANTS[(KS.index(K) + 2 * i + j + DTYPES.index(dtype)) % len(VARIANTS)]
+            if mode == "off_target" and K == 1:
+                mode = "uniform"
+            g = torch.Generator().manual_seed(1000 * K + 10 * N + j)
+            x = (torch.randn(N, K, generator=g) * 3).to(dtype)
+            t = torch.randint(0, K, (N,), generator=g)
+            t[N // 2] = -100
+            w = (torch.rand(K, generator=g) + 0.1).to(dtype) if weighted else None
+            _check(x, t, w, dtype, reduction=red, label_smoothing=eps, smoothing_mode=mode)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("K", [7, 33, 1000, 4097])
+def test_misaligned_views_and_odd_strides(emulated, dtype, K):
+    """x[:, 1:] (rows start off 16-byte alignment, input and gradient misaligned differently),
+    odd K, odd row strides: the kernels take their scalar head / scalar paths."""
+    g = torch.Generator().manual_seed(K)
+    base = torch.randn(7, K + 3, generator=g).to(dtype)
+    t = torch.randint(0, K, (7,), generator=g)
+    for x in (base[:, 1:K + 1], base[:, 3:], base[:, :K], base.reshape(-1)[5:5 + 6 * K].view(6, K)):
+        tt = t[: x.shape[0]]
+        assert not x.is_contiguous() or x.data_ptr() % 16
+        _check(x, tt, None, dtype, reduction="sum", label_smoothing=0.1)
+
+
+@pytest.mark.parametrize("K", [7, 1000, 50257])
+def test_nan_inf_rows_and_out_of_range_targets(emulated, K):
+    x = torch.randn(6, K)
+    x[1, 3] = float("nan")
+    x[2] = float("-inf")
+    x[3, 0] = float("inf")
+    x[4, : K // 2] = float("-inf")  # finite row max
+    t = torch.tensor([0, 1, 2, 3, K - 1, K + 5])  # the last is out of range: a NaN row
+    xx = x.clone().requires_grad_()
+    out = L.cross_entropy(xx, t, reduction="none", label_smoothing=0.1)
+    out.sum().backward()
+    assert out[[1, 2, 3, 5]].isnan().all() and not out[[0, 4]].isnan().any()
+    assert xx.grad[[1, 2, 3, 5]].isnan().all() and not xx.grad[[0, 4]].isnan().any()
+    ref = F.cross_entropy(x[[0, 4]].double(), t[[0, 4]], reduction="none", label_smoothing=0.1)
+    assert_close_to(out[[0, 4]], ref, torch.float32, "finite rows")
+
+
+@pytest.mark.parametrize("K", [5, 4097])
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+def test_all_rows_ignored(emulated, K, reduction):
+    x = torch.randn(7, K, requires_grad=True)
+    t = torch.full((7,), -100)
+    out = L.cross_entropy(x, t, reduction=reduction, label_smoothing=0.1)
+    ref = F.cross_entropy(x.detach().double(), t, reduction=reduction, label_smoothing=0.1)
+    assert_close_to(out, ref, torch.float32, "loss")  # mean: 0/0 = NaN, as PyTorch
+    out.sum().backward()
+    assert torch.equal(x.grad, torch.zeros_like(x))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_inplace_backward_scales_and_second_backward_raises(emulated, dtype):
+    x = torch.randn(9, 3000).to(dtype).requires_grad_()
+    t = torch.randint(0, 3000, (9,))
+    out = L.cross_entropy(x, t, label_smoothing=0.1, reduction="none")
+    go = torch.rand(9).to(dtype) + 0.5
+    go[4] = 1.0  # rows with an incoming gradient of exactly 1 are skipped
+    out.backward(go, retain_graph=True)
+    _, gref = _reference(x, t, None, label_smoothing=0.1, reduction="none")
+    assert_close_to(x.grad, gref * go.double()[:, None], dtype, "scaled grad")
+    with pytest.raises(RuntimeError, match="set_inplace_backward"):
+        out.backward(go)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_probability_targets_bce_and_k_dim(emulated, dtype):
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(7, 33, generator=g).to(dtype)
+    p = torch.softmax(torch.randn(7, 33, generator=g), 1).to(dtype)
+    xx = x.clone().requires_grad_()
+    out = L.cross_entropy(xx, p, label_smoothing=0.1)
+    out.backward()
+    xd = x.double().requires_grad_()
+    ref = L.reference.cross_entropy(xd, p.double(), label_smoothing=0.1)
+    ref.backward()
+    assert_close_to(out, ref, dtype, "prob loss")
+    assert_close_to(xx.grad, xd.grad, dtype, "prob grad")
+
+    xb = torch.randn(5, 301, generator=g).to(dtype).requires_grad_()
+    tb = torch.randint(0, 2, (5, 301), generator=g).to(dtype)
+    pw = (torch.rand(301, generator=g) + 0.5).to(dtype)
+    out = L.binary_cross_entropy_with_logits(xb, tb, pos_weight=pw, label_smoothing=0.1)
+    out.backward()
+    xd = xb.detach().double().requires_grad_()
+    ref = F.binary_cross_entropy_with_logits(xd, (tb.double() * 0.8 + 0.1), pos_weight=pw.double())
+    ref.backward()
+    assert_close_to(out, ref, dtype, "bce loss")
+    assert_close_to(xb.grad, xd.grad, dtype, "bce grad")
+
+    xk = torch.randn(2, 37, 3, 5, generator=g).to(dtype).requires_grad_()
+    tk = torch.randint(0, 37, (2, 3, 5), generator=g)
+    tk[0, 1, 2] = -100
+    out = L.cross_entropy(xk, tk, label_smoothing=0.1)
+    out.backward()
+    xd = xk.detach().double().requires_grad_()
+    ref = F.cross_entropy(xd, tk, label_smoothing=0.1)
+    ref.backward()
+    assert_close_to(out, ref, dtype, "k-dim loss")
+    assert_close_to(xk.grad, xd.grad, dtype, "k-dim grad")
+
+
+def test_emulated_ops_match_the_real_schemas(simt):
+    ns = simt.load()
+    for name in ("ce_forward", "ce_prob_forward", "bce_forward", "ce_backward", "ce_scale_"):
+        real = str(getattr(torch.ops.labelsmooth_ext, name).default._schema).split("::", 1)[1]
+        emu = str(getattr(ns, name).default._schema).split("::", 1)[1]
+        assert real == emu
