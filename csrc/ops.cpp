@@ -199,6 +199,11 @@ TORCH_LIBRARY(labelsmooth_ext, m) {
   m.def(
       "ce_grad(Tensor input, Tensor target, Tensor? weight, Tensor grad_output, Tensor? grad, "
       "int ignore_index, float label_smoothing, int smoothing_mode, int reduction) -> Tensor");
+  // ce_grad into the saved gradient, in place (the CUDA eager backward): rows whose incoming
+  // gradient is exactly 1 are not touched, decided on the device (no host sync).
+  m.def(
+      "ce_grad_(Tensor(a!) grad, Tensor input, Tensor target, Tensor? weight, Tensor grad_output, "
+      "int ignore_index, float label_smoothing, int smoothing_mode, int reduction) -> ()");
   // In place; skips the pass when the incoming gradient is exactly 1 (decided on the device).
   m.def("ce_scale_(Tensor(a!) grad, Tensor grad_output, int reduction) -> ()");
   m.def("build_info() -> str", &build_info);

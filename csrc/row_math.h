@@ -9,6 +9,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 
 #if defined(__CUDACC__) || defined(__HIPCC__)
 #define LSE_HD __host__ __device__ __forceinline__
@@ -150,8 +151,16 @@ LSE_HD bool exact_multiplier(acc_t go, bool is_half) {
   if (go == acc_t(0)) return true;
   const acc_t a = go < acc_t(0) ? -go : go;
   if (!(a >= acc_t(1)) || a == acc_t(INFINITY)) return false;  // also NaN
-  int e = 0;
-  return frexp(a, &e) == acc_t(0.5);
+  // a normal power of two: all mantissa bits zero
+  if constexpr (sizeof(acc_t) == 4) {
+    uint32_t b;
+    memcpy(&b, &a, 4);
+    return (b & 0x7FFFFFu) == 0;
+  } else {
+    uint64_t b;
+    memcpy(&b, &a, 8);
+    return (b & 0xFFFFFFFFFFFFFull) == 0;
+  }
 }
 
 // True for a target that is neither ignored nor a valid class.

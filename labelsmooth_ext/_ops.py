@@ -103,6 +103,11 @@ def _(input, target, weight, pos_weight, label_smoothing, reduction, compute_gra
     return loss, grad
 
 
+@torch.library.register_fake("labelsmooth_ext::ce_grad_")
+def _(grad, input, target, weight, grad_output, ignore_index, label_smoothing, smoothing_mode, reduction):
+    return None
+
+
 @torch.library.register_fake("labelsmooth_ext::ce_scale_")
 def _(grad, grad_output, reduction):
     return None

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import labelsmooth_ext as L
-from conftest import DEVICES, assert_close_to
+from conftest import DEVICES, REAL_DEVICES, assert_close_to
 
 SIXTEEN = [torch.float16, torch.bfloat16]
 
@@ -64,15 +64,30 @@ def test_float16_loss_scaler_does_not_underflow(lm_float16, reduction):
 
 
 def test_float16_forward_keeps_no_gradient():
-    """The float16 forward stores no gradient (it would hold p / D, which underflows); the
-    backward computes it from the logits."""
-    x = torch.randn(8, 50).half().requires_grad_()
-    loss = L.cross_entropy(x, torch.randint(0, 50, (8,)), label_smoothing=0.1)
-    saved = loss.grad_fn.saved_tensors if hasattr(loss.grad_fn, "saved_tensors") else None
-    loss.backward()
-    assert x.grad.dtype == torch.float16
-    if saved is not None:  # the stored gradient slot is the empty tensor
-        assert saved[0].numel() == 0
+    """The float16 forward stores no gradient (it would hold p / D, which underflows) but the
+    logits, from which the backward computes it; bfloat16 stores its gradient (single pass)."""
+    for dtype, stored in ((torch.float16, 0), (torch.bfloat16, 8 * 50)):
+        x = torch.randn(8, 50).to(dtype).requires_grad_()
+        loss = L.cross_entropy(x, torch.randint(0, 50, (8,)), label_smoothing=0.1)
+        node = loss.grad_fn.next_functions[0][0]  # under the cast of the float32 loss
+        saved = node.saved_tensors
+        assert saved[0].numel() == stored and saved[1] is not None and saved[1].shape == x.shape
+        loss.backward()
+        assert x.grad.dtype == dtype
+
+
+@pytest.mark.parametrize("dtype", SIXTEEN)
+def test_sixteen_bit_spatial_input_with_incoming_gradient(dtype):
+    """(N, C, d) inputs (the CPU's position-vectorised kernel) take the same exact backward."""
+    x = (torch.randn(3, 7, 11) * 3).to(dtype)
+    t = torch.randint(0, 7, (3, 11))
+    t[0, :4] = -100
+    go = torch.rand(3, 11, dtype=torch.float64) + 0.25
+    for red, g in (("none", go), ("mean", torch.tensor(0.3, dtype=torch.float64))):
+        ref = input_grad(F.cross_entropy, x.double(), t, g, reduction=red, label_smoothing=0.1)
+        ours = input_grad(L.cross_entropy, x, t, g.float(), reduction=red, label_smoothing=0.1)
+        err = (ours.double() - ref).abs() / ulp(ref, dtype)
+        assert float(err.max()) <= 2, float(err.max())
 
 
 # ------------------------------------------------- 16-bit gradients, incoming gradient != 1
@@ -130,7 +145,7 @@ def test_bfloat16_reuses_saved_gradient_only_where_exact():
     assert rec.dtype == torch.bfloat16
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", REAL_DEVICES)  # the emulated ops have no fake kernels
 @pytest.mark.parametrize("red", [0, 1, 2])
 def test_opcheck_ce_grad(device, red):
     from torch.library import opcheck
@@ -143,6 +158,7 @@ def test_opcheck_ce_grad(device, red):
         opcheck(torch.ops.labelsmooth_ext.ce_grad, (x, t, torch.rand(11, device=device), go, s, -100, 0.1, 1, red))
         opcheck(torch.ops.labelsmooth_ext.ce_grad, (x.half(), t, None, go, s if s is None else s.half(),
                                                    -100, 0.0, 0, red))
+    opcheck(torch.ops.labelsmooth_ext.ce_grad_, (saved.clone(), x, t, None, go, -100, 0.1, 0, red))
 
 
 # --------------------------------------------------------------------------------- autocast
@@ -195,7 +211,7 @@ def test_autocast_matches_pytorch(device, dtype, reduction, weighted, prob, api)
     assert_close_to(wo, wt, dtype, "linear weight gradient")
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", REAL_DEVICES)  # the emulated ops have no fake kernels
 def test_autocast_module_under_torch_compile(device):
     g = torch.Generator().manual_seed(6)
     lin, h, t, w = _autocast_case(device, torch.bfloat16, True, "mean", False, g)

@@ -242,6 +242,15 @@ at::Tensor ce_grad_cpu(const at::Tensor& input, const at::Tensor& target, const 
   return grad;
 }
 
+// In place (the CUDA backward's form; on the CPU the Python layer uses ce_grad): same values.
+void ce_grad_cpu_(at::Tensor& grad, const at::Tensor& input, const at::Tensor& target,
+                  const std::optional<at::Tensor>& weight, const at::Tensor& grad_output, int64_t ignore_index,
+                  double eps, int64_t mode, int64_t reduction) {
+  TORCH_CHECK_VALUE(grad.sizes() == input.sizes() && grad.scalar_type() == input.scalar_type(),
+                    "labelsmooth_ext::ce_grad_: grad must have the input's shape and dtype");
+  grad.copy_(ce_grad_cpu(input, target, weight, grad_output, grad, ignore_index, eps, mode, reduction));
+}
+
 std::tuple<at::Tensor, at::Tensor> ce_prob_forward_cpu(const at::Tensor& input, const at::Tensor& target,
                                                        const std::optional<at::Tensor>& weight,
                                                        double eps, int64_t mode, int64_t reduction,
@@ -339,6 +348,7 @@ TORCH_LIBRARY_IMPL(labelsmooth_ext, CPU, m) {
   m.impl("ce_forward", &ce_forward_cpu);
   m.impl("ce_prob_forward", &ce_prob_forward_cpu);
   m.impl("ce_grad", &ce_grad_cpu);
+  m.impl("ce_grad_", &ce_grad_cpu_);
   m.impl("ce_scale_", &ce_scale_cpu_);
   m.impl("bce_forward", &bce_forward_cpu);
 }
