@@ -79,7 +79,7 @@ def _steps(local, target, start, group, mesh, eps):
         return step
 
     def gather():
-        full = funcol.all_gather_single(local.detach().t().contiguous(), 0, group)
+        full = funcol.all_gather_tensor(local.detach().t().contiguous(), 0, group)
         full = (full.wait() if hasattr(full, "wait") else full).t().requires_grad_()
         F.cross_entropy(full, target, label_smoothing=eps).backward()
         return full.grad[:, start:start + local.shape[1]]

@@ -38,6 +38,22 @@ _STRATEGIES = ("allgather", "allreduce")
 _strategy = "allgather"
 
 
+
+# The public DTensor API (torch.distributed.tensor) arrived in torch 2.5.
+DTENSOR_SUPPORTED = tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 5)
+
+
+def dtensor_api(*names):
+    """DTensor classes by name: torch.distributed.tensor (torch >= 2.5), else the private
+    torch.distributed._tensor that torch 2.4 has them in."""
+    try:
+        import torch.distributed.tensor as mod
+
+        getattr(mod, names[0])
+    except (ImportError, AttributeError):
+        import torch.distributed._tensor as mod
+    return tuple(getattr(mod, n) for n in names)
+
 def set_collective_strategy(strategy: str) -> None:
     """How the per-row partials are combined: "allgather" (one all-gather of ~4N numbers,
     merged locally; the default) or "allreduce" (an all-reduce(max) of N numbers, then an
@@ -301,7 +317,7 @@ def _vocab_parallel(local_logits, target, group, weight, ignore_index, reduction
 
         dev = _comm_device(group, local_logits)
         mine = torch.tensor([meta[f] for f in _META_FIELDS], dtype=torch.long, device=dev)
-        allm = funcol.all_gather_single(mine, 0, group)
+        allm = funcol.all_gather_tensor(mine, 0, group)
         allm = _wait(allm)
         rows = allm.view(world, len(_META_FIELDS)).tolist()
         metas = [dict(zip(_META_FIELDS, r)) for r in rows]
@@ -386,7 +402,7 @@ def _combine(p, cfg):
     if cfg.strategy == "allgather":
         parts = [m, s, zy] + ([lin] if lin is not None else []) + ([wy] if wy is not None else [])
         flat = torch.cat([torch.stack(parts).reshape(-1), p["wsum"].reshape(1)])
-        g = _wait(funcol.all_gather_single(flat, 0, cfg.group)).view(cfg.world, -1)
+        g = _wait(funcol.all_gather_tensor(flat, 0, cfg.group)).view(cfg.world, -1)
         c = len(parts)
         st = g[:, :c * r].view(cfg.world, c, r)
         wsums = g[:, c * r]
@@ -508,7 +524,12 @@ def _dtensor_cross_entropy(input, target, weight, ignore_index, reduction, label
     'none' -> the target's placements; 'sum' and 'mean' -> Replicate on the class-sharding mesh
     dim, Partial on batch-sharded mesh dims, Replicate elsewhere. 'mean' divides by the global
     denominator (summed over the batch-sharded mesh dims), so it is the true mean on any mesh."""
-    from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
+    if not DTENSOR_SUPPORTED:
+        raise RuntimeError(
+            f"labelsmooth_ext.cross_entropy on a DTensor needs torch >= 2.5 (torch {torch.__version__} "
+            "has only the private DTensor API, whose gradient placements differ); call "
+            "labelsmooth_ext.distributed.vocab_parallel_cross_entropy on input.to_local() instead")
+    DTensor, Partial, Replicate, Shard = dtensor_api("DTensor", "Partial", "Replicate", "Shard")
 
     _F.check_reduction(reduction)
     mesh, placements = input.device_mesh, tuple(input.placements)

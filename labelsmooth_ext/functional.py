@@ -130,9 +130,9 @@ def _validate_targets_on_host(target, num_classes, ignore_index):
 def _is_dtensor(x):
     if type(x) in (torch.Tensor, torch.nn.Parameter) or not torch.distributed.is_available():
         return False
-    from torch.distributed.tensor import DTensor
+    from .distributed import dtensor_api
 
-    return isinstance(x, DTensor)
+    return isinstance(x, dtensor_api("DTensor"))
 
 
 def cross_entropy(

@@ -324,7 +324,7 @@ def _run_compile(world, rank, group):
 
 def _run_dtensor_1d(world, rank, group):
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+    Replicate, Shard, distribute_tensor = D.dtensor_api("Replicate", "Shard", "distribute_tensor")
     from torch.distributed.tensor.parallel import loss_parallel
 
     mesh = init_device_mesh("cpu", (world,))
@@ -361,7 +361,7 @@ def _run_dtensor_1d(world, rank, group):
 def _run_dtensor_2d(world, rank, group):
     """A 2 x 2 mesh: batch sharded on mesh dim 0 (data parallel), classes on mesh dim 1."""
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.tensor import Partial, Replicate, Shard, distribute_tensor
+    Partial, Replicate, Shard, distribute_tensor = D.dtensor_api("Partial", "Replicate", "Shard", "distribute_tensor")
     from torch.distributed.tensor.parallel import loss_parallel
 
     mesh = init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("dp", "tp"))
@@ -507,12 +507,12 @@ def _check(results, name, world):
 
 @pytest.fixture(scope="module")
 def world2():
-    return spawn(2, ["numeric", "errors", "dtensor_1d"])
+    return spawn(2, ["numeric", "errors"] + (["dtensor_1d"] if D.DTENSOR_SUPPORTED else []))
 
 
 @pytest.fixture(scope="module")
 def world3():
-    return spawn(3, ["numeric", "errors", "world_sizes", "dtensor_1d"])
+    return spawn(3, ["numeric", "errors", "world_sizes"] + (["dtensor_1d"] if D.DTENSOR_SUPPORTED else []))
 
 
 @pytest.fixture(scope="module")
@@ -540,11 +540,17 @@ def test_same_loss_at_world_sizes_1_2_3(world3):
     _check(world3, "world_sizes", 3)
 
 
+NEEDS_DTENSOR = pytest.mark.skipif(
+    not D.DTENSOR_SUPPORTED, reason=f"DTensor input needs torch >= 2.5 (this is {torch.__version__})")
+
+
+@NEEDS_DTENSOR
 @pytest.mark.parametrize("world", [2, 3])
 def test_dtensor_1d_mesh(world2, world3, world):
     _check({2: world2, 3: world3}[world], "dtensor_1d", world)
 
 
+@NEEDS_DTENSOR
 def test_dtensor_2d_mesh(world4):
     _check(world4, "dtensor_2d", 4)
 
