@@ -5,6 +5,7 @@ from . import _ops
 from . import reference
 from ._ops import set_inplace_backward
 from .functional import binary_cross_entropy_with_logits, cross_entropy, set_target_validation
+from .linear import LinearCrossEntropyLoss, linear_cross_entropy
 from .modules import BCEWithLogitsLoss, CrossEntropyLoss
 
 __version__ = "0.1.0"
@@ -20,5 +21,5 @@ def build_info():
 
 __all__ = [
     "cross_entropy", "CrossEntropyLoss", "binary_cross_entropy_with_logits", "BCEWithLogitsLoss",
-    "build_info", "reference", "set_inplace_backward", "set_target_validation",
+    "linear_cross_entropy", "LinearCrossEntropyLoss", "build_info", "reference", "set_inplace_backward", "set_target_validation",
 ]
