@@ -348,6 +348,16 @@ def _backward(ctx, grad_loss, *_unused):
 linear_ce_forward.register_autograd(_backward, setup_context=_setup_context)
 
 
+def _no_double_backward(ctx, *grads):
+    raise RuntimeError(
+        "labelsmooth_ext: double backward through linear_cross_entropy is not supported; use "
+        "linear + labelsmooth_ext.reference.cross_entropy for higher-order gradients"
+    )
+
+
+linear_ce_backward.register_autograd(_no_double_backward, setup_context=lambda ctx, inputs, output: None)
+
+
 def _check_float_arg(value, name, allow_none=False, positive=False):
     if value is None and allow_none:
         return None
