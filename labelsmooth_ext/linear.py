@@ -103,8 +103,13 @@ def _chunk_loop(x, W, b, tgt, weight, ignore_index, eps, mode, z_loss, softcap, 
     kred = _SUM if (loss_kind == "sum" and dt not in _SIXTEEN and not z_loss) else _NONE
 
     dx = torch.empty((n, h), dtype=torch.float32 if dt == torch.float16 else dt, device=dev) if need_x else None
-    dW = torch.zeros((v, h), dtype=acc, device=dev) if need_w else None
-    db = torch.zeros((v,), dtype=acc, device=dev) if need_b else None
+    # d W and d b: the first chunk writes them (no zero-fill pass over V x H), later ones add
+    dW = torch.empty((v, h), dtype=acc, device=dev) if need_w else None
+    db = torch.empty((v,), dtype=acc, device=dev) if need_b else None
+    if n == 0:
+        for t in (dW, db):
+            if t is not None:
+                t.zero_()
     rows = torch.empty((n,), dtype=acc, device=dev) if loss_kind == "rows" else None
     total = torch.zeros((), dtype=acc, device=dev)
     Wt = W.t()
@@ -161,12 +166,16 @@ def _chunk_loop(x, W, b, tgt, weight, ignore_index, eps, mode, z_loss, softcap, 
                 xs = xc if xc.dtype == acc else xc.to(acc)
                 if r is not None:
                     xs = xs * r
-                dW.addmm_(ga.t(), xs)
+                beta = 0 if s == 0 else 1
+                torch.addmm(dW, ga.t(), xs, beta=beta, out=dW)
             if need_b:
                 if r is None:
-                    db += ga.sum(0)
+                    if s == 0:
+                        torch.sum(ga, 0, out=db)
+                    else:
+                        db += ga.sum(0)
                 else:
-                    db.addmv_(ga.t(), r[:, 0])
+                    torch.addmv(db, ga.t(), r[:, 0], beta=0 if s == 0 else 1, out=db)
             del ga
         del g, loss_c
     if loss_kind == "rows":
