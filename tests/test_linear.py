@@ -61,6 +61,21 @@ def test_matches_float64_reference(reduction, weighted, bias, z_loss, softcap, m
         torch.testing.assert_close(a, e, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_device_side_mean_scale(monkeypatch, weighted, dtype):
+    """The path CUDA takes (1/D kept on the device, per-row scale) gives the same results."""
+    x, W, b, t, w = make(dtype=dtype)
+    kw = dict(linear_bias=b, weight=w if weighted else None, label_smoothing=0.1, chunk_size=7)
+    host = L.linear_cross_entropy(x, W, t, **kw)
+    g_host = grads(host, [x, W, b])
+    monkeypatch.setattr(lin, "_SCALE_ON_HOST", False)
+    dev = L.linear_cross_entropy(x, W, t, **kw)
+    torch.testing.assert_close(dev, host, rtol=0, atol=0)
+    for a, e in zip(grads(dev, [x, W, b]), g_host):
+        torch.testing.assert_close(a, e)
+
+
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("weighted", [False, True])
 @pytest.mark.parametrize("bias", [False, True])
