@@ -5,6 +5,7 @@ from . import _ops
 from . import reference
 from ._ops import set_inplace_backward
 from .functional import binary_cross_entropy_with_logits, cross_entropy, set_target_validation
+from .linear import LinearCrossEntropyLoss, linear_cross_entropy
 from .modules import BCEWithLogitsLoss, CrossEntropyLoss
 from .patch import patch, patched, unpatch
 
@@ -23,6 +24,7 @@ def build_info():
 
 __all__ = [
     "cross_entropy", "CrossEntropyLoss", "binary_cross_entropy_with_logits", "BCEWithLogitsLoss",
+    "linear_cross_entropy", "LinearCrossEntropyLoss",
     "build_info", "reference", "set_inplace_backward", "set_target_validation",
     "patch", "unpatch", "patched",
 ]

@@ -52,11 +52,17 @@ def main(argv=None):
     from . import demo
 
     benchmark.add_arguments(p_bench)
+    from . import linear_benchmark
+
+    p_lin = sub.add_parser("bench-linear", help="fused linear + cross-entropy vs PyTorch: time and peak memory")
+    linear_benchmark.add_arguments(p_lin)
     p_demo = sub.add_parser("demo", help="label smoothing on real data: accuracy, calibration, logit gap, pictures")
     demo.add_arguments(p_demo)
     args = parser.parse_args(argv)
     if args.command == "bench":
         return benchmark.report_command(args)
+    if args.command == "bench-linear":
+        return linear_benchmark.report_command(args)
     if args.command == "demo":
         return demo.demo_command(args)
     return info_command(args)

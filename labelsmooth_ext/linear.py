@@ -1,0 +1,533 @@
+"""Fused linear + label-smoothed cross-entropy: the (tokens x vocabulary) logits are never held
+in memory beyond one chunk of rows.
+
+    loss = linear_cross_entropy(x, W, target, linear_bias=b, ...)
+         == cross_entropy(linear(x, W, b), target, ...)
+
+How (see docs/linear_ce.md): the rows are processed in chunks. Per chunk one library GEMM
+(ATen mm/addmm: MKL/oneDNN on CPU, cuBLAS on CUDA) gives the chunk's logits, the fused row
+kernel (labelsmooth_ext::ce_forward, compute_grad=True) gives the chunk's loss and the logits'
+gradient g, then GEMMs accumulate d input = g W, d W += g^T x and d b += sum of g's rows, with the
+mean's 1/D applied to the (rows x H) side so that no extra pass over the chunk is needed. The
+gradients are complete at the end of the forward; the backward only multiplies them by the
+incoming gradient (nothing at all on the CPU when it is exactly 1). For reduction="none" the
+backward needs the incoming gradient of every row before the weight gradient can be formed: the
+forward then computes the losses only and the backward runs the chunk loop again.
+
+The whole forward is one opaque operator (labelsmooth_ext::linear_ce_forward, a
+torch.library.custom_op with a fake kernel and an autograd formula), so torch.compile traces it
+without a graph break.
+"""
+from typing import Optional
+
+import torch
+
+from . import functional as _F
+from ._ops import REDUCTIONS, SMOOTHING_MODES, ops
+
+_NONE, _MEAN, _SUM = REDUCTIONS["none"], REDUCTIONS["mean"], REDUCTIONS["sum"]
+_SIXTEEN = (torch.float16, torch.bfloat16)
+# CPU: read the mean's D on the host and pass 1/D to the GEMMs as alpha. Off (tests), or on
+# CUDA: 1/D stays on the device and scales the (rows x H) side, no host synchronisation.
+_SCALE_ON_HOST = True
+
+# CPU: rows per chunk so that one chunk of float32 logits is about this size. Larger chunks run
+# the GEMMs faster (MKL, V=32000 H=1024 on the 2-core build machine, GFLOP per CPU-second of the
+# logits GEMM: 52 at 128 rows, 81 at 256, 118 at 512, 137 at 2048) but every chunk's logits and
+# their gradient are held at once: 48 MiB (392 rows at V=32000) keeps the peak extra memory
+# within 1/8 of linear + F.cross_entropy's at that shape.
+CPU_CHUNK_BYTES = 48 << 20
+
+
+def _acc_dtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def auto_chunk_size(rows, num_classes, dtype, device):
+    """Rows per chunk chosen from the shapes (and, on CUDA, the free device memory).
+
+    A chunk holds its logits, their gradient and (for 16-bit inputs, or with z_loss/softcap)
+    float32 copies of them: budget about four float32 chunks."""
+    row_bytes = max(1, num_classes) * 4
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        budget = min(free // 16, 1 << 30)  # at most 1 GiB a buffer, at most 1/4 of what is free
+    else:
+        budget = CPU_CHUNK_BYTES
+    c = max(1, budget // row_bytes)
+    if c >= 16:
+        c -= c % 8  # GEMM-friendly
+    return max(1, min(rows, c))
+
+
+def _mean_denominator(tgt, weight, ignore_index, num_classes, acc):
+    """D of the mean: the number of kept rows, or the sum of their class weights."""
+    valid = tgt != ignore_index
+    if weight is None:
+        return valid.sum().to(acc), valid
+    wy = weight.to(acc)[tgt.clamp(0, max(num_classes - 1, 0))]
+    return torch.where(valid, wy, torch.zeros((), dtype=acc, device=wy.device)).sum(), valid
+
+
+def _check_targets_on_host(tgt, num_classes, ignore_index):
+    bad = (tgt != ignore_index) & ((tgt < 0) | (tgt >= num_classes))
+    if bool(bad.any()):
+        pos = int(bad.nonzero()[0, 0])
+        raise IndexError(
+            f"linear_cross_entropy: target {int(tgt[pos])} (at row {pos}) is out of range for "
+            f"{num_classes} classes; valid targets are 0..{num_classes - 1} or "
+            f"ignore_index={ignore_index}"
+        )
+
+
+def _chunk_loop(x, W, b, tgt, weight, ignore_index, eps, mode, z_loss, softcap, chunk,
+                row_scale, need_x, need_w, need_b, loss_kind, alpha=1.0):
+    """The chunked pass.
+
+    row_scale: None, or one factor per row (accumulation dtype) that multiplies that row's
+    gradient (1/D for kept rows under "mean", the incoming gradient under "none").
+    alpha: a host scalar multiplying every gradient, passed to the GEMMs themselves (no pass
+    over their inputs or outputs).
+    loss_kind: None (no loss wanted), "rows" (per-row losses) or "sum".
+    Returns (loss, d_input, d_weight, d_bias); the gradients are in the accumulation dtype
+    (d_input in the input dtype for float32/float64/bfloat16, float32 for float16) or None.
+    """
+    n, h = x.shape
+    v = W.shape[0]
+    dt, dev = x.dtype, x.device
+    acc = _acc_dtype(dt)
+    need_g = need_x or need_w or need_b
+    # z_loss and softcap are not in the fused row kernel yet (issue 11). Until they are, this
+    # interim path applies them with ATen ops on the chunk, in the accumulation dtype, around
+    # the kernel: softcap before it (chain rule after), z-loss after it (lse and softmax of the
+    # capped logits). It costs a few extra passes over the chunk, never more memory than a
+    # few chunks.
+    interim = z_loss != 0.0 or softcap != 0.0
+    kweight = weight
+    if interim and weight is not None:
+        kweight = weight.to(acc)
+    # 16-bit: the kernel reports per-row losses, summed here in float32 (a chunk's sum rounded
+    # to 16 bits would lose precision).
+    kred = _SUM if (loss_kind == "sum" and dt not in _SIXTEEN and not z_loss) else _NONE
+
+    dx = torch.empty((n, h), dtype=torch.float32 if dt == torch.float16 else dt, device=dev) if need_x else None
+    # d W and d b: the first chunk writes them (no zero-fill pass over V x H), later ones add
+    dW = torch.empty((v, h), dtype=acc, device=dev) if need_w else None
+    db = torch.empty((v,), dtype=acc, device=dev) if need_b else None
+    if n == 0:
+        for t in (dW, db):
+            if t is not None:
+                t.zero_()
+    rows = torch.empty((n,), dtype=acc, device=dev) if loss_kind == "rows" else None
+    total = torch.zeros((), dtype=acc, device=dev)
+    Wt = W.t()
+    buf = torch.empty((min(chunk, n), v), dtype=dt, device=dev) if n else None
+    for s in range(0, n, chunk):
+        e = min(n, s + chunk)
+        xc, tc = x[s:e], tgt[s:e]
+        z = buf[: e - s]
+        if b is None:
+            torch.mm(xc, Wt, out=z)
+        else:
+            torch.addmm(b, xc, Wt, out=z)
+        if not interim:
+            loss_c, g = ops.ce_forward(z, tc, weight, ignore_index, eps, mode, kred, need_g)
+        else:
+            zk = z.to(acc)  # no copy for float32/float64: buf is overwritten by the next chunk anyway
+            th = None
+            if softcap != 0.0:
+                th = zk.div_(softcap).tanh_()  # tanh(z / s), kept for the chain rule
+                zk = th * softcap
+            loss_c, g = ops.ce_forward(zk, tc, kweight, ignore_index, eps, mode, kred, need_g)
+            if z_loss != 0.0:
+                lse = torch.logsumexp(zk, dim=1)
+                valid = tc != ignore_index
+                zero = torch.zeros((), dtype=acc, device=dev)
+                loss_c = loss_c + torch.where(valid, z_loss * lse * lse, zero)
+                if need_g:  # d(c lse^2)/dz = 2 c lse softmax(z)
+                    coef = torch.where(valid, 2.0 * z_loss * lse, zero)
+                    g.add_(zk.sub_(lse[:, None]).exp_().mul_(coef[:, None]))
+            if th is not None and need_g:  # dz/dx = 1 - tanh(x / s)^2
+                g.mul_(th.mul_(th).neg_().add_(1.0))
+            del zk, th
+        if loss_kind == "rows":
+            rows[s:e] = loss_c
+        elif loss_kind == "sum":
+            total += loss_c.to(acc).sum() if loss_c.dim() else loss_c
+        if not need_g:
+            continue
+        r = None if row_scale is None else row_scale[s:e, None]
+        if need_x:
+            gd = g if g.dtype == dt else g.to(dt)
+            if dx.dtype == dt and dt == acc:
+                out = dx[s:e]
+                torch.addmm(out, gd, W, beta=0, alpha=alpha, out=out)
+                if r is not None:
+                    out.mul_(r)
+            else:  # 16-bit: apply the scale in float32, round once
+                gx = torch.mm(gd, W).to(torch.float32)
+                if alpha != 1.0:
+                    gx.mul_(alpha)
+                dx[s:e] = gx if r is None else gx.mul_(r)
+            del gd
+        if need_w or need_b:
+            ga = g if g.dtype == acc else g.to(acc)  # float32 accumulation for 16-bit weights
+            if need_w:
+                xs = xc if xc.dtype == acc else xc.to(acc)
+                if r is not None:
+                    xs = xs * r
+                beta = 0 if s == 0 else 1
+                torch.addmm(dW, ga.t(), xs, beta=beta, alpha=alpha, out=dW)
+            if need_b:
+                rv = r[:, 0] if r is not None else torch.ones(e - s, dtype=acc, device=dev)
+                torch.addmv(db, ga.t(), rv, beta=0 if s == 0 else 1, alpha=alpha, out=db)
+            del ga
+        del g, loss_c
+    if loss_kind == "rows":
+        return rows, dx, dW, db
+    return total, dx, dW, db
+
+
+_EMPTY_SHAPE = (0,)
+
+
+@torch.library.custom_op("labelsmooth_ext::linear_ce_forward", mutates_args=())
+def linear_ce_forward(
+    input: torch.Tensor,
+    linear_weight: torch.Tensor,
+    linear_bias: Optional[torch.Tensor],
+    target: torch.Tensor,
+    weight: Optional[torch.Tensor],
+    ignore_index: int,
+    label_smoothing: float,
+    smoothing_mode: int,
+    reduction: int,
+    z_loss: float,
+    softcap: float,
+    chunk_size: int,
+    grad_input: bool,
+    grad_weight: bool,
+    grad_bias: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Loss and (for "mean"/"sum") the complete gradients of linear + cross-entropy.
+
+    input (N, H), linear_weight (V, H), linear_bias (V,) or None, target (N,) int64.
+    softcap 0.0 means none; chunk_size 0 means automatic. Returns (loss, d_input, d_weight,
+    d_bias); a gradient not asked for (or any under "none", whose backward recomputes) is an
+    empty tensor. d_weight and d_bias are float32 for 16-bit inputs, d_input float32 for float16.
+    """
+    n = input.shape[0]
+    v = linear_weight.shape[0]
+    dt, acc = input.dtype, _acc_dtype(input.dtype)
+    if input.device.type == "cpu" or _F._validate_cuda_targets:
+        _check_targets_on_host(target, v, ignore_index)
+    chunk = chunk_size if chunk_size > 0 else auto_chunk_size(n, v, dt, input.device)
+    if reduction == _NONE:
+        rows, _, _, _ = _chunk_loop(input, linear_weight, linear_bias, target, weight, ignore_index,
+                                    label_smoothing, smoothing_mode, z_loss, softcap, chunk, None,
+                                    False, False, False, "rows")
+        e = input.new_empty(_EMPTY_SHAPE)
+        return rows.to(dt), e, e.clone(), e.clone()
+    row_scale, alpha = None, 1.0
+    if reduction == _MEAN:
+        D, valid = _mean_denominator(target, weight, ignore_index, v, acc)
+        d_host = float(D) if input.device.type == "cpu" and _SCALE_ON_HOST else None  # free on CPU
+        if d_host is not None and d_host > 0:
+            alpha = 1.0 / d_host  # into the GEMMs; ignored rows' gradients are exactly 0 anyway
+        else:
+            # on the device (no host sync), or D = 0: kept rows get 1/D (inf when D = 0, as in
+            # cross_entropy), ignored rows exactly 0
+            row_scale = torch.where(valid, 1.0 / D, torch.zeros((), dtype=acc, device=input.device))
+    total, dx, dW, db = _chunk_loop(input, linear_weight, linear_bias, target, weight, ignore_index,
+                                    label_smoothing, smoothing_mode, z_loss, softcap, chunk,
+                                    row_scale, grad_input, grad_weight, grad_bias, "sum", alpha)
+    loss = total / D if reduction == _MEAN else total
+    e = input.new_empty(_EMPTY_SHAPE)
+    return (loss.to(dt), e.clone() if dx is None else dx, e.clone() if dW is None else dW,
+            e.clone() if db is None else db)
+
+
+def _grad_dtypes(dt):
+    acc = _acc_dtype(dt)
+    return (torch.float32 if dt == torch.float16 else dt), acc
+
+
+@linear_ce_forward.register_fake
+def _(input, linear_weight, linear_bias, target, weight, ignore_index, label_smoothing,
+      smoothing_mode, reduction, z_loss, softcap, chunk_size, grad_input, grad_weight, grad_bias):
+    n, h = input.shape
+    v = linear_weight.shape[0]
+    dxt, acc = _grad_dtypes(input.dtype)
+    loss = input.new_empty((n,) if reduction == _NONE else ())
+    keep = reduction != _NONE
+    dx = input.new_empty((n, h) if keep and grad_input else _EMPTY_SHAPE, dtype=dxt)
+    dW = input.new_empty((v, h) if keep and grad_weight else _EMPTY_SHAPE, dtype=acc)
+    db = input.new_empty((v,) if keep and grad_bias else _EMPTY_SHAPE, dtype=acc)
+    return loss, dx, dW, db
+
+
+@torch.library.custom_op("labelsmooth_ext::linear_ce_backward", mutates_args=())
+def linear_ce_backward(
+    grad_loss: torch.Tensor,
+    input: torch.Tensor,
+    linear_weight: torch.Tensor,
+    linear_bias: Optional[torch.Tensor],
+    target: torch.Tensor,
+    weight: Optional[torch.Tensor],
+    ignore_index: int,
+    label_smoothing: float,
+    smoothing_mode: int,
+    z_loss: float,
+    softcap: float,
+    chunk_size: int,
+    grad_input: bool,
+    grad_weight: bool,
+    grad_bias: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Backward of reduction="none": the chunk loop again, each row's gradient times its
+    incoming gradient. Returns gradients in the input dtype (empty when not asked for)."""
+    n = input.shape[0]
+    v = linear_weight.shape[0]
+    dt = input.dtype
+    chunk = chunk_size if chunk_size > 0 else auto_chunk_size(n, v, dt, input.device)
+    scale = grad_loss.reshape(-1).to(_acc_dtype(dt))
+    _, dx, dW, db = _chunk_loop(input, linear_weight, linear_bias, target, weight, ignore_index,
+                                label_smoothing, smoothing_mode, z_loss, softcap, chunk, scale,
+                                grad_input, grad_weight, grad_bias, None)
+    e = input.new_empty(_EMPTY_SHAPE)
+    return tuple(e.clone() if t is None else t.to(dt) for t in (dx, dW, db))
+
+
+@linear_ce_backward.register_fake
+def _(grad_loss, input, linear_weight, linear_bias, target, weight, ignore_index, label_smoothing,
+      smoothing_mode, z_loss, softcap, chunk_size, grad_input, grad_weight, grad_bias):
+    n, h = input.shape
+    v = linear_weight.shape[0]
+    return (input.new_empty((n, h) if grad_input else _EMPTY_SHAPE),
+            input.new_empty((v, h) if grad_weight else _EMPTY_SHAPE),
+            input.new_empty((v,) if grad_bias else _EMPTY_SHAPE))
+
+
+def _is_plain(t):
+    return type(t) in (torch.Tensor, torch.nn.Parameter)
+
+
+def _setup_context(ctx, inputs, output):
+    (x, W, b, tgt, weight, ii, eps, mode, red, zl, cap, chunk, gi, gw, gb) = inputs
+    _, dx, dW, db = output
+    ctx.reduction = red
+    ctx.flags = (gi, gw, gb)
+    ctx.dtypes = (x.dtype, W.dtype, None if b is None else b.dtype)
+    ctx.set_materialize_grads(False)
+    ctx.mark_non_differentiable(dx, dW, db)
+    if red == _NONE:
+        ctx.params = (ii, eps, mode, zl, cap, chunk)
+        ctx.save_for_backward(x, W, b, tgt, weight)
+    else:
+        ctx.save_for_backward(dx, dW, db)
+
+
+def _finish(g, grad_loss, dtype, unit):
+    """A saved gradient times the incoming gradient, in the parameter's dtype."""
+    if unit:
+        return g if g.dtype == dtype else g.to(dtype)
+    return (g * grad_loss).to(dtype)
+
+
+def _backward(ctx, grad_loss, *_unused):
+    nones = (None,) * 12
+    if grad_loss is None:
+        return (None, None, None) + nones
+    compiling = torch.compiler.is_compiling()
+    if torch.is_grad_enabled() and not compiling:
+        raise RuntimeError(
+            "labelsmooth_ext: double backward (create_graph=True) through linear_cross_entropy is "
+            "not supported; use linear + labelsmooth_ext.reference.cross_entropy for "
+            "higher-order gradients"
+        )
+    gi, gw, gb = ctx.flags
+    xdt, wdt, bdt = ctx.dtypes
+    if ctx.reduction == _NONE:
+        x, W, b, tgt, weight = ctx.saved_tensors
+        ii, eps, mode, zl, cap, chunk = ctx.params
+        dx, dW, db = linear_ce_backward(grad_loss, x, W, b, tgt, weight, ii, eps, mode, zl, cap,
+                                        chunk, gi, gw, gb)
+        return (dx if gi else None, dW if gw else None, db if gb else None) + nones
+    dx, dW, db = ctx.saved_tensors
+    # On the CPU, checking for an incoming gradient of exactly 1 costs nothing: then the saved
+    # gradients are returned as they are. Elsewhere (and when traced) multiply: a pass over
+    # (N + V) x H elements, small next to the GEMMs.
+    unit = (not compiling and grad_loss.device.type == "cpu" and _is_plain(grad_loss)
+            and float(grad_loss) == 1.0)
+    return (_finish(dx, grad_loss, xdt, unit) if gi else None,
+            _finish(dW, grad_loss, wdt, unit) if gw else None,
+            _finish(db, grad_loss, bdt, unit) if gb else None) + nones
+
+
+linear_ce_forward.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _no_double_backward(ctx, *grads):
+    raise RuntimeError(
+        "labelsmooth_ext: double backward through linear_cross_entropy is not supported; use "
+        "linear + labelsmooth_ext.reference.cross_entropy for higher-order gradients"
+    )
+
+
+linear_ce_backward.register_autograd(_no_double_backward, setup_context=lambda ctx, inputs, output: None)
+
+
+def _check_float_arg(value, name, allow_none=False, positive=False):
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be a float, got {value!r}")
+    try:
+        f = float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be a float{' or None' if allow_none else ''}, got {value!r}") from None
+    if f != f or f in (float("inf"), float("-inf")) or (f <= 0 if positive else f < 0):
+        raise ValueError(f"{name} must be a finite {'positive' if positive else 'non-negative'} "
+                         f"float, got {value!r}")
+    return f
+
+
+def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weight=None,
+                         reduction="mean", ignore_index=-100, label_smoothing=0.0,
+                         smoothing_mode="uniform", z_loss=0.0, softcap=None, chunk_size=None):
+    """cross_entropy(linear(input, linear_weight, linear_bias), target, ...) without ever holding
+    more than one chunk of the logits.
+
+    Arguments as torch.nn.functional.linear_cross_entropy (PyTorch 2.14), plus
+    smoothing_mode ("uniform" or "off_target", as in cross_entropy), z_loss (adds
+    z_loss * logsumexp**2 per kept row), softcap (logits become softcap * tanh(logits / softcap))
+    and chunk_size (rows per chunk; None: from the shapes and free memory).
+
+    input: (H,), (N, H) or (B, T, H) (any leading dims, flattened to rows); linear_weight:
+    (V, H); linear_bias: (V,) or None; target: class indices shaped like input without its
+    last dim. Gradients flow to input, linear_weight and linear_bias; class weights are
+    constants. Probability targets and K-dimensional weights are not supported.
+    """
+    red = _F.check_reduction(reduction)
+    mode = _F.check_smoothing_mode(smoothing_mode)
+    eps = _F.check_label_smoothing(label_smoothing)
+    zl = _check_float_arg(z_loss, "z_loss")
+    cap = _check_float_arg(softcap, "softcap", allow_none=True, positive=True)
+    if chunk_size is not None and (not isinstance(chunk_size, int) or isinstance(chunk_size, bool)
+                                   or chunk_size < 1):
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    if ignore_index is None:
+        ignore_index = -100  # PyTorch's linear_cross_entropy maps None to -100
+    if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
+        raise TypeError(f"ignore_index must be an int or None, got {ignore_index!r}")
+    for name, t in (("input", input), ("linear_weight", linear_weight), ("target", target)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if input.dtype not in _F._FLOAT_DTYPES:
+        raise TypeError(f"input must be a floating tensor (float32, float64, float16 or bfloat16), "
+                        f"got {input.dtype}")
+    if input.dim() == 0:
+        raise ValueError("input must have at least 1 dimension (features), got a 0-d tensor")
+    h = input.shape[-1]
+    if linear_weight.dim() != 2:
+        raise ValueError(f"linear_weight must be 2-d (num_classes, in_features), got shape "
+                         f"{tuple(linear_weight.shape)}")
+    v = linear_weight.shape[0]
+    if linear_weight.shape[1] != h:
+        raise ValueError(f"linear_weight shape {tuple(linear_weight.shape)} does not match input's "
+                         f"last dimension {h} (in_features): expected ({v}, {h})")
+    if v == 0:
+        raise ValueError("linear_weight must have at least one class (row), got shape "
+                         f"{tuple(linear_weight.shape)}")
+    if linear_weight.dtype != input.dtype:
+        raise TypeError(f"linear_weight dtype {linear_weight.dtype} must match the input dtype {input.dtype}")
+    if linear_weight.device != input.device:
+        raise ValueError(f"linear_weight is on {linear_weight.device} but input is on {input.device}")
+    if linear_bias is not None:
+        if not isinstance(linear_bias, torch.Tensor):
+            raise TypeError(f"linear_bias must be a torch.Tensor or None, got {type(linear_bias).__name__}")
+        if tuple(linear_bias.shape) != (v,):
+            raise ValueError(f"linear_bias must have shape ({v},) (one entry per class), got "
+                             f"{tuple(linear_bias.shape)}")
+        if linear_bias.dtype != input.dtype:
+            raise TypeError(f"linear_bias dtype {linear_bias.dtype} must match the input dtype {input.dtype}")
+        if linear_bias.device != input.device:
+            raise ValueError(f"linear_bias is on {linear_bias.device} but input is on {input.device}")
+    if target.is_floating_point():
+        raise TypeError("target must hold class indices (an integer dtype); probability targets are "
+                        "not supported by linear_cross_entropy (use linear + cross_entropy)")
+    if target.dtype not in _F._INT_DTYPES:
+        raise TypeError(f"target must hold class indices (an integer dtype), got {target.dtype}")
+    if tuple(target.shape) != tuple(input.shape[:-1]):
+        raise ValueError(f"target shape {tuple(target.shape)} does not match input shape "
+                         f"{tuple(input.shape)}: expected {tuple(input.shape[:-1])} (input without "
+                         f"its last dimension)")
+    if target.device != input.device:
+        raise ValueError(f"target is on {target.device} but input is on {input.device}")
+    weight = _F._check_weight(weight, input, v)
+    if mode == SMOOTHING_MODES["off_target"] and v == 1 and eps > 0:
+        raise ValueError(f"smoothing_mode='off_target' needs at least 2 classes when label_smoothing > 0 "
+                         f"(got 1 class, label_smoothing={eps})")
+
+    grad_on = torch.is_grad_enabled()
+    gi = grad_on and input.requires_grad
+    gw = grad_on and linear_weight.requires_grad
+    gb = grad_on and linear_bias is not None and linear_bias.requires_grad
+    x = input.reshape(-1, h)
+    W = linear_weight if linear_weight.stride(-1) == 1 else linear_weight.contiguous()
+    loss, _, _, _ = linear_ce_forward(x, W, linear_bias, target.reshape(-1).long(), weight,
+                                      ignore_index, eps, mode, red, zl, cap or 0.0,
+                                      chunk_size or 0, gi, gw, gb)
+    if red == _NONE:
+        loss = loss.reshape(target.shape)
+    return loss
+
+
+_Base = getattr(torch.nn, "LinearCrossEntropyLoss", torch.nn.Module)
+
+
+class LinearCrossEntropyLoss(_Base):
+    """A linear layer followed by the label-smoothed cross-entropy, fused and chunked.
+
+    The constructor is torch.nn.LinearCrossEntropyLoss's (PyTorch 2.14; a subclass of it when
+    available, so isinstance checks and state dicts keep working) without out_features and
+    options, plus smoothing_mode, z_loss, softcap and chunk_size. forward(input, target).
+    """
+
+    def __init__(self, in_features, num_classes, *, bias=False, device=None, dtype=None,
+                 reduction="mean", weight=None, ignore_index=-100, label_smoothing=0.0,
+                 smoothing_mode="uniform", z_loss=0.0, softcap=None, chunk_size=None):
+        _F.check_reduction(reduction)
+        _F.check_smoothing_mode(smoothing_mode)
+        _F.check_label_smoothing(label_smoothing)
+        _check_float_arg(z_loss, "z_loss")
+        _check_float_arg(softcap, "softcap", allow_none=True, positive=True)
+        if _Base is torch.nn.Module:
+            super().__init__()
+            self.register_buffer("weight", weight)
+            self.reduction, self.num_classes, self.out_features = reduction, num_classes, ()
+            self.linear = torch.nn.Linear(in_features, num_classes, bias=bias, device=device, dtype=dtype)
+        else:
+            super().__init__(in_features, num_classes, bias=bias, device=device, dtype=dtype,
+                             reduction=reduction, weight=weight, ignore_index=ignore_index,
+                             label_smoothing=label_smoothing)
+        self.ignore_index = ignore_index
+        self.label_smoothing = label_smoothing
+        self.smoothing_mode = smoothing_mode
+        self.z_loss = z_loss
+        self.softcap = softcap
+        self.chunk_size = chunk_size
+
+    def forward(self, input, target):
+        return linear_cross_entropy(
+            input, self.linear.weight, target, linear_bias=self.linear.bias, weight=self.weight,
+            reduction=self.reduction, ignore_index=self.ignore_index,
+            label_smoothing=self.label_smoothing, smoothing_mode=self.smoothing_mode,
+            z_loss=self.z_loss, softcap=self.softcap, chunk_size=self.chunk_size)
+
+    def extra_repr(self):
+        return (f"in_features={self.linear.in_features}, num_classes={self.num_classes}, "
+                f"bias={self.linear.bias is not None}, reduction={self.reduction!r}, "
+                f"ignore_index={self.ignore_index}, label_smoothing={self.label_smoothing}, "
+                f"smoothing_mode={self.smoothing_mode!r}, z_loss={self.z_loss}, "
+                f"softcap={self.softcap}, chunk_size={self.chunk_size}")

@@ -1,0 +1,383 @@
+"""Fused linear + cross-entropy (labelsmooth_ext.linear_cross_entropy): parity with linear +
+cross-entropy (the float64 reference, PyTorch's F.linear_cross_entropy and F.cross_entropy, our
+own cross_entropy), gradients, chunking, torch.compile, opcheck and argument errors. CPU only;
+small shapes, so the whole file runs in seconds."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import labelsmooth_ext as L
+from labelsmooth_ext import linear as lin
+from labelsmooth_ext import reference as R
+
+from conftest import assert_close_to
+
+N, H, V = 23, 6, 11  # chunk sizes below (1, 5, 7) do not divide N
+
+
+def make(n=N, h=H, v=V, dtype=torch.float64, bias=True, ignore=-100, seed=0, lead=None):
+    g = torch.Generator().manual_seed(seed)
+    shape = (n,) if lead is None else lead
+    x = torch.randn(*shape, h, generator=g, dtype=torch.float64).to(dtype).requires_grad_()
+    W = torch.randn(v, h, generator=g, dtype=torch.float64).to(dtype).requires_grad_()
+    b = torch.randn(v, generator=g, dtype=torch.float64).to(dtype).requires_grad_() if bias else None
+    t = torch.randint(0, v, shape, generator=g)
+    t.view(-1)[::4] = ignore
+    w = torch.rand(v, generator=g, dtype=torch.float64).to(dtype) + 0.1
+    return x, W, b, t, w
+
+
+def params(x, W, b):
+    return [p for p in (x, W, b) if p is not None]
+
+
+def grads(loss, ps, go=None):
+    return torch.autograd.grad(loss, ps, go, retain_graph=True)
+
+
+def oracle(x, W, b, t, **kw):
+    """linear + the float64 reference cross_entropy, on rows."""
+    h = x.shape[-1]
+    z = F.linear(x.reshape(-1, h), W, b)
+    red = kw.pop("reduction", "mean")
+    out = R.cross_entropy(z, t.reshape(-1), kw.pop("weight", None), reduction=red, **kw)
+    return out.reshape(t.shape) if red == "none" else out
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("z_loss,softcap", [(0.0, None), (0.01, None), (0.0, 2.0), (0.02, 1.5)])
+@pytest.mark.parametrize("mode", ["uniform", "off_target"])
+def test_matches_float64_reference(reduction, weighted, bias, z_loss, softcap, mode):
+    x, W, b, t, w = make(bias=bias)
+    kw = dict(weight=w if weighted else None, reduction=reduction, label_smoothing=0.1,
+              smoothing_mode=mode, z_loss=z_loss, softcap=softcap)
+    ours = L.linear_cross_entropy(x, W, t, linear_bias=b, chunk_size=7, **kw)
+    ref = oracle(x, W, b, t, **kw)
+    torch.testing.assert_close(ours, ref, rtol=1e-12, atol=1e-12)
+    go = torch.rand_like(ref) + 0.5  # not 1: the backward's scaling is exercised too
+    for a, e in zip(grads(ours, params(x, W, b), go), grads(ref, params(x, W, b), go)):
+        torch.testing.assert_close(a, e, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_device_side_mean_scale(monkeypatch, weighted, dtype):
+    """The path CUDA takes (1/D kept on the device, per-row scale) gives the same results."""
+    x, W, b, t, w = make(dtype=dtype)
+    kw = dict(linear_bias=b, weight=w if weighted else None, label_smoothing=0.1, chunk_size=7)
+    host = L.linear_cross_entropy(x, W, t, **kw)
+    g_host = grads(host, [x, W, b])
+    monkeypatch.setattr(lin, "_SCALE_ON_HOST", False)
+    dev = L.linear_cross_entropy(x, W, t, **kw)
+    torch.testing.assert_close(dev, host, rtol=0, atol=0)
+    for a, e in zip(grads(dev, [x, W, b]), g_host):
+        torch.testing.assert_close(a, e)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("eps", [0.0, 0.1, 1.0])
+def test_matches_torch_linear_cross_entropy(reduction, weighted, bias, eps):
+    """PyTorch 2.14's F.linear_cross_entropy (reference path, options=None) and linear +
+    F.cross_entropy, float64, including a custom ignore_index."""
+    x, W, b, t, w = make(bias=bias, ignore=3)
+    kw = dict(weight=w if weighted else None, reduction=reduction, ignore_index=3, label_smoothing=eps)
+    ours = L.linear_cross_entropy(x, W, t, linear_bias=b, chunk_size=5, **kw)
+    ps = params(x, W, b)
+    refs = [F.cross_entropy(F.linear(x, W, b), t, **kw)]
+    if hasattr(F, "linear_cross_entropy"):
+        refs.append(F.linear_cross_entropy(x, W, t, linear_bias=b, options=None, **kw))
+    for ref in refs:
+        torch.testing.assert_close(ours, ref, rtol=1e-12, atol=1e-12)
+        go = torch.linspace(0.5, 2.0, ref.numel(), dtype=ref.dtype).reshape(ref.shape)
+        for a, e in zip(grads(ours, ps, go), grads(ref, ps, go)):
+            torch.testing.assert_close(a, e, rtol=1e-12, atol=1e-12)
+
+
+def test_single_example_and_ignore_index_none():
+    """input (H,) with a scalar target, as PyTorch; ignore_index=None means -100 there."""
+    x, W, b, _, _ = make(bias=True)
+    xi, t = x[3].detach().requires_grad_(), torch.tensor(4)
+    ours = L.linear_cross_entropy(xi, W, t, linear_bias=b, ignore_index=None, label_smoothing=0.2)
+    ref = F.linear_cross_entropy(xi, W, t, linear_bias=b, ignore_index=None, label_smoothing=0.2)
+    assert ours.shape == ()
+    torch.testing.assert_close(ours, ref)
+    for a, e in zip(grads(ours, [xi, W, b]), grads(ref, [xi, W, b])):
+        torch.testing.assert_close(a, e)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_3d_input_is_rows(reduction):
+    x, W, b, t, w = make(lead=(3, 5))
+    ours = L.linear_cross_entropy(x, W, t, linear_bias=b, weight=w, reduction=reduction,
+                                  label_smoothing=0.1, chunk_size=4)
+    ref = oracle(x, W, b, t, weight=w, reduction=reduction, label_smoothing=0.1)
+    assert ours.shape == ref.shape
+    torch.testing.assert_close(ours, ref)
+    go = torch.rand_like(ref)
+    for a, e in zip(grads(ours, [x, W, b], go), grads(ref, [x, W, b], go)):
+        assert a.shape == e.shape
+        torch.testing.assert_close(a, e)
+
+
+@pytest.mark.parametrize("chunk_size", [1, 5, N, 1000, None])
+def test_chunk_size_does_not_change_the_result(chunk_size):
+    x, W, b, t, w = make()
+    kw = dict(linear_bias=b, weight=w, label_smoothing=0.1, z_loss=0.01)
+    ours = L.linear_cross_entropy(x, W, t, chunk_size=chunk_size, **kw)
+    ref = oracle(x, W, b, t, weight=w, label_smoothing=0.1, z_loss=0.01)
+    torch.testing.assert_close(ours, ref, rtol=1e-12, atol=1e-12)
+    for a, e in zip(grads(ours, [x, W, b]), grads(ref, [x, W, b])):
+        torch.testing.assert_close(a, e, rtol=1e-12, atol=1e-12)
+
+
+def test_the_kernel_only_ever_sees_one_chunk(monkeypatch):
+    """The logits are never materialised beyond one chunk: every row-kernel call gets at most
+    chunk_size rows (the chunk's GEMM output), in the forward and in the 'none' backward."""
+    seen = []
+
+    class Spy:
+        def __getattr__(self, name):
+            real = getattr(torch.ops.labelsmooth_ext, name)
+            if name != "ce_forward":
+                return real
+
+            def call(z, *args):
+                seen.append(tuple(z.shape))
+                return real(z, *args)
+            return call
+
+    monkeypatch.setattr(lin, "ops", Spy())
+    x, W, b, t, _ = make(n=50)
+    for red in ("mean", "none"):
+        loss = L.linear_cross_entropy(x, W, t, linear_bias=b, reduction=red, chunk_size=8)
+        loss.sum().backward()
+    assert seen and all(r <= 8 and k == V for r, k in seen)
+    assert sum(r for r, _ in seen) == 3 * 50  # mean: one pass; none: forward + backward
+
+
+def test_auto_chunk_size_bounds_the_chunk():
+    c = lin.auto_chunk_size(1 << 20, 128256, torch.float32, torch.device("cpu"))
+    assert 1 <= c and c * 128256 * 4 <= lin.CPU_CHUNK_BYTES and c % 8 == 0
+    assert lin.auto_chunk_size(3, 10, torch.float32, torch.device("cpu")) == 3
+    assert lin.auto_chunk_size(0, 10, torch.float32, torch.device("cpu")) == 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("extras", [{}, {"z_loss": 1e-3, "softcap": 5.0}])
+def test_low_precision_against_float64(dtype, extras):
+    """Every dtype: ours and linear + our cross_entropy, both against the float64 oracle."""
+    x, W, b, t, w = make(n=40, h=16, v=50, dtype=dtype)
+    kw = dict(weight=w, label_smoothing=0.1, **extras)
+    ours = L.linear_cross_entropy(x, W, t, linear_bias=b, chunk_size=16, **kw)
+    assert ours.dtype == dtype
+    x64, W64, b64 = (p.detach().double().requires_grad_() for p in (x, W, b))
+    ref = oracle(x64, W64, b64, t, weight=w.double(), label_smoothing=0.1, **extras)
+    assert_close_to(ours, ref, dtype, "loss")
+    g_ours = grads(ours, [x, W, b])
+    for a, e, p, name in zip(g_ours, grads(ref, [x64, W64, b64]), (x, W, b), ("d input", "d W", "d b")):
+        assert a.dtype == p.dtype, name
+        assert_close_to(a, e, dtype, name)
+    if not extras:  # linear + our cross_entropy in the same dtype agrees as closely
+        theirs = L.cross_entropy(F.linear(x, W, b), t, w, label_smoothing=0.1)
+        assert_close_to(ours, theirs.double(), dtype, "loss vs linear + cross_entropy")
+
+
+def test_all_rows_ignored():
+    x, W, b, t, w = make()
+    t = torch.full_like(t, -100)
+    for weight in (None, w):
+        mean = L.linear_cross_entropy(x, W, t, linear_bias=b, weight=weight, label_smoothing=0.1, chunk_size=5)
+        ref = F.linear_cross_entropy(x, W, t, linear_bias=b, weight=weight, label_smoothing=0.1)
+        assert mean.isnan() and ref.isnan()
+        for a, e in zip(grads(mean, [x, W, b]), grads(ref, [x, W, b])):
+            torch.testing.assert_close(a, e)  # zeros, as PyTorch
+            assert not a.any()
+        s = L.linear_cross_entropy(x, W, t, linear_bias=b, weight=weight, reduction="sum", z_loss=0.1)
+        assert float(s.detach()) == 0.0
+        none = L.linear_cross_entropy(x, W, t, weight=weight, reduction="none")
+        assert not none.any()
+
+
+def test_empty_input():
+    x, W, b, t, _ = make(n=0)
+    assert L.linear_cross_entropy(x, W, t, linear_bias=b, reduction="sum") == 0
+    assert L.linear_cross_entropy(x, W, t, reduction="mean").isnan()
+    assert L.linear_cross_entropy(x, W, t, reduction="none").shape == (0,)
+
+
+def test_only_the_gradients_asked_for():
+    x, W, b, t, _ = make()
+    W.requires_grad_(False)
+    loss = L.linear_cross_entropy(x, W, t, linear_bias=b, label_smoothing=0.1)
+    ref = oracle(x, W, b, t, label_smoothing=0.1)
+    for a, e in zip(grads(loss, [x, b]), grads(ref, [x, b])):
+        torch.testing.assert_close(a, e)
+    with torch.no_grad():
+        torch.testing.assert_close(L.linear_cross_entropy(x, W, t, linear_bias=b, label_smoothing=0.1),
+                                   ref.detach())
+
+
+def test_backward_twice_and_accumulation():
+    x, W, b, t, _ = make()
+    loss = L.linear_cross_entropy(x, W, t, linear_bias=b, label_smoothing=0.1)
+    loss.backward(retain_graph=True)
+    first = W.grad.clone()
+    (2 * loss).backward()
+    torch.testing.assert_close(W.grad, 3 * first)
+    ref = oracle(x, W, b, t, label_smoothing=0.1)
+    torch.testing.assert_close(first, grads(ref, [W])[0])
+
+
+def test_double_backward_is_a_clear_error():
+    x, W, b, t, _ = make()
+    loss = L.linear_cross_entropy(x, W, t, linear_bias=b)
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(loss, [x], create_graph=True)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_gradcheck(reduction):
+    x, W, b, t, w = make(n=7, h=3, v=5)
+    t[1] = -100
+
+    def f(x, W, b):
+        return L.linear_cross_entropy(x, W, t, linear_bias=b, weight=w, reduction=reduction,
+                                      label_smoothing=0.2, z_loss=0.05, softcap=2.0, chunk_size=3)
+    assert torch.autograd.gradcheck(f, (x, W, b))
+
+
+def _explain(fn, *args):
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    return torch._dynamo.explain(fn)(*args)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_torch_compile_fullgraph(reduction):
+    x, W, b, t, w = make(dtype=torch.float32)
+
+    def f(x, W, b, t):
+        loss = L.linear_cross_entropy(x, W, t, linear_bias=b, weight=w, reduction=reduction,
+                                      label_smoothing=0.1, z_loss=0.01, chunk_size=5)
+        return loss if reduction == "mean" else (loss * torch.arange(loss.numel())).sum()
+
+    assert _explain(f, x, W, b, t).graph_break_count == 0
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    got = compiled(x, W, b, t)
+    want = f(x, W, b, t)
+    torch.testing.assert_close(got, want)
+    for a, e in zip(grads(got, [x, W, b]), grads(want, [x, W, b])):
+        torch.testing.assert_close(a, e)
+
+
+def test_torch_compile_inductor():
+    x, W, b, t, _ = make(dtype=torch.float32)
+
+    def f(x, W, b, t):
+        return L.linear_cross_entropy(x, W, t, linear_bias=b, label_smoothing=0.1) * 3.0
+
+    got = torch.compile(f, fullgraph=True)(x, W, b, t)
+    want = f(x, W, b, t)
+    torch.testing.assert_close(got, want)
+    for a, e in zip(grads(got, [x, W, b]), grads(want, [x, W, b])):
+        torch.testing.assert_close(a, e)
+
+
+@pytest.mark.parametrize("reduction", [0, 1, 2])
+def test_opcheck(reduction):
+    x, W, b, t, w = make(n=9, h=4, v=6)
+    args = (x, W, b, t, w, -100, 0.1, 0, reduction, 0.01, 3.0, 4, True, True, True)
+    torch.library.opcheck(lin.linear_ce_forward, args)
+    if reduction == 0:
+        plain = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
+        go = torch.rand(9, dtype=torch.float64)
+        torch.library.opcheck(lin.linear_ce_backward, (go,) + plain[:8] + plain[9:])
+
+
+def test_module():
+    torch.manual_seed(0)
+    m = L.LinearCrossEntropyLoss(H, V, bias=True, dtype=torch.float64, label_smoothing=0.1,
+                                 smoothing_mode="off_target", z_loss=0.01, chunk_size=4)
+    if hasattr(torch.nn, "LinearCrossEntropyLoss"):
+        assert isinstance(m, torch.nn.LinearCrossEntropyLoss)
+        theirs = torch.nn.LinearCrossEntropyLoss(H, V, bias=True, dtype=torch.float64)
+        assert m.state_dict().keys() == theirs.state_dict().keys()
+    x, _, _, t, _ = make()
+    out = m(x, t)
+    ref = oracle(x, m.linear.weight, m.linear.bias, t, label_smoothing=0.1,
+                 smoothing_mode="off_target", z_loss=0.01)
+    torch.testing.assert_close(out, ref)
+    out.backward()
+    assert m.linear.weight.grad is not None and m.linear.bias.grad is not None
+    assert "smoothing_mode='off_target'" in repr(m)
+
+
+def test_reference_extensions_from_their_definitions():
+    """The oracle's z_loss and softcap, checked against PyTorch on the capped logits plus the
+    z-loss written out (semantics.md: unweighted, kept rows, the CE's denominator)."""
+    g = torch.Generator().manual_seed(1)
+    z = torch.randn(9, 7, generator=g, dtype=torch.float64) * 4
+    t = torch.randint(0, 7, (9,), generator=g)
+    t[2] = -100
+    w = torch.rand(7, generator=g, dtype=torch.float64)
+    capped = 3.0 * torch.tanh(z / 3.0)
+    lse = torch.logsumexp(capped, 1)
+    zl = torch.where(t != -100, 0.01 * lse ** 2, torch.zeros(()))
+    for red in ("none", "sum", "mean"):
+        ce = F.cross_entropy(capped, t, w, reduction=red, label_smoothing=0.1)
+        extra = {"none": zl, "sum": zl.sum(), "mean": zl.sum() / w[t[t != -100]].sum()}[red]
+        got = R.cross_entropy(z, t, w, reduction=red, label_smoothing=0.1, z_loss=0.01, softcap=3.0)
+        torch.testing.assert_close(got, ce + extra)
+
+
+def _bad(**changes):
+    x, W, b, t, w = make(dtype=torch.float32)
+    kw = dict(input=x, linear_weight=W, target=t, linear_bias=b)
+    kw.update(changes)
+    return kw
+
+
+@pytest.mark.parametrize("changes,exc,match", [
+    (dict(input=torch.ones(N, H, dtype=torch.int64)), TypeError, "input must be a floating"),
+    (dict(input=[1.0]), TypeError, "input must be a torch.Tensor"),
+    (dict(input=torch.tensor(1.0)), ValueError, "input must have at least 1"),
+    (dict(linear_weight=torch.randn(V)), ValueError, "linear_weight must be 2-d"),
+    (dict(linear_weight=torch.randn(V, H + 1)), ValueError, "linear_weight shape"),
+    (dict(linear_weight=torch.randn(0, H)), ValueError, "linear_weight must have at least one"),
+    (dict(linear_weight=torch.randn(V, H, dtype=torch.float64)), TypeError, "linear_weight dtype"),
+    (dict(linear_bias=torch.randn(V + 1)), ValueError, "linear_bias must have shape"),
+    (dict(linear_bias=torch.randn(V, dtype=torch.float64)), TypeError, "linear_bias dtype"),
+    (dict(linear_bias=1.0), TypeError, "linear_bias must be a torch.Tensor"),
+    (dict(target=torch.rand(N)), TypeError, "probability targets are not supported"),
+    (dict(target=torch.zeros(N, dtype=torch.bool)), TypeError, "target must hold class indices"),
+    (dict(target=torch.zeros(N + 1, dtype=torch.int64)), ValueError, "target shape"),
+    (dict(target=torch.full((N,), V)), IndexError, f"target {V} \\(at row 0\\) is out of range"),
+    (dict(weight=torch.rand(V + 1)), ValueError, "weight must be a 1-d tensor"),
+    (dict(weight=torch.rand(V, dtype=torch.float64)), TypeError, "weight dtype"),
+    (dict(reduction="avg"), ValueError, "reduction"),
+    (dict(label_smoothing=1.5), ValueError, "label_smoothing"),
+    (dict(smoothing_mode="other"), ValueError, "smoothing_mode"),
+    (dict(z_loss=-1.0), ValueError, "z_loss"),
+    (dict(z_loss="a"), TypeError, "z_loss"),
+    (dict(softcap=0.0), ValueError, "softcap"),
+    (dict(softcap=float("inf")), ValueError, "softcap"),
+    (dict(chunk_size=0), ValueError, "chunk_size"),
+    (dict(chunk_size=2.5), ValueError, "chunk_size"),
+    (dict(ignore_index=1.5), TypeError, "ignore_index"),
+])
+def test_errors_name_the_argument(changes, exc, match):
+    kw = _bad(**changes)
+    with pytest.raises(exc, match=match):
+        L.linear_cross_entropy(kw.pop("input"), kw.pop("linear_weight"), kw.pop("target"), **kw)
+
+
+def test_off_target_needs_two_classes():
+    x, W, _, _, _ = make(v=1)
+    with pytest.raises(ValueError, match="off_target"):
+        L.linear_cross_entropy(x, W, torch.zeros(N, dtype=torch.int64), label_smoothing=0.1,
+                               smoothing_mode="off_target")
