@@ -6,6 +6,7 @@ from . import reference
 from ._ops import set_inplace_backward
 from .functional import binary_cross_entropy_with_logits, cross_entropy, set_target_validation
 from .modules import BCEWithLogitsLoss, CrossEntropyLoss
+from .patch import patch, patched, unpatch
 
 __version__ = "0.1.0"
 
@@ -21,4 +22,5 @@ def build_info():
 __all__ = [
     "cross_entropy", "CrossEntropyLoss", "binary_cross_entropy_with_logits", "BCEWithLogitsLoss",
     "build_info", "reference", "set_inplace_backward", "set_target_validation",
+    "patch", "unpatch", "patched",
 ]

@@ -7,6 +7,7 @@ Every implementation is timed in the same process as the floors it is compared w
 """
 import json
 import math
+import os
 import statistics
 import sys
 import time
@@ -235,8 +236,16 @@ class Progress:
             sys.stderr.write("\n")
 
 
+def _shape(case):
+    return "x".join(map(str, (case.n, case.k) + tuple(case.spatial)))
+
+
 def summarize(results):
-    """One row per (case, mode): times of every implementation, ratios from the same run."""
+    """One row per (case, mode): times of every implementation and ratios from the same run.
+    Every ratio is "<baseline> time / ours": above 1 ours is faster; for the copy and exp
+    floors, 1 would be as fast as the floor."""
+    names = {"labelsmooth_ext": "ours", "torch": "eager", "torch.compile": "compiled",
+             "reference": "reference"}
     rows = []
     keys = []
     for r in results:
@@ -246,23 +255,33 @@ def summarize(results):
     for case, mode in keys:
         by = {r.impl: r for r in results if r.case == case and r.mode == mode}
         ours = by.get("labelsmooth_ext")
-        row = {"shape": case.label, "dtype": case.dtype, "device": case.device, "mode": mode}
+        row = {"input shape": _shape(case), "dtype": case.dtype, "device": case.device,
+               "pass": "fwd" if mode == "forward" else "fwd+bwd"}
         for impl, r in by.items():
-            row[f"{impl} ms"] = r.seconds * 1e3
+            row[f"{names.get(impl, impl)} ms"] = r.seconds * 1e3
         if ours:
             fl = ours.floor_seconds
-            row["vs eager"] = by["torch"].seconds / ours.seconds if "torch" in by else None
-            row["vs compiled"] = by["torch.compile"].seconds / ours.seconds if "torch.compile" in by else None
+            if "torch" in by:
+                row["eager time / ours"] = by["torch"].seconds / ours.seconds
+            if "torch.compile" in by:
+                row["compiled time / ours"] = by["torch.compile"].seconds / ours.seconds
             # the floor of a forward alone is one read: half the copy (read + write)
-            copy_floor = fl["copy"] / 2 if mode == "forward" else fl["copy"]
-            row["% of copy floor"] = 100 * copy_floor / ours.seconds
+            row["copy time / ours"] = (fl["copy"] / 2 if mode == "forward" else fl["copy"]) / ours.seconds
             if "exp" in fl:
-                row["x exp pass"] = ours.seconds / fl["exp"]
+                row["exp time / ours"] = fl["exp"] / ours.seconds
             row["peak MB ours"] = None if ours.peak_extra_bytes is None else ours.peak_extra_bytes / 2**20
             if "torch" in by and by["torch"].peak_extra_bytes is not None:
                 row["peak MB eager"] = by["torch"].peak_extra_bytes / 2**20
         rows.append(row)
     return rows
+
+
+LEGEND = """ms: median time of one call.  X time / ours: X's time divided by ours (above 1: ours is faster).
+  eager = torch.nn.functional.cross_entropy; compiled = torch.compile of it;
+  copy = the memory-traffic floor, y.copy_(x) of the logits (forward alone: half of it; 1 would
+  be as fast as reading the logits once and writing the gradient once);
+  exp = one torch.exp(x, out=y) pass over the logits (CPU).
+peak MB: the call's peak memory beyond what existed before it (CPU: resident high-water mark)."""
 
 
 def _fmt(v):
@@ -273,21 +292,40 @@ def _fmt(v):
     return str(v)
 
 
-def format_table(rows, markdown=False):
+def _header(c):
+    """Two header lines: "eager time / ours" -> ("eager time", "/ ours"), "ours ms" -> ("ours", "ms")."""
+    if " / " in c:
+        a, b = c.split(" / ", 1)
+        return a, "/ " + b
+    if c.endswith(" ms"):
+        return c[:-3], "ms"
+    if c.startswith("peak MB "):
+        return "peak MB", c[len("peak MB "):]
+    return c, ""
+
+
+def format_table(rows, markdown=False, omit=()):
     cols = []
     for r in rows:
         for c in r:
-            if c not in cols:
+            if c not in cols and c not in omit:
                 cols.append(c)
     cells = [[_fmt(r.get(c)) for c in cols] for r in rows]
     if markdown:
         lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
         lines += ["| " + " | ".join(c) + " |" for c in cells]
         return "\n".join(lines)
-    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
-    line = "  ".join(c.rjust(w) for c, w in zip(cols, widths))
-    out = [line, "-" * len(line)]
-    out += ["  ".join(v.rjust(w) for v, w in zip(row, widths)) for row in cells]
+    heads = [_header(c) for c in cols]
+    widths = [max(len(h[0]), len(h[1]), *(len(row[i]) for row in cells)) for i, h in enumerate(heads)]
+    left = {"input shape", "dtype", "device", "pass"}
+
+    def line(values):
+        return "  ".join(v.ljust(w) if c in left else v.rjust(w)
+                         for c, v, w in zip(cols, values, widths)).rstrip()
+
+    out = [line([h[0] for h in heads]), line([h[1] for h in heads])]
+    out.append("-" * max(len(x) for x in out))
+    out += [line(row) for row in cells]
     return "\n".join(out)
 
 
@@ -296,8 +334,9 @@ def add_arguments(p):
                    help="devices to run (default: every available one)")
     p.add_argument("--reps", type=int, default=5, help="timed calls per measurement (median)")
     p.add_argument("--full", action="store_true", help="also the segmentation shape")
-    p.add_argument("--impls", default=",".join(IMPLEMENTATIONS),
-                   help="comma-separated subset of " + ", ".join(IMPLEMENTATIONS))
+    p.add_argument("--impls", default="labelsmooth_ext,torch,torch.compile",
+                   help="comma-separated subset of " + ", ".join(IMPLEMENTATIONS)
+                   + " (default: all but the pure-PyTorch reference)")
     p.add_argument("--json", metavar="PATH", help="write every measurement as JSON")
     p.add_argument("--markdown", metavar="PATH", help="write the table as Markdown")
     p.add_argument("--plot", metavar="PNG", help="plot time against K (needs matplotlib)")
@@ -316,16 +355,20 @@ def report_command(args):
         print(f"unknown implementation(s): {unknown}", file=sys.stderr)
         return 2
     cases = [c for d in devices for c in default_cases(d, args.full)]
+    machine = machine_line(devices)
+    print(machine, flush=True)
+    print(f"label_smoothing={EPS}, {int(IGNORE_FRACTION * 100)}% of rows ignored, median of "
+          f"{args.reps} call{'s' if args.reps != 1 else ''}; implementations: {', '.join(impls)}", flush=True)
     progress = Progress(len(cases) * len(impls) * len(MODES))
     results = []
     for case in cases:
         results += run_case(case, impls, MODES, args.reps,
                             progress=lambda c=case: progress(f"{c.label} {c.dtype}"))
     rows = summarize(results)
-    machine = torch.cuda.get_device_name() if "cuda" in devices else _cpu_name()
-    print(f"\nlabelsmooth_ext benchmark, label_smoothing={EPS}, {int(IGNORE_FRACTION * 100)}% rows "
-          f"ignored; torch {torch.__version__}; {machine}; {torch.get_num_threads()} CPU threads")
-    print(format_table(rows))
+    for dev in devices:
+        print(f"\n{dev.upper()}:")
+        print(format_table([r for r in rows if r["device"] == dev], omit=("device",)))
+    print("\n" + LEGEND)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"machine": machine, "torch": torch.__version__,
@@ -336,6 +379,17 @@ def report_command(args):
     if args.plot:
         plot_vs_k(args.plot, devices, impls, args.reps)
     return 0
+
+
+def machine_line(devices):
+    """Where the numbers come from: the first line of the report."""
+    from . import build_info
+
+    info = build_info()
+    gpu = torch.cuda.get_device_name() if "cuda" in devices else "no GPU used"
+    return (f"machine: {_cpu_name()}, {os.cpu_count()} CPUs ({torch.get_num_threads()} torch threads); "
+            f"{gpu}; torch {torch.__version__}; labelsmooth_ext CPU kernels "
+            f"{'/'.join(info['cpu_kernels'])}, CUDA kernels {'yes' if info['cuda'] else 'no'}")
 
 
 def _cpu_name():

@@ -227,3 +227,13 @@ def test_emulated_ops_match_the_real_schemas(simt):
         real = str(getattr(torch.ops.labelsmooth_ext, name).default._schema).split("::", 1)[1]
         emu = str(getattr(ns, name).default._schema).split("::", 1)[1]
         assert real == emu
+
+
+@pytest.mark.parametrize("K", [9, 2000, 5000])
+def test_ignore_index_inside_the_class_range_with_weights(emulated, K):
+    """An ignore_index that is a valid class; the weighted mean's device-side denominator."""
+    g = torch.Generator().manual_seed(K)
+    x = torch.randn(7, K, generator=g)
+    t = torch.tensor([3, 1, 3, 0, K - 1, 3, 2])
+    w = torch.rand(K, generator=g) + 0.1
+    _check(x, t, w, torch.float32, reduction="mean", ignore_index=3, label_smoothing=0.1)

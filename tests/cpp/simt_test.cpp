@@ -40,6 +40,11 @@ static void selftests() {
       {"oob_write", "out-of-bounds write"},
   };
   for (auto& c : must_raise) {
+#ifdef LSE_SIMT_MEM_ASAN
+    // under ASan the guards are poisoned: the write itself stops the process (as it should);
+    // the guard check is shown by the uninstrumented build (tests/test_simt_emulation.py)
+    if (std::string(c[0]) == "oob_write") continue;
+#endif
     std::string got;
     try {
       got = "returned " + labelsmooth_ext::simt_selftest::run(c[0]);
@@ -165,7 +170,14 @@ static void ce_cases(double tol) {
   // K picks the row layout: 32 lanes x 4 rows, 128 lanes, 512 lanes (by row bytes).
   for (int64_t K : {1, 7, 33, 1000, 4097, 9001})
     for (int64_t offset : {0, 1})
-      for (bool weighted : {false, true}) ce_case<scalar_t>(5, K, offset, weighted, 0.1, tol);
+      for (bool weighted : {false, true}) {
+        try {
+          ce_case<scalar_t>(5, K, offset, weighted, 0.1, tol);
+        } catch (const c10::Error& e) {
+          EXPECT(false, "K=%ld offset=%ld weighted=%d: %s", long(K), long(offset), int(weighted),
+                 e.what_without_backtrace());
+        }
+      }
 }
 
 template <typename scalar_t>
@@ -205,13 +217,17 @@ static void bce_and_scale(double tol) {
 
 int main() {
   selftests();
+  try {
+    bce_and_scale<float>(1e-5);
+    bce_and_scale<double>(1e-10);
+    bce_and_scale<c10::BFloat16>(2e-2);
+  } catch (const c10::Error& e) {
+    EXPECT(false, "bce/scale: %s", e.what_without_backtrace());
+  }
   ce_cases<float>(2e-5);
   ce_cases<double>(1e-10);
   ce_cases<c10::Half>(4e-3);
   ce_cases<c10::BFloat16>(3e-2);
-  bce_and_scale<float>(1e-5);
-  bce_and_scale<double>(1e-10);
-  bce_and_scale<c10::BFloat16>(2e-2);
   if (failures) {
     std::printf("%d failure(s)\n", failures);
     return 1;

@@ -12,6 +12,17 @@
 #include <string>
 #include <vector>
 
+#if defined(__SANITIZE_ADDRESS__)
+#define LSE_SIMT_MEM_ASAN 1
+#elif defined(__has_feature)
+#if __has_feature(address_sanitizer)
+#define LSE_SIMT_MEM_ASAN 1
+#endif
+#endif
+#ifdef LSE_SIMT_MEM_ASAN
+#include <sanitizer/asan_interface.h>
+#endif
+
 namespace simt {
 namespace memory {
 
@@ -33,6 +44,7 @@ class Registry {
     std::memset(base, kGuardByte, kGuard);
     std::memset(user, 0xFF, n);
     std::memset(user + n, kGuardByte, total - kGuard - n);
+    poison(user, n, true);  // under ASan any access to a guard, read or write, is an error
     std::lock_guard<std::mutex> lock(mutex_);
     live_[user] = n;
     return user;
@@ -45,9 +57,11 @@ class Registry {
       std::lock_guard<std::mutex> lock(mutex_);
       auto it = live_.find(user);
       if (it == live_.end()) return;
-      const std::string e = check_one(user, it->second);
+      const size_t n = it->second;
+      const std::string e = check_one(user, n);
       if (!e.empty() && pending_.empty()) pending_ = e + " (found when it was freed)";
       live_.erase(it);
+      poison(user, n, false);
     }
     std::free(user - kGuard);
   }
@@ -78,13 +92,36 @@ class Registry {
   }
 
  private:
-  static void repair(unsigned char* user, size_t n) {
+  static void poison(unsigned char* user, size_t n, bool on) {
+#ifdef LSE_SIMT_MEM_ASAN
     const size_t total = (n + 2 * kGuard + 63) / 64 * 64;
-    std::memset(user - kGuard, kGuardByte, kGuard);
-    std::memset(user + n, kGuardByte, total - kGuard - n);
+    if (on) {
+      ASAN_POISON_MEMORY_REGION(user - kGuard, kGuard);
+      ASAN_POISON_MEMORY_REGION(user + n, total - kGuard - n);
+    } else {
+      ASAN_UNPOISON_MEMORY_REGION(user - kGuard, total);
+    }
+#else
+    (void)user, (void)n, (void)on;
+#endif
   }
 
-  static std::string check_one(const unsigned char* user, size_t n) {
+  static void repair(unsigned char* user, size_t n) {
+    const size_t total = (n + 2 * kGuard + 63) / 64 * 64;
+    poison(user, n, false);
+    std::memset(user - kGuard, kGuardByte, kGuard);
+    std::memset(user + n, kGuardByte, total - kGuard - n);
+    poison(user, n, true);
+  }
+
+  static std::string check_one(unsigned char* user, size_t n) {
+    poison(user, n, false);
+    const std::string e = check_bytes(user, n);
+    poison(user, n, true);
+    return e;
+  }
+
+  static std::string check_bytes(const unsigned char* user, size_t n) {
     const size_t total = (n + 2 * kGuard + 63) / 64 * 64;
     for (size_t i = 0; i < kGuard; ++i)
       if (user[-1 - int64_t(i)] != kGuardByte)
