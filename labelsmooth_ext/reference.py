@@ -29,17 +29,27 @@ def _rows(x):
 
 
 def cross_entropy(input, target, weight=None, ignore_index=-100, reduction="mean",
-                  label_smoothing=0.0, smoothing_mode="uniform"):
-    """Label-smoothed cross-entropy, class-index or probability targets, every reduction."""
+                  label_smoothing=0.0, smoothing_mode="uniform", *, z_loss=0.0, softcap=None):
+    """Label-smoothed cross-entropy, class-index or probability targets, every reduction.
+
+    softcap: the logits become softcap * tanh(logits / softcap) before everything else.
+    z_loss: adds z_loss * lse**2 to every row's loss (every non-ignored row for class-index
+    targets), unweighted, divided by the same denominator as the rest under "mean".
+    """
     k = input.shape[0] if input.dim() == 1 else input.shape[1]
     a, b = smoothing_coefficients(k, label_smoothing, smoothing_mode)
     z = _rows(input)
-    logp = z - torch.logsumexp(z, dim=1, keepdim=True)
+    if softcap is not None:
+        z = softcap * torch.tanh(z / softcap)
+    lse = torch.logsumexp(z, dim=1, keepdim=True)
+    logp = z - lse
     w = torch.ones(k, dtype=z.dtype, device=z.device) if weight is None else weight.to(z.dtype)
 
     if target.is_floating_point():
         q = a + b * _rows(target).to(z.dtype)
         loss = -(w * q * logp).sum(dim=1)
+        if z_loss:
+            loss = loss + z_loss * lse[:, 0] ** 2
         out_shape = input.shape[:1] + input.shape[2:] if input.dim() > 1 else ()
         denom = torch.tensor(float(loss.numel()), dtype=z.dtype, device=z.device)
     else:
@@ -50,6 +60,8 @@ def cross_entropy(input, target, weight=None, ignore_index=-100, reduction="mean
         loss = b * wy * -logp.gather(1, y_safe[:, None])[:, 0]
         if a != 0.0:
             loss = loss + a * -(w * logp).sum(dim=1)
+        if z_loss:
+            loss = loss + z_loss * lse[:, 0] ** 2
         zero = torch.zeros((), dtype=loss.dtype, device=loss.device)
         loss = torch.where(valid, loss, zero)
         denom = torch.where(valid, wy, zero).sum()
