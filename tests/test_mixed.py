@@ -111,6 +111,7 @@ def test_sixteen_bit_gradient_rounded_once(device, dtype, reduction, go_kind, we
         go = (torch.rand(n, generator=g, dtype=torch.float64) + 0.25).to(device)
     else:
         go = torch.tensor(go_kind, dtype=torch.float64, device=device)
+    go = go.to(dtype).double()  # the loss is in `dtype`, so is its incoming gradient
     kw = dict(weight=w, reduction=reduction, label_smoothing=0.1)
     ref = input_grad(F.cross_entropy, x.double(), t, go, **{**kw, "weight": None if w is None else w.double()})
     ours = input_grad(L.cross_entropy, x, t, go.float(), **kw).double().cpu()
