@@ -28,6 +28,8 @@ LSE_HD float lse_log(float x) { return logf(x); }
 LSE_HD double lse_log(double x) { return log(x); }
 LSE_HD float lse_log1p(float x) { return log1pf(x); }
 LSE_HD double lse_log1p(double x) { return log1p(x); }
+LSE_HD float lse_tanh(float x) { return tanhf(x); }
+LSE_HD double lse_tanh(double x) { return tanh(x); }
 
 template <typename acc_t>
 struct Smoothing {
@@ -116,7 +118,7 @@ LSE_HD GradCoefs<acc_t> ce_grad_coefs(acc_t inv_s, Smoothing<acc_t> sm, acc_t sc
 //     2 c lse p_c = e_c * (2 c lse / s_sum) joins the e_c coefficient kp of ce_grad_coefs.
 template <typename acc_t>
 LSE_HD acc_t softcap_apply(acc_t x, acc_t cap) {
-  return cap * tanh(x / cap);
+  return cap * lse_tanh(x / cap);
 }
 
 template <typename acc_t>

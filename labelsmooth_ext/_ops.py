@@ -378,6 +378,7 @@ def _setup_ext(ctx, inputs, output):
     input, target, weight = inputs[:3]
     ctx.args = tuple(inputs[3:7]) + tuple(inputs[8:10])  # ignore_index, eps, mode, red, z, cap
     ctx.reduction = inputs[6]
+    ctx.ops, ctx.cuda_path = ops, takes_cuda_path(input)
     _, grad, _ = output
     ctx.mark_non_differentiable(grad, output[2])
     ctx.set_materialize_grads(False)
@@ -393,19 +394,22 @@ def _backward_ext(ctx, grad_loss, _grad, _lse):
     go = grad_loss.reshape(-1) if red == REDUCTIONS["none"] else grad_loss
     saved = ctx.saved_tensors
     grad = saved[0]
+    ops = ctx.ops
+    # CPU: "is the incoming gradient 1" is free on the host; the CUDA path never syncs for it.
+    go_is_one = not ctx.cuda_path and red != REDUCTIONS["none"]
     if len(saved) == 1:  # float32 / float64: the forward's gradient times the incoming one
         if _traced(grad, go):
             g = _functional(ops.ce_backward, grad, go, red)
         else:
             _check_no_double_backward()
-            g = grad if red != REDUCTIONS["none"] and float(go) == 1.0 else ops.ce_backward(grad, go, red)
+            g = grad if go_is_one and float(go) == 1.0 else ops.ce_backward(grad, go, red)
     else:
         _, input, target, weight = saved
         if _traced(input, go):
             g = _functional(ops.ce_grad_ext, input, target, weight, go, *ctx.args)
         else:
             _check_no_double_backward()
-            if grad.numel() and red != REDUCTIONS["none"] and float(go) == 1.0:
+            if grad.numel() and go_is_one and float(go) == 1.0:
                 g = grad
             else:
                 g = ops.ce_grad_ext(input, target, weight, go, *ctx.args)
@@ -434,6 +438,7 @@ class InplaceBackwardCe(torch.autograd.Function):
                                           z_loss, softcap)
         ctx.save_for_backward(input, target, weight)
         ctx.args = (ignore_index, eps, mode, red, z_loss, softcap)
+        ctx.ops = ops
         ctx.done = False
         ctx.mark_non_differentiable(lse)
         ctx.set_materialize_grads(False)
@@ -454,7 +459,7 @@ class InplaceBackwardCe(torch.autograd.Function):
         go = grad_loss.reshape(-1) if red == REDUCTIONS["none"] else grad_loss
         ctx.done = True
         before = input._version
-        ops.ce_grad_ext_(input, target, weight, go, *ctx.args)
+        ctx.ops.ce_grad_ext_(input, target, weight, go, *ctx.args)
         if input._version == before:
             torch.autograd.graph.increment_version(input)
         return (input,) + (None,) * 8

@@ -148,7 +148,7 @@ def cross_entropy(
     smoothing_mode="uniform" is PyTorch's convention (target 1 - eps + eps/K, others eps/K);
     "off_target" gives the target 1 - eps and every other class eps/(K-1).
 
-    Large-vocabulary options (class-index targets; fused on the CPU):
+    Large-vocabulary options (class-index targets; fused, CPU and CUDA):
     softcap=s > 0: logits become s * tanh(x / s) before anything else.
     z_loss=c >= 0: every non-ignored row's loss gets c * lse**2 (unweighted; under "mean"
     divided by the cross-entropy's denominator: kept rows, or the sum of their class weights).
@@ -178,18 +178,16 @@ def cross_entropy(
         )
     need_grad = input.requires_grad and torch.is_grad_enabled()
     if llm is not None:
-        if inplace_backward and input.requires_grad and input.is_leaf:
+        base = input._base if input._base is not None else input
+        if inplace_backward and input.requires_grad and base.is_leaf and base.requires_grad:
             raise ValueError(
                 "inplace_backward=True would write the gradient over a leaf tensor that requires "
-                "grad (a parameter's data); it is meant for the logits computed by the model")
+                "grad (or a view of one: a parameter's data); it is meant for the logits computed "
+                "by the model")
         if target.is_floating_point():
             raise NotImplementedError(
                 "z_loss, softcap, return_lse and inplace_backward take class-index targets; "
                 "probability targets are not supported with them")
-        if _ops.takes_cuda_path(input):
-            raise NotImplementedError(
-                "z_loss, softcap, return_lse and inplace_backward run in the CPU kernels only so far "
-                "(the CUDA kernels do not have them yet)")
 
     if target.is_floating_point():
         return _prob_cross_entropy(input, target, weight, reduction, smoothing_mode, eps, need_grad,
@@ -263,7 +261,7 @@ def _check_llm_options(z_loss, softcap, inplace_backward, return_lse):
 
 def _llm_cross_entropy(input, target, weight, ignore_index, red, eps, smoothing_mode, autocast, need_grad,
                        num_classes, z_loss, softcap, inplace_backward, return_lse):
-    """Class-index targets with z_loss / softcap / return_lse / inplace_backward (CPU kernels)."""
+    """Class-index targets with z_loss / softcap / return_lse / inplace_backward (ce_forward_ext)."""
     mode = SMOOTHING_MODES[smoothing_mode]
     tgt = target.reshape(-1).long()
     transforms = _ops.functorch_transforms()

@@ -10,7 +10,7 @@ import torch
 
 import labelsmooth_ext as L
 from labelsmooth_ext import reference
-from conftest import DTYPES, assert_close_to, random_targets
+from conftest import DEVICES, DTYPES, assert_close_to, random_targets
 
 OPTIONS = [dict(z_loss=1e-3), dict(softcap=5.0), dict(z_loss=2e-2, softcap=3.0)]
 
@@ -28,28 +28,30 @@ def _reference(x, target, weight, **kw):
     return out, g, grad_out
 
 
-def _ours(x, target, weight, grad_out, **kw):
-    xx = x.detach().clone().requires_grad_()
-    out = L.cross_entropy(xx, target, weight, **kw)
-    (g,) = torch.autograd.grad((out * grad_out.to(out.dtype)).sum(), xx)
+def _ours(x, target, weight, grad_out, device="cpu", **kw):
+    xx = x.detach().clone().to(device).requires_grad_()
+    out = L.cross_entropy(xx, target.to(device), None if weight is None else weight.to(device), **kw)
+    (g,) = torch.autograd.grad((out * grad_out.to(out.dtype).to(device)).sum(), xx)
     return out, g
 
 
-def _ours_inplace(x, target, weight, grad_out, **kw):
-    leaf = x.detach().clone().requires_grad_()
+def _ours_inplace(x, target, weight, grad_out, device="cpu", **kw):
+    leaf = x.detach().clone().to(device).requires_grad_()
     logits = leaf * 1  # a non-leaf, as a model's output
-    out = L.cross_entropy(logits, target, weight, inplace_backward=True, **kw)
-    (g,) = torch.autograd.grad((out * grad_out.to(out.dtype)).sum(), leaf)
+    out = L.cross_entropy(logits, target.to(device), None if weight is None else weight.to(device),
+                          inplace_backward=True, **kw)
+    (g,) = torch.autograd.grad((out * grad_out.to(out.dtype).to(device)).sum(), leaf)
     return out, g
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("mode", ["uniform", "off_target"])
 @pytest.mark.parametrize("weighted", [False, True])
 @pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
 @pytest.mark.parametrize("opts", OPTIONS, ids=["z", "cap", "z+cap"])
 @pytest.mark.parametrize("inplace", [False, True], ids=["out", "inplace"])
-def test_matches_reference(dtype, mode, weighted, reduction, opts, inplace):
+def test_matches_reference(device, dtype, mode, weighted, reduction, opts, inplace):
     N, K = 37, 67
     seed = hash((str(dtype), mode, weighted, reduction, str(opts))) % 10_000
     x = _logits(N, K, dtype, seed)
@@ -59,21 +61,22 @@ def test_matches_reference(dtype, mode, weighted, reduction, opts, inplace):
     kw = dict(reduction=reduction, label_smoothing=0.1, smoothing_mode=mode, **opts)
     ref_out, ref_g, grad_out = _reference(x, target, weight, **kw)
     run = _ours_inplace if inplace else _ours
-    out, g = run(x, target, weight, grad_out, **kw)
+    out, g = run(x, target, weight, grad_out, device, **kw)
     assert out.dtype == dtype
     assert_close_to(out, ref_out, dtype, "loss")
     assert_close_to(g, ref_g, dtype, "grad")
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("K", [5000, 32003])
-def test_long_rows(dtype, K):
+def test_long_rows(device, dtype, K):
     """Rows longer than the kernel's store blocks (2048) and vector tails."""
     x = _logits(5, K, dtype, K)
     target = torch.tensor([0, K - 1, -100, 17, K // 2])
     kw = dict(reduction="mean", label_smoothing=0.1, z_loss=1e-3, softcap=30.0)
     ref_out, ref_g, grad_out = _reference(x, target, None, **kw)
-    out, g = _ours(x, target, None, grad_out, **kw)
+    out, g = _ours(x, target, None, grad_out, device, **kw)
     assert_close_to(out, ref_out, dtype, "loss")
     assert_close_to(g, ref_g, dtype, "grad")
 
@@ -100,10 +103,11 @@ def test_z_loss_mean_uses_the_cross_entropy_denominator():
     torch.testing.assert_close(both, expected, rtol=1e-12, atol=0)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_return_lse(dtype):
-    x = _logits(9, 40, dtype, 7)
-    target = random_targets(9, 40, ignore_frac=0.3, generator=torch.Generator().manual_seed(2))
+def test_return_lse(device, dtype):
+    x = _logits(9, 40, dtype, 7).to(device)
+    target = random_targets(9, 40, ignore_frac=0.3, generator=torch.Generator().manual_seed(2)).to(device)
     loss, lse = L.cross_entropy(x, target, softcap=4.0, return_lse=True, reduction="none")
     assert lse.shape == target.shape and not lse.requires_grad
     assert lse.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
@@ -114,8 +118,8 @@ def test_return_lse(dtype):
     plain = L.cross_entropy(x, target, softcap=4.0, reduction="none")
     assert torch.equal(loss, plain)
     # 3-d input: lse shaped like the target
-    x3 = _logits(4, 6, torch.float32, 1).reshape(2, 6, 2)
-    t3 = torch.tensor([[0, 1], [2, 5]])
+    x3 = _logits(4, 6, torch.float32, 1).reshape(2, 6, 2).to(device)
+    t3 = torch.tensor([[0, 1], [2, 5]], device=device)
     _, lse3 = L.cross_entropy(x3, t3, return_lse=True)
     assert lse3.shape == (2, 2)
     torch.testing.assert_close(lse3, torch.logsumexp(x3, dim=1))
@@ -134,18 +138,19 @@ def test_module_keywords():
 
 # --- inplace_backward: the issue's three scenarios -------------------------------------------
 
-def _lm_head(seed=0, n=64, d=16, v=300):
+def _lm_head(seed=0, n=64, d=16, v=300, device="cpu"):
     g = torch.Generator().manual_seed(seed)
-    h = torch.randn(n, d, generator=g, requires_grad=True)
-    w = torch.randn(v, d, generator=g, requires_grad=True)
-    target = torch.randint(0, v, (n,), generator=g)
+    h = torch.randn(n, d, generator=g).to(device).requires_grad_()
+    w = torch.randn(v, d, generator=g).to(device).requires_grad_()
+    target = torch.randint(0, v, (n,), generator=g).to(device)
     return h, w, target
 
 
-def test_inplace_plain_lm_head_gives_the_same_gradients():
+@pytest.mark.parametrize("device", DEVICES)
+def test_inplace_plain_lm_head_gives_the_same_gradients(device):
     grads = {}
     for inplace in (False, True):
-        h, w, target = _lm_head()
+        h, w, target = _lm_head(device=device)
         logits = h @ w.t()
         loss = L.cross_entropy(logits, target, label_smoothing=0.1, z_loss=1e-4, softcap=30.0,
                                inplace_backward=inplace)
@@ -155,8 +160,9 @@ def test_inplace_plain_lm_head_gives_the_same_gradients():
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
 
 
-def test_inplace_logits_read_after_the_loss_call_are_unchanged():
-    h, w, target = _lm_head(1)
+@pytest.mark.parametrize("device", DEVICES)
+def test_inplace_logits_read_after_the_loss_call_are_unchanged(device):
+    h, w, target = _lm_head(1, device=device)
     logits = h @ w.t()
     snapshot = logits.detach().clone()
     loss = L.cross_entropy(logits, target, inplace_backward=True)
@@ -171,9 +177,10 @@ def test_inplace_logits_read_after_the_loss_call_are_unchanged():
     torch.testing.assert_close(logits.detach(), p / len(target))
 
 
-def test_inplace_logits_saved_by_another_op_raise_never_a_wrong_number():
+@pytest.mark.parametrize("device", DEVICES)
+def test_inplace_logits_saved_by_another_op_raise_never_a_wrong_number(device):
     # Another op saved the logits and runs its backward after ours: autograd's version check.
-    h, w, target = _lm_head(2)
+    h, w, target = _lm_head(2, device=device)
     logits = h @ w.t()
     reg = logits.pow(2).mean()  # PowBackward saves the logits
     loss = L.cross_entropy(logits, target, inplace_backward=True) + 1e-3 * reg
@@ -182,7 +189,7 @@ def test_inplace_logits_saved_by_another_op_raise_never_a_wrong_number():
     # The other order (the op that saved the logits runs its backward first): right numbers.
     grads = {}
     for inplace in (False, True):
-        h, w, target = _lm_head(2)
+        h, w, target = _lm_head(2, device=device)
         logits = h @ w.t()
         ce = L.cross_entropy(logits, target, inplace_backward=inplace)
         (ce + 1e-3 * logits.pow(2).mean()).backward()
@@ -206,6 +213,8 @@ def test_inplace_errors():
     t = torch.tensor([0, 1, 2, 3])
     with pytest.raises(ValueError, match="inplace_backward"):
         L.cross_entropy(x, t, inplace_backward=True)  # a leaf that requires grad
+    with pytest.raises(ValueError, match="inplace_backward"):
+        L.cross_entropy(x.view(4, 5), t, inplace_backward=True)  # a view of one
     base = _logits(5, 4, torch.float32, 0).requires_grad_()
     with pytest.raises(ValueError, match="contiguous"):
         L.cross_entropy((base * 1).t(), t, inplace_backward=True)  # a transposed view
