@@ -111,3 +111,63 @@ def test_mixed_precision(benchmark, record, case, impl):
     if "exp" in fl:
         benchmark.extra_info.update({"exp_floor_s": fl["exp"], "ratio_to_exp_floor": median / fl["exp"]})
     record(B.Result(case, "forward+backward", impl, median, fl, moved, peak))
+
+
+# Large-vocabulary options at the language-model shape (forward + backward): plain smoothing,
+# z_loss=1e-4 with softcap=30, and inplace_backward=True (gradient written over the logits).
+# Logits are a fresh non-leaf each round (made in the untimed setup), as a model's output.
+LLM_CASES = [B.Case("language-model options", 4096, 32000, (), "float32", d) for d in DEVICES]
+_LLM_VARIANTS = {"plain": {}, "z_loss+softcap": dict(z_loss=1e-4, softcap=30.0),
+                 "inplace_backward": dict(inplace_backward=True)}
+
+_PEAK_SCRIPT = """
+import sys, torch, labelsmooth_ext as L
+from labelsmooth_ext import benchmark as B
+g = torch.Generator().manual_seed(0)
+x = torch.randn(4096, 32000, generator=g)
+t = torch.randint(0, 32000, (4096,), generator=g)
+src = x.requires_grad_()
+logits = src * 1
+step = lambda: L.cross_entropy(logits, t, label_smoothing=0.1, inplace_backward=sys.argv[1] == "1").backward()
+print(B.peak_extra_bytes(step, "cpu"))  # VmHWM after a reset: not the high-water mark inherited at fork
+"""
+
+
+def _cpu_peak_rss(inplace):
+    """Peak resident bytes a loss + backward adds to a process holding the inputs and the
+    logits (a fresh process, no gradient-block cache)."""
+    import os
+    import subprocess
+    import sys
+    env = dict(os.environ, LABELSMOOTH_EXT_CPU_GRAD_CACHE="0")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "-c", _PEAK_SCRIPT, "1" if inplace else "0"], env=env, cwd=root,
+                         capture_output=True, text=True, check=True)
+    return int(out.stdout.split()[-1])
+
+
+@pytest.mark.parametrize("case", LLM_CASES, ids=_id)
+@pytest.mark.parametrize("variant", list(_LLM_VARIANTS))
+def test_llm_options(benchmark, record, case, variant):
+    x, t = inputs_for(case)
+    kw = _LLM_VARIANTS[variant]
+
+    def setup():
+        src = x.detach().clone().requires_grad_()
+        return (src * 1,), {}
+
+    def step(logits):
+        B.cross_entropy(logits, t, label_smoothing=B.EPS, **kw).backward()
+        B.sync(case.device)
+
+    benchmark.group = f"{case.label} {case.dtype} {case.device} options forward+backward"
+    benchmark.pedantic(step, setup=setup, rounds=5, iterations=1, warmup_rounds=1)
+    median = benchmark.stats.stats.median
+    benchmark.extra_info["variant"] = variant
+    if case.device == "cpu" and variant != "z_loss+softcap":
+        benchmark.extra_info["peak_extra_rss_bytes"] = _cpu_peak_rss(variant == "inplace_backward")
+    elif case.device == "cuda":
+        def full():
+            step(*setup()[0])
+        benchmark.extra_info["peak_extra_bytes"] = B.peak_extra_bytes(full, case.device)
+    print(f"\n{variant}: {median * 1e3:.1f} ms forward+backward; {benchmark.extra_info}")

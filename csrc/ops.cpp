@@ -118,6 +118,20 @@ void check_bce_args(const at::Tensor& input, const at::Tensor& target,
   }
 }
 
+void check_ext_args(const char* fn, double z_loss, double softcap) {
+  TORCH_CHECK_VALUE(std::isfinite(z_loss) && z_loss >= 0.0, fn, ": z_loss must be a finite number >= 0, got ",
+                    z_loss);
+  TORCH_CHECK_VALUE(std::isfinite(softcap) && softcap >= 0.0, fn,
+                    ": softcap must be a finite number > 0 (0 here means no softcap), got ", softcap);
+}
+
+void check_inplace_target(const at::Tensor& input) {
+  TORCH_CHECK_VALUE(input.dim() == 2 && input.is_contiguous(),
+                    "labelsmooth_ext::ce_grad_ext_: inplace_backward writes the gradient into the logits, "
+                    "which must be contiguous (N, C) rows; got shape ", input.sizes(), " and strides ",
+                    input.strides());
+}
+
 at::Tensor rows_with_unit_class_stride(const at::Tensor& t) {
   if (t.size(1) <= 1 || t.stride(1) == 1) return t;
   return t.contiguous();
@@ -206,6 +220,23 @@ TORCH_LIBRARY(labelsmooth_ext, m) {
       "int ignore_index, float label_smoothing, int smoothing_mode, int reduction) -> ()");
   // In place; skips the pass when the incoming gradient is exactly 1 (decided on the device).
   m.def("ce_scale_(Tensor(a!) grad, Tensor grad_output, int reduction) -> ()");
+  // The large-vocabulary options (class-index targets, (N, C) rows): z_loss >= 0 adds
+  // z_loss * lse^2 to every non-ignored row; softcap > 0 caps the logits at softcap * tanh(x /
+  // softcap) first (0: no softcap). Returns (loss, grad, lse) with ce_forward's loss and grad
+  // and lse (N,) in the loss dtype (0 for ignored rows).
+  m.def(
+      "ce_forward_ext(Tensor input, Tensor target, Tensor? weight, int ignore_index, "
+      "float label_smoothing, int smoothing_mode, int reduction, bool compute_grad, float z_loss, "
+      "float softcap) -> (Tensor, Tensor, Tensor)");
+  // Its gradient times grad_output, recomputed from the logits (applied before the one rounding).
+  m.def(
+      "ce_grad_ext(Tensor input, Tensor target, Tensor? weight, Tensor grad_output, int ignore_index, "
+      "float label_smoothing, int smoothing_mode, int reduction, float z_loss, float softcap) -> Tensor");
+  // The same gradient written over the logits (inplace_backward=True); input contiguous (N, C).
+  m.def(
+      "ce_grad_ext_(Tensor(a!) input, Tensor target, Tensor? weight, Tensor grad_output, "
+      "int ignore_index, float label_smoothing, int smoothing_mode, int reduction, float z_loss, "
+      "float softcap) -> ()");
   m.def("build_info() -> str", &build_info);
 }
 

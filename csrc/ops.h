@@ -21,6 +21,11 @@ void check_bce_args(const at::Tensor& input, const at::Tensor& target,
                     const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& pos_weight,
                     double eps, int64_t reduction);
 
+// z_loss >= 0 (finite), softcap >= 0 (0: none; else finite).
+void check_ext_args(const char* fn, double z_loss, double softcap);
+// The logits that the in-place backward overwrites: contiguous 2-d rows (no overlap, no gap).
+void check_inplace_target(const at::Tensor& input);
+
 // grad_output (one value per row of grad) shaped to broadcast over grad's rows.
 at::Tensor per_row_view(const at::Tensor& grad_output, const at::Tensor& grad);
 

@@ -28,6 +28,8 @@ LSE_HD float lse_log(float x) { return logf(x); }
 LSE_HD double lse_log(double x) { return log(x); }
 LSE_HD float lse_log1p(float x) { return log1pf(x); }
 LSE_HD double lse_log1p(double x) { return log1p(x); }
+LSE_HD float lse_tanh(float x) { return tanhf(x); }
+LSE_HD double lse_tanh(double x) { return tanh(x); }
 
 template <typename acc_t>
 struct Smoothing {
@@ -107,6 +109,33 @@ LSE_HD GradCoefs<acc_t> ce_grad_coefs(acc_t inv_s, Smoothing<acc_t> sm, acc_t sc
   g.kw = sm.a * scale;
   g.ky = sm.b * wy * scale;
   return g;
+}
+
+// Large-vocabulary training options (semantics.md, "Extensions"), applied per row:
+//   softcap s > 0: every logit x becomes z = s tanh(x / s) before anything else; the gradient
+//     with respect to x is the one with respect to z times 1 - tanh^2 = 1 - (z / s)^2.
+//   z_loss c >= 0: the row loss gets c lse^2 (lse of the capped logits); its gradient
+//     2 c lse p_c = e_c * (2 c lse / s_sum) joins the e_c coefficient kp of ce_grad_coefs.
+template <typename acc_t>
+LSE_HD acc_t softcap_apply(acc_t x, acc_t cap) {
+  return cap * lse_tanh(x / cap);
+}
+
+template <typename acc_t>
+LSE_HD acc_t softcap_dz_dx(acc_t z, acc_t cap) {
+  const acc_t t = z / cap;
+  return acc_t(1) - t * t;
+}
+
+template <typename acc_t>
+LSE_HD acc_t z_loss_row(acc_t lse, acc_t c) {
+  return c * lse * lse;
+}
+
+// Added to GradCoefs::kp (already multiplied by `scale`).
+template <typename acc_t>
+LSE_HD acc_t z_loss_kp(acc_t lse, acc_t inv_s, acc_t c, acc_t scale) {
+  return acc_t(2) * c * lse * inv_s * scale;
 }
 
 // Probability targets: q_c = a + b t_c, loss = log_s * Q - Sq with

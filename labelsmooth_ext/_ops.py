@@ -350,3 +350,116 @@ def _vmap_by_loop(op, tensor_args):
 
 torch.library.register_vmap("labelsmooth_ext::ce_backward", _vmap_by_loop(ops.ce_backward, (0, 1)))
 torch.library.register_vmap("labelsmooth_ext::ce_grad", _vmap_by_loop(ops.ce_grad, (0, 1, 2, 3, 4)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Large-vocabulary options (z_loss, softcap, return_lse, inplace_backward): ce_forward_ext.
+
+@torch.library.register_fake("labelsmooth_ext::ce_forward_ext")
+def _(input, target, weight, ignore_index, label_smoothing, smoothing_mode, reduction, compute_grad,
+      z_loss, softcap):
+    loss, grad = _fake_forward(input, reduction, compute_grad)
+    return loss, grad, input.new_empty((input.shape[0],), dtype=_acc_dtype(input.dtype))
+
+
+@torch.library.register_fake("labelsmooth_ext::ce_grad_ext")
+def _(input, target, weight, grad_output, ignore_index, label_smoothing, smoothing_mode, reduction,
+      z_loss, softcap):
+    return torch.empty_like(input, memory_format=torch.contiguous_format)
+
+
+@torch.library.register_fake("labelsmooth_ext::ce_grad_ext_")
+def _(input, target, weight, grad_output, ignore_index, label_smoothing, smoothing_mode, reduction,
+      z_loss, softcap):
+    return None
+
+
+def _setup_ext(ctx, inputs, output):
+    input, target, weight = inputs[:3]
+    ctx.args = tuple(inputs[3:7]) + tuple(inputs[8:10])  # ignore_index, eps, mode, red, z, cap
+    ctx.reduction = inputs[6]
+    ctx.ops, ctx.cuda_path = ops, takes_cuda_path(input)
+    _, grad, _ = output
+    ctx.mark_non_differentiable(grad, output[2])
+    ctx.set_materialize_grads(False)
+    # 16-bit input keeps references to the logits so the backward can recompute the gradient
+    # with the incoming gradient applied before the one rounding (as ce_forward does).
+    ctx.save_for_backward(grad, *((input, target, weight) if input.dtype in _SIXTEEN_BIT else ()))
+
+
+def _backward_ext(ctx, grad_loss, _grad, _lse):
+    if grad_loss is None:
+        return (None,) * 10
+    red = ctx.reduction
+    go = grad_loss.reshape(-1) if red == REDUCTIONS["none"] else grad_loss
+    saved = ctx.saved_tensors
+    grad = saved[0]
+    ops = ctx.ops
+    # CPU: "is the incoming gradient 1" is free on the host; the CUDA path never syncs for it.
+    go_is_one = not ctx.cuda_path and red != REDUCTIONS["none"]
+    if len(saved) == 1:  # float32 / float64: the forward's gradient times the incoming one
+        if _traced(grad, go):
+            g = _functional(ops.ce_backward, grad, go, red)
+        else:
+            _check_no_double_backward()
+            g = grad if go_is_one and float(go) == 1.0 else ops.ce_backward(grad, go, red)
+    else:
+        _, input, target, weight = saved
+        if _traced(input, go):
+            g = _functional(ops.ce_grad_ext, input, target, weight, go, *ctx.args)
+        else:
+            _check_no_double_backward()
+            if grad.numel() and go_is_one and float(go) == 1.0:
+                g = grad
+            else:
+                g = ops.ce_grad_ext(input, target, weight, go, *ctx.args)
+    return (g,) + (None,) * 9
+
+
+torch.library.register_autograd("labelsmooth_ext::ce_forward_ext", _backward_ext, setup_context=_setup_ext)
+torch.library.register_autograd(
+    "labelsmooth_ext::ce_grad_ext", _no_double_backward, setup_context=_setup_nothing
+)
+
+
+class InplaceBackwardCe(torch.autograd.Function):
+    """ce_forward_ext whose backward writes the gradient over the logits (inplace_backward=True).
+
+    The forward leaves the logits as they are (code may read them before backward) and stores
+    no gradient; the backward recomputes it row by row into the logits' own storage and bumps
+    their version counter, so any other autograd node that saved the logits and runs later
+    raises autograd's usual "modified by an inplace operation" error instead of using the
+    gradient as logits.
+    """
+
+    @staticmethod
+    def forward(ctx, input, target, weight, ignore_index, eps, mode, red, z_loss, softcap):
+        loss, _, lse = ops.ce_forward_ext(input, target, weight, ignore_index, eps, mode, red, False,
+                                          z_loss, softcap)
+        ctx.save_for_backward(input, target, weight)
+        ctx.args = (ignore_index, eps, mode, red, z_loss, softcap)
+        ctx.ops = ops
+        ctx.done = False
+        ctx.mark_non_differentiable(lse)
+        ctx.set_materialize_grads(False)
+        return loss, lse
+
+    @staticmethod
+    def backward(ctx, grad_loss, _lse):
+        if grad_loss is None:
+            return (None,) * 9
+        if ctx.done:
+            raise RuntimeError(
+                "labelsmooth_ext: backward ran twice through a loss with inplace_backward=True; the "
+                "first backward wrote the gradient over the logits (use inplace_backward=False to "
+                "backpropagate more than once)")
+        _check_no_double_backward()
+        input, target, weight = ctx.saved_tensors  # checks that nothing modified the logits since
+        red = ctx.args[3]
+        go = grad_loss.reshape(-1) if red == REDUCTIONS["none"] else grad_loss
+        ctx.done = True
+        before = input._version
+        ctx.ops.ce_grad_ext_(input, target, weight, go, *ctx.args)
+        if input._version == before:
+            torch.autograd.graph.increment_version(input)
+        return (input,) + (None,) * 8

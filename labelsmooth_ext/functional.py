@@ -146,13 +146,27 @@ def cross_entropy(
     label_smoothing=0.0,
     *,
     smoothing_mode="uniform",
+    z_loss=0.0,
+    softcap=None,
+    inplace_backward=False,
+    return_lse=False,
 ):
     """Drop-in for torch.nn.functional.cross_entropy, fused: log-softmax, the smoothed loss
     and (when input needs a gradient) the gradient in one pass over each row.
 
     smoothing_mode="uniform" is PyTorch's convention (target 1 - eps + eps/K, others eps/K);
     "off_target" gives the target 1 - eps and every other class eps/(K-1).
+
+    Large-vocabulary options (class-index targets; fused, CPU and CUDA):
+    softcap=s > 0: logits become s * tanh(x / s) before anything else.
+    z_loss=c >= 0: every non-ignored row's loss gets c * lse**2 (unweighted; under "mean"
+    divided by the cross-entropy's denominator: kept rows, or the sum of their class weights).
+    return_lse=True: returns (loss, lse), lse shaped like the target, float32 (float64 for
+    float64 input), no gradient, 0 for ignored rows.
+    inplace_backward=True: the backward writes the gradient over the logits (no logits-sized
+    gradient buffer); the logits are unchanged until then. See README.
     """
+    llm = _check_llm_options(z_loss, softcap, inplace_backward, return_lse)
     if size_average is not None or reduce is not None:
         reduction = legacy_reduction(size_average, reduce)
     if _is_dtensor(input):  # logits sharded by class across ranks: labelsmooth_ext.distributed
@@ -177,6 +191,17 @@ def cross_entropy(
             f"(got 1 class, label_smoothing={eps})"
         )
     need_grad = input.requires_grad and torch.is_grad_enabled()
+    if llm is not None:
+        base = input._base if input._base is not None else input
+        if inplace_backward and input.requires_grad and base.is_leaf and base.requires_grad:
+            raise ValueError(
+                "inplace_backward=True would write the gradient over a leaf tensor that requires "
+                "grad (or a view of one: a parameter's data); it is meant for the logits computed "
+                "by the model")
+        if target.is_floating_point():
+            raise NotImplementedError(
+                "z_loss, softcap, return_lse and inplace_backward take class-index targets; "
+                "probability targets are not supported with them")
 
     if target.is_floating_point():
         return _prob_cross_entropy(input, target, weight, reduction, smoothing_mode, eps, need_grad,
@@ -193,6 +218,9 @@ def cross_entropy(
             f"target shape {tuple(target.shape)} does not match input shape {tuple(input.shape)}: "
             f"class-index targets must have shape {expected}"
         )
+    if llm is not None:
+        return _llm_cross_entropy(input, target, weight, ignore_index, red, eps, smoothing_mode, autocast,
+                                  need_grad, num_classes, *llm, inplace_backward, return_lse)
     if input.dim() > 2 and not _ops.takes_cuda_path(input):
         # (N, C, d1, ...) as (N, C, S): the CPU kernel vectorises across positions, no transpose
         rows = input.reshape(input.shape[0], num_classes, math.prod(input.shape[2:]))
@@ -220,6 +248,82 @@ def cross_entropy(
     if red == REDUCTIONS["none"]:
         loss = loss.reshape(target.shape)
     return _loss_dtype(loss, input, autocast)
+
+
+def _check_llm_options(z_loss, softcap, inplace_backward, return_lse):
+    """None when every large-vocabulary option has its default, else (z_loss, softcap) as the
+    operator takes them (softcap 0.0 for None)."""
+    if isinstance(z_loss, bool) or not isinstance(z_loss, (int, float)):
+        raise TypeError(f"z_loss must be a float, got {z_loss!r}")
+    z = float(z_loss)
+    if not (math.isfinite(z) and z >= 0.0):
+        raise ValueError(f"z_loss must be a finite number >= 0, got {z_loss!r}")
+    cap = 0.0
+    if softcap is not None:
+        if isinstance(softcap, bool) or not isinstance(softcap, (int, float)):
+            raise TypeError(f"softcap must be a float or None, got {softcap!r}")
+        cap = float(softcap)
+        if not (math.isfinite(cap) and cap > 0.0):
+            raise ValueError(f"softcap must be a finite number > 0 (or None for no capping), got {softcap!r}")
+    for name, v in (("inplace_backward", inplace_backward), ("return_lse", return_lse)):
+        if not isinstance(v, bool):
+            raise TypeError(f"{name} must be a bool, got {v!r}")
+    if z == 0.0 and softcap is None and not inplace_backward and not return_lse:
+        return None
+    return z, cap
+
+
+def _llm_cross_entropy(input, target, weight, ignore_index, red, eps, smoothing_mode, autocast, need_grad,
+                       num_classes, z_loss, softcap, inplace_backward, return_lse):
+    """Class-index targets with z_loss / softcap / return_lse / inplace_backward (ce_forward_ext)."""
+    mode = SMOOTHING_MODES[smoothing_mode]
+    tgt = target.reshape(-1).long()
+    transforms = _ops.functorch_transforms()
+    if transforms:
+        # torch.func: the composite formula (pure PyTorch ops every transform handles)
+        from . import reference
+
+        z = _composite_input(input)
+        loss = reference.cross_entropy(z, target, weight, ignore_index=ignore_index,
+                                       reduction=smoothing_reduction(red), label_smoothing=eps,
+                                       smoothing_mode=smoothing_mode, z_loss=z_loss,
+                                       softcap=softcap or None)
+        loss = _loss_dtype(loss, input, autocast)
+        if not return_lse:
+            return loss
+        zr = _to_rows(z, z.dim()).detach()
+        if softcap:
+            zr = softcap * torch.tanh(zr / softcap)
+        lse = torch.where(tgt != ignore_index, torch.logsumexp(zr, dim=1), 0.0)
+        return loss, lse.to(_ops._acc_dtype(input.dtype)).reshape(target.shape)
+    if inplace_backward and need_grad and input.dim() > 2:
+        raise ValueError(
+            "inplace_backward=True takes (N, C) or (C,) logits (a language model's (B, T, V) logits "
+            f"reshaped to (B*T, V)); got shape {tuple(input.shape)}")
+    rows = _to_rows(input, input.dim())
+    if inplace_backward and need_grad and not _ops._traced(input):
+        if not rows.is_contiguous():
+            raise ValueError(
+                "inplace_backward=True writes the gradient into the logits' storage, so they must be "
+                f"contiguous without overlap; got strides {tuple(input.stride())} for shape "
+                f"{tuple(input.shape)} (call .contiguous() first)")
+        loss, lse = _ops.InplaceBackwardCe.apply(rows, tgt, weight, ignore_index, eps, mode, red, z_loss,
+                                                 softcap)
+    else:
+        # Traced (torch.compile) runs inplace_backward out of place: the same values.
+        store_grad = need_grad and input.dtype != torch.float16
+        loss, _, lse = _ops.ops.ce_forward_ext(rows, tgt, weight, ignore_index, eps, mode, red, store_grad,
+                                               z_loss, softcap)
+    if red == REDUCTIONS["none"]:
+        loss = loss.reshape(target.shape)
+    loss = _loss_dtype(loss, input, autocast)
+    if return_lse:
+        return loss, lse.reshape(target.shape)
+    return loss
+
+
+def smoothing_reduction(red):
+    return next(k for k, v in REDUCTIONS.items() if v == red)
 
 
 def _composite_input(input):

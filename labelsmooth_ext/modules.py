@@ -11,26 +11,39 @@ class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
     so isinstance checks and state dicts keep working.
     """
 
-    __constants__ = torch.nn.CrossEntropyLoss.__constants__ + ["smoothing_mode"]
+    __constants__ = torch.nn.CrossEntropyLoss.__constants__ + [
+        "smoothing_mode", "z_loss", "softcap", "inplace_backward", "return_lse"]
 
     def __init__(self, weight=None, size_average=None, ignore_index=-100, reduce=None,
-                 reduction="mean", label_smoothing=0.0, *, smoothing_mode="uniform"):
+                 reduction="mean", label_smoothing=0.0, *, smoothing_mode="uniform",
+                 z_loss=0.0, softcap=None, inplace_backward=False, return_lse=False):
         if size_average is not None or reduce is not None:
             reduction = F.legacy_reduction(size_average, reduce)
         F.check_reduction(reduction)
         F.check_smoothing_mode(smoothing_mode)
         F.check_label_smoothing(label_smoothing)
+        F._check_llm_options(z_loss, softcap, inplace_backward, return_lse)
         super().__init__(weight=weight, ignore_index=ignore_index, reduction=reduction,
                          label_smoothing=label_smoothing)
         self.smoothing_mode = smoothing_mode
+        self.z_loss = float(z_loss)
+        self.softcap = None if softcap is None else float(softcap)
+        self.inplace_backward = inplace_backward
+        self.return_lse = return_lse
 
     def forward(self, input, target):
         return F.cross_entropy(input, target, weight=self.weight, ignore_index=self.ignore_index,
                                reduction=self.reduction, label_smoothing=self.label_smoothing,
-                               smoothing_mode=self.smoothing_mode)
+                               smoothing_mode=self.smoothing_mode, z_loss=self.z_loss,
+                               softcap=self.softcap, inplace_backward=self.inplace_backward,
+                               return_lse=self.return_lse)
 
     def extra_repr(self):
-        return f"reduction={self.reduction!r}, label_smoothing={self.label_smoothing}, smoothing_mode={self.smoothing_mode!r}"
+        extra = "".join(f", {k}={getattr(self, k)!r}" for k, d in
+                        (("z_loss", 0.0), ("softcap", None), ("inplace_backward", False), ("return_lse", False))
+                        if getattr(self, k) != d)
+        return (f"reduction={self.reduction!r}, label_smoothing={self.label_smoothing}, "
+                f"smoothing_mode={self.smoothing_mode!r}" + extra)
 
 
 class BCEWithLogitsLoss(torch.nn.BCEWithLogitsLoss):

@@ -27,6 +27,12 @@ struct CeRowsArgs {
   // (N,) per-row multipliers of the gradient (incoming gradient / D), used instead of scale
   // when not null: they are applied in the accumulation type, before the one rounding.
   const double* row_scale;
+  // Large-vocabulary options (2-d rows only, S == 1): softcap > 0 caps the logits, z_loss adds
+  // z_loss * lse^2 per non-ignored row; lse_rows (N,) in the loss dtype (0 for ignored rows),
+  // or nullptr. grad may equal input (the in-place backward): a row is read before it is written.
+  double z_loss;
+  double softcap;
+  void* lse_rows;
 };
 
 struct ProbRowsArgs {

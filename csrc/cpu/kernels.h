@@ -204,6 +204,54 @@ std::vector<acc_t> weights_in_acc(const void* weight, int64_t K) {
   return w;
 }
 
+// Softcap: z = cap * tanh(x / cap) of a row (src, any input dtype) into the accumulation-type
+// buffer z, returning the max of z (one pass).
+// tanh(u) = 1 - 2 / (exp(2u) + 1): one vector exp (the kernels' exp_u20) instead of the
+// (much slower) vector tanh; absolute error a few ulp of 1 in tanh, i.e. about cap * 2e-7 in z.
+// exp(2u) = inf gives 1, 0 gives -1, NaN stays NaN.
+template <typename scalar_t, typename acc_t>
+acc_t softcap_pass(const scalar_t* src, acc_t* z, int64_t K, acc_t cap) {
+  using Vec = Vectorized<acc_t>;
+  constexpr int64_t V = Vec::size();
+  const Vec vc(cap), v2inv(acc_t(2) / cap), one(1), two(2);
+  Vec vm(-std::numeric_limits<acc_t>::infinity());
+  int64_t c = 0;
+  for (; c + V <= K; c += V) {
+    Vec x;
+    if constexpr (std::is_same_v<scalar_t, acc_t>) {
+      x = Vec::loadu(src + c);
+    } else {
+      at::vec::load_to_float<scalar_t>(src + c, x);
+    }
+    const Vec zc = vc * (one - two / (vexp(x * v2inv) + one));
+    zc.store(z + c);
+    vm = at::vec::maximum(vm, zc);
+  }
+  acc_t m = -std::numeric_limits<acc_t>::infinity();
+  alignas(64) acc_t buf[V];
+  vm.store(buf);
+  for (int64_t i = 0; i < V; ++i) m = nan_max(m, buf[i]);
+  for (; c < K; ++c) {
+    z[c] = softcap_apply<acc_t>(static_cast<acc_t>(src[c]), cap);
+    m = nan_max(m, z[c]);
+  }
+  return m;
+}
+
+// Gradient block times dz/dx = 1 - (z / cap)^2 (softcap), in place.
+template <typename acc_t>
+void softcap_grad_pass(acc_t* g, const acc_t* z, int64_t n, acc_t cap) {
+  using Vec = Vectorized<acc_t>;
+  constexpr int64_t V = Vec::size();
+  const Vec vinv(acc_t(1) / cap), one(1);
+  int64_t c = 0;
+  for (; c + V <= n; c += V) {
+    const Vec t = Vec::loadu(z + c) * vinv;
+    (Vec::loadu(g + c) * (one - t * t)).store(g + c);
+  }
+  for (; c < n; ++c) g[c] *= softcap_dz_dx<acc_t>(z[c], cap);
+}
+
 constexpr int64_t kStoreBlock = 2048;
 
 inline int64_t grain_for(int64_t K) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(K, 1)); }
@@ -224,20 +272,29 @@ void ce_rows(const CeRowsArgs& A) {
   const acc_t W = weighted ? acc_t(A.W) : acc_t(K);
   const acc_t scale = acc_t(A.scale);
 
+  const bool capped = A.softcap > 0;
+  const acc_t cap = acc_t(A.softcap), zc = acc_t(A.z_loss);
+  acc_t* lse_out = static_cast<acc_t*>(A.lse_rows);
+
   at::parallel_for(0, A.N, grain_for(K), [&](int64_t begin, int64_t end) {
     std::vector<acc_t> scratch(K);  // the row's e, then g: stays in L2
+    std::vector<acc_t> capped_row(capped ? K : 0);  // softcap: the capped logits z
     acc_t* buf = scratch.data();
     for (int64_t r = begin; r < end; ++r) {
       const int64_t y = A.target[r];
       scalar_t* grow = grad ? grad + r * K : nullptr;
       if (y == A.ignore_index) {
         loss[r] = 0;
+        if (lse_out) lse_out[r] = 0;
         if (grow) std::fill(grow, grow + K, scalar_t(0));
         continue;
       }
       const acc_t* z;
       acc_t m;
-      if constexpr (kDirect) {
+      if (capped) {
+        z = capped_row.data();
+        m = softcap_pass<scalar_t, acc_t>(in + r * A.in_row_stride, capped_row.data(), K, cap);
+      } else if constexpr (kDirect) {
         z = in + r * A.in_row_stride;
         m = row_max(z, K);
       } else {
@@ -248,20 +305,27 @@ void ce_rows(const CeRowsArgs& A) {
       const acc_t wy = weighted ? w[y] : acc_t(1);
       if (!row_max_is_finite(m)) {
         loss[r] = NAN;
+        if (lse_out) lse_out[r] = NAN;
         if (grow) std::fill(grow, grow + K, scalar_t(NAN));
         continue;
       }
       double s, S;
       exp_pass<acc_t>(z, grow ? buf : nullptr, w, K, m, s, S);  // e may overwrite z (16-bit)
       const acc_t log_s = lse_log(acc_t(s));
+      const acc_t lse = m + log_s;
       loss[r] = ce_row_loss<acc_t>(log_s, zy - m, acc_t(S), sm, wy, W);
+      if (zc != acc_t(0)) loss[r] += z_loss_row<acc_t>(lse, zc);
+      if (lse_out) lse_out[r] = lse;
       if (!grow) continue;
       const acc_t sc = A.row_scale ? acc_t(A.row_scale[r]) : scale;
-      const auto gc = ce_grad_coefs<acc_t>(acc_t(1) / acc_t(s), sm, sc, weighted, wy, W);
+      const acc_t inv_s = acc_t(1) / acc_t(s);
+      auto gc = ce_grad_coefs<acc_t>(inv_s, sm, sc, weighted, wy, W);
+      if (zc != acc_t(0)) gc.kp += z_loss_kp<acc_t>(lse, inv_s, zc, sc);
       for (int64_t b0 = 0; b0 < K; b0 += kStoreBlock) {  // L1-sized blocks: compute, then stream out
         const int64_t n = std::min<int64_t>(kStoreBlock, K - b0);
         grad_pass<acc_t>(buf + b0, w ? w + b0 : nullptr, n, gc.kp, gc.kw);
         if (y >= b0 && y < b0 + n) buf[y] -= gc.ky;  // in acc_t, before the single rounding
+        if (capped) softcap_grad_pass<acc_t>(buf + b0, z + b0, n, cap);
         store_out<scalar_t, acc_t>(grow + b0, buf + b0, n);
       }
     }

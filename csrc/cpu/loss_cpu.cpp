@@ -148,7 +148,8 @@ double ce_denominator(const int64_t* t, int64_t N, int64_t K, int64_t ignore_ind
 // defined), multiplied by row_scale[r] (when not null) or by 1/D for the mean.
 void run_ce_rows(const at::Tensor& in, const at::Tensor& tgt, const std::optional<at::Tensor>& weight,
                  int64_t ignore_index, double eps, int64_t mode, int64_t reduction, double D,
-                 const std::vector<double>& w, at::Tensor& rows, at::Tensor* grad, const double* row_scale) {
+                 const std::vector<double>& w, at::Tensor& rows, at::Tensor* grad, const double* row_scale,
+                 double z_loss = 0.0, double softcap = 0.0, at::Tensor* lse = nullptr) {
   const bool spatial = in.dim() == 3;
   const int64_t N = tgt.size(0), K = in.size(1);
   if (N == 0) return;
@@ -173,6 +174,11 @@ void run_ce_rows(const at::Tensor& in, const at::Tensor& tgt, const std::optiona
   a.scale = reduction == kMean ? 1.0 / D : 1.0;
   a.W = W;
   a.row_scale = row_scale;
+  a.z_loss = z_loss;
+  a.softcap = softcap;
+  a.lse_rows = lse ? lse->data_ptr() : nullptr;
+  TORCH_INTERNAL_ASSERT(!spatial || (z_loss == 0.0 && softcap == 0.0 && !lse),
+                        "z_loss / softcap / lse: 2-d rows only");
   const ScalarKind k = kind_of(in.scalar_type());
   if (spatial) {
     LSE_RUN_BEST(ce_spatial_AVX2, ce_spatial_DEFAULT, k, a);
@@ -249,6 +255,73 @@ void ce_grad_cpu_(at::Tensor& grad, const at::Tensor& input, const at::Tensor& t
   TORCH_CHECK_VALUE(grad.sizes() == input.sizes() && grad.scalar_type() == input.scalar_type(),
                     "labelsmooth_ext::ce_grad_: grad must have the input's shape and dtype");
   grad.copy_(ce_grad_cpu(input, target, weight, grad_output, grad, ignore_index, eps, mode, reduction));
+}
+
+// The large-vocabulary options (ops.cpp, ce_forward_ext): 2-d rows, z-loss, softcap, lse.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> ce_forward_ext_cpu(
+    const at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& weight,
+    int64_t ignore_index, double eps, int64_t mode, int64_t reduction, bool compute_grad, double z_loss,
+    double softcap) {
+  check_ce_args(input, target, weight, eps, mode, reduction);
+  check_ext_args("labelsmooth_ext::ce_forward_ext", z_loss, softcap);
+  const at::Tensor in = rows_with_unit_class_stride(input);
+  const at::Tensor tgt = target.contiguous();
+  const int64_t N = tgt.size(0), K = in.size(1);
+  const std::vector<double> w = weights_as_double(weight);
+  const double D = ce_denominator(tgt.data_ptr<int64_t>(), N, K, ignore_index, w);
+  at::Tensor rows = at::empty({N}, in.options().dtype(acc_type_of(in.scalar_type())));
+  at::Tensor lse = at::empty({N}, rows.options());
+  at::Tensor grad = compute_grad ? empty_rows(N, K, in.options()) : at::empty({0}, in.options());
+  run_ce_rows(in, tgt, weight, ignore_index, eps, mode, reduction, D, w, rows, compute_grad ? &grad : nullptr,
+              nullptr, z_loss, softcap, &lse);
+  return {finish_loss(rows, at::scalar_tensor(D, rows.options()), reduction), grad, lse};
+}
+
+// The gradient of ce_forward_ext's loss times grad_output, recomputed from the logits with the
+// incoming gradient applied in the accumulation type, into `out` (which may be `input`).
+void ce_grad_ext_into(at::Tensor& out, const at::Tensor& input, const at::Tensor& target,
+                      const std::optional<at::Tensor>& weight, const at::Tensor& grad_output,
+                      int64_t ignore_index, double eps, int64_t mode, int64_t reduction, double z_loss,
+                      double softcap) {
+  check_ce_args(input, target, weight, eps, mode, reduction);
+  check_ext_args("labelsmooth_ext::ce_grad_ext", z_loss, softcap);
+  const at::Tensor tgt = target.contiguous();
+  const int64_t N = tgt.size(0), K = input.size(1);
+  const at::Tensor go = grad_output.to(at::kDouble).contiguous();
+  const bool per_row = reduction == kNone;
+  TORCH_CHECK_VALUE(go.numel() == (per_row ? N : 1), "labelsmooth_ext::ce_grad_ext: grad_output has ",
+                    go.numel(), " elements, expected ", per_row ? N : 1);
+  const double* g = go.data_ptr<double>();
+  const std::vector<double> w = weights_as_double(weight);
+  const double D = ce_denominator(tgt.data_ptr<int64_t>(), N, K, ignore_index, w);
+  std::vector<double> row_scale(N);
+  for (int64_t r = 0; r < N; ++r) {
+    const double f = g[per_row ? r : 0];
+    row_scale[r] = reduction == kMean ? f / D : f;
+  }
+  at::Tensor rows = at::empty({N}, input.options().dtype(acc_type_of(input.scalar_type())));
+  run_ce_rows(input, tgt, weight, ignore_index, eps, mode, reduction, D, w, rows, &out, row_scale.data(),
+              z_loss, softcap, nullptr);
+}
+
+at::Tensor ce_grad_ext_cpu(const at::Tensor& input, const at::Tensor& target,
+                           const std::optional<at::Tensor>& weight, const at::Tensor& grad_output,
+                           int64_t ignore_index, double eps, int64_t mode, int64_t reduction, double z_loss,
+                           double softcap) {
+  const at::Tensor in = rows_with_unit_class_stride(input);
+  at::Tensor out = empty_rows(in.size(0), in.size(1), in.options());
+  ce_grad_ext_into(out, in, target, weight, grad_output, ignore_index, eps, mode, reduction, z_loss, softcap);
+  return out;
+}
+
+// In place: the gradient overwrites the logits (inplace_backward=True). Each row is read
+// completely before its gradient is written, so no second buffer is needed.
+void ce_grad_ext_cpu_(at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& weight,
+                      const at::Tensor& grad_output, int64_t ignore_index, double eps, int64_t mode,
+                      int64_t reduction, double z_loss, double softcap) {
+  check_inplace_target(input);
+  ce_grad_ext_into(input, input, target, weight, grad_output, ignore_index, eps, mode, reduction, z_loss,
+                   softcap);
 }
 
 std::tuple<at::Tensor, at::Tensor> ce_prob_forward_cpu(const at::Tensor& input, const at::Tensor& target,
@@ -351,6 +424,9 @@ TORCH_LIBRARY_IMPL(labelsmooth_ext, CPU, m) {
   m.impl("ce_grad_", &ce_grad_cpu_);
   m.impl("ce_scale_", &ce_scale_cpu_);
   m.impl("bce_forward", &bce_forward_cpu);
+  m.impl("ce_forward_ext", &ce_forward_ext_cpu);
+  m.impl("ce_grad_ext", &ce_grad_ext_cpu);
+  m.impl("ce_grad_ext_", &ce_grad_ext_cpu_);
 }
 
 }  // namespace cpu

@@ -21,7 +21,8 @@ namespace cuda {
 inline at::Tensor run_ce_kernel(const at::Tensor& in, const at::Tensor& tgt, const std::optional<at::Tensor>& weight,
                                 int64_t ignore_index, double eps, int64_t mode, int64_t reduction,
                                 at::Tensor& rows, const at::Tensor& grad, const at::Tensor& go,
-                                const at::Tensor& saved) {
+                                const at::Tensor& saved, double z_loss = 0.0, double softcap = 0.0,
+                                const at::Tensor& lse = at::Tensor()) {
   const int64_t N = in.size(0), K = in.size(1);
   const auto acc = acc_type_of(in.scalar_type());
   const bool weighted = weight.has_value() && weight->defined();
@@ -57,6 +58,9 @@ inline at::Tensor run_ce_kernel(const at::Tensor& in, const at::Tensor& tgt, con
       p.go = go.defined() ? static_cast<const acc_t*>(go.data_ptr()) : nullptr;
       p.go_per_row = go.defined() && reduction == kNone;
       p.saved = saved.defined() ? static_cast<const scalar_t*>(saved.data_ptr()) : nullptr;
+      p.softcap = acc_t(softcap);
+      p.z_loss = acc_t(z_loss);
+      p.lse_rows = lse.defined() ? static_cast<acc_t*>(lse.data_ptr()) : nullptr;
       dispatch_forward<scalar_t>(p, stream);
     });
   }
@@ -130,6 +134,63 @@ inline void ce_grad_cuda_(at::Tensor& grad, const at::Tensor& input, const at::T
   const at::Tensor go = incoming_gradient(grad_output, in.scalar_type(), N, reduction);
   at::Tensor rows = at::empty({N}, in.options().dtype(acc_type_of(in.scalar_type())));
   run_ce_kernel(in, tgt, weight, ignore_index, eps, mode, reduction, rows, grad, go, grad);
+}
+
+// The large-vocabulary options (ops.cpp, ce_forward_ext): the same kernel with softcap, z-loss
+// and the per-row lse output.
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor> ce_forward_ext_cuda(
+    const at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& weight,
+    int64_t ignore_index, double eps, int64_t mode, int64_t reduction, bool compute_grad, double z_loss,
+    double softcap) {
+  check_ce_args(input, target, weight, eps, mode, reduction);
+  check_ext_args("labelsmooth_ext::ce_forward_ext", z_loss, softcap);
+  const DeviceGuard guard(input.device());
+  const at::Tensor in = rows_with_unit_class_stride(input);
+  const at::Tensor tgt = target.contiguous();
+  const int64_t N = in.size(0), K = in.size(1);
+  at::Tensor rows = at::empty({N}, in.options().dtype(acc_type_of(in.scalar_type())));
+  at::Tensor lse = at::empty({N}, rows.options());
+  at::Tensor grad = at::empty(compute_grad ? std::vector<int64_t>{N, K} : std::vector<int64_t>{0},
+                              in.options());
+  const at::Tensor denom = run_ce_kernel(in, tgt, weight, ignore_index, eps, mode, reduction, rows,
+                                         compute_grad ? grad : at::Tensor(), at::Tensor(), at::Tensor(),
+                                         z_loss, softcap, lse);
+  return {finish_loss(rows, denom, reduction), grad, lse};
+}
+
+// Its gradient times grad_output, recomputed from the logits (out of place).
+inline at::Tensor ce_grad_ext_cuda(const at::Tensor& input, const at::Tensor& target,
+                                   const std::optional<at::Tensor>& weight, const at::Tensor& grad_output,
+                                   int64_t ignore_index, double eps, int64_t mode, int64_t reduction,
+                                   double z_loss, double softcap) {
+  check_ce_args(input, target, weight, eps, mode, reduction);
+  check_ext_args("labelsmooth_ext::ce_grad_ext", z_loss, softcap);
+  const DeviceGuard guard(input.device());
+  const at::Tensor in = rows_with_unit_class_stride(input);
+  const at::Tensor tgt = target.contiguous();
+  const int64_t N = in.size(0), K = in.size(1);
+  const at::Tensor go = incoming_gradient(grad_output, in.scalar_type(), N, reduction);
+  at::Tensor rows = at::empty({N}, in.options().dtype(acc_type_of(in.scalar_type())));
+  at::Tensor grad = at::empty({N, K}, in.options());
+  run_ce_kernel(in, tgt, weight, ignore_index, eps, mode, reduction, rows, grad, go, at::Tensor(), z_loss,
+                softcap);
+  return grad;
+}
+
+// The same gradient written over the logits (inplace_backward=True).
+inline void ce_grad_ext_cuda_(at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& weight,
+                              const at::Tensor& grad_output, int64_t ignore_index, double eps, int64_t mode,
+                              int64_t reduction, double z_loss, double softcap) {
+  check_ce_args(input, target, weight, eps, mode, reduction);
+  check_ext_args("labelsmooth_ext::ce_grad_ext_", z_loss, softcap);
+  check_inplace_target(input);
+  const DeviceGuard guard(input.device());
+  const at::Tensor tgt = target.contiguous();
+  const int64_t N = input.size(0);
+  const at::Tensor go = incoming_gradient(grad_output, input.scalar_type(), N, reduction);
+  at::Tensor rows = at::empty({N}, input.options().dtype(acc_type_of(input.scalar_type())));
+  run_ce_kernel(input, tgt, weight, ignore_index, eps, mode, reduction, rows, input, go, at::Tensor(), z_loss,
+                softcap);
 }
 
 // Probability targets: the composite path (several passes, fp32 math), correct everywhere.

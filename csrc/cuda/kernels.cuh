@@ -44,6 +44,13 @@ struct CeParams {
   // The gradient the forward saved (may alias grad: in place). Rows whose incoming gradient
   // scales it exactly (exact_multiplier) reuse it; in place with a factor of 1 they are skipped.
   const scalar_t* saved;
+  // Large-vocabulary options (row_math.h): softcap > 0 caps every logit first; z_loss adds
+  // z_loss * lse^2 per kept row; lse_rows (nullptr: not wanted) gets lse (0 for ignored rows).
+  // grad may equal in (in-place backward): each element is read by the thread that writes it,
+  // and every read of another thread's element (z_y) happens before the row reduction's barrier.
+  acc_t softcap;
+  acc_t z_loss;
+  acc_t* lse_rows;
 };
 
 template <typename scalar_t, int ROW_THREADS>
@@ -60,6 +67,9 @@ struct RowAccum {
   RowState<acc_t> st;
   acc_t ref;
   const acc_t* weight;  // nullptr: unweighted
+  acc_t cap;            // softcap (0: none)
+
+  __device__ __forceinline__ acc_t capped(acc_t x) const { return cap > acc_t(0) ? softcap_apply<acc_t>(x, cap) : x; }
 
   __device__ __forceinline__ void linear(acc_t x, int64_t c) {
     st.T += x - ref;
@@ -78,7 +88,7 @@ struct RowAccum {
     acc_t v[VEC];
 #pragma unroll
     for (int i = 0; i < VEC; ++i) {
-      v[i] = static_cast<acc_t>(pk.v[i]);
+      v[i] = capped(static_cast<acc_t>(pk.v[i]));
       linear(v[i], c0 + i);
     }
     acc_t vm = v[0];
@@ -118,17 +128,20 @@ __global__ void __launch_bounds__(ROW_THREADS * ROWS_PER_BLOCK, 1)
   const int64_t y = p.target[row];
   if (y == p.ignore_index) {
     if (tid == 0) p.loss_rows[row] = acc_t(0);
+    if (tid == 0 && p.lse_rows) p.lse_rows[row] = acc_t(0);
     if (grow) fill_row<scalar_t, ROW_THREADS>(grow, K, 0.f);
     return;
   }
   if (y < 0 || y >= K) {  // no host check on this path: poison the row, never read out of bounds
     if (tid == 0) p.loss_rows[row] = acc_t(NAN);
+    if (tid == 0 && p.lse_rows) p.lse_rows[row] = acc_t(NAN);
     if (grow) fill_row<scalar_t, ROW_THREADS>(grow, K, NAN);
     return;
   }
   const scalar_t* z = p.in + row * p.in_row_stride;
   const bool weighted = p.weight != nullptr;
-  const acc_t zy = static_cast<acc_t>(z[y]);
+  const acc_t cap = p.softcap;
+  const acc_t zy = cap > acc_t(0) ? softcap_apply<acc_t>(static_cast<acc_t>(z[y]), cap) : static_cast<acc_t>(z[y]);
   const acc_t ref = (zy > acc_t(-INFINITY) && zy < acc_t(INFINITY)) ? zy : acc_t(0);
 
   // Scalar head up to 16-byte alignment, packs, scalar tail. If the gradient row is aligned
@@ -140,8 +153,8 @@ __global__ void __launch_bounds__(ROW_THREADS * ROWS_PER_BLOCK, 1)
   const int64_t nvec = (K - head) / VEC;
   const int64_t tail = head + nvec * VEC;
 
-  RowAccum<scalar_t> acc{{acc_t(-INFINITY), acc_t(0), acc_t(0), acc_t(0)}, ref, p.weight};
-  auto absorb_scalar = [&](int64_t c) { acc.add(static_cast<acc_t>(z[c]), c); };
+  RowAccum<scalar_t> acc{{acc_t(-INFINITY), acc_t(0), acc_t(0), acc_t(0)}, ref, p.weight, cap};
+  auto absorb_scalar = [&](int64_t c) { acc.add(acc.capped(static_cast<acc_t>(z[c])), c); };
   auto absorb_pack = [&](const P& pk, int64_t c0) { acc.add_pack(pk, c0); };
 
   P cache[CACHE];
@@ -164,21 +177,30 @@ __global__ void __launch_bounds__(ROW_THREADS * ROWS_PER_BLOCK, 1)
   const acc_t W = weighted ? *p.weight_sum : acc_t(K);
   if (!row_max_is_finite(m)) {
     if (tid == 0) p.loss_rows[row] = acc_t(NAN);
+    if (tid == 0 && p.lse_rows) p.lse_rows[row] = acc_t(NAN);
     if (grow) fill_row<scalar_t, ROW_THREADS>(grow, K, NAN);
     return;
   }
   const acc_t log_s = lse_log(st.s);
+  const acc_t lse = m + log_s;
   // Linear sums moved from the reference to the max: sum w (z - m) = Tw + W (ref - m).
   const acc_t S = weighted ? st.Tw + W * (ref - m) : st.T + acc_t(K) * (ref - m);
-  if (tid == 0) p.loss_rows[row] = ce_row_loss<acc_t>(log_s, zy - m, S, p.sm, wy, W);
+  if (tid == 0) {
+    p.loss_rows[row] = ce_row_loss<acc_t>(log_s, zy - m, S, p.sm, wy, W) + z_loss_row<acc_t>(lse, p.z_loss);
+    if (p.lse_rows) p.lse_rows[row] = lse;
+  }
   if (!grow) return;
 
   acc_t scale = p.inv_denom ? *p.inv_denom : acc_t(1);
   if (p.go) scale *= p.go[p.go_per_row ? row : 0];  // backward: before the one rounding
-  const GradCoefs<acc_t> gc = ce_grad_coefs<acc_t>(acc_t(1) / st.s, p.sm, scale, weighted, wy, W);
-  auto grad_of = [&](acc_t zc, int64_t c) -> scalar_t {
+  const acc_t inv_s = acc_t(1) / st.s;
+  GradCoefs<acc_t> gc = ce_grad_coefs<acc_t>(inv_s, p.sm, scale, weighted, wy, W);
+  gc.kp += z_loss_kp<acc_t>(lse, inv_s, p.z_loss, scale);
+  auto grad_of = [&](acc_t xc, int64_t c) -> scalar_t {
+    const acc_t zc = acc.capped(xc);
     acc_t g = fast_exp(zc - m) * gc.kp - gc.kw * (weighted ? static_cast<acc_t>(p.weight[c]) : acc_t(1));
     if (c == y) g -= gc.ky;
+    if (cap > acc_t(0)) g *= softcap_dz_dx<acc_t>(zc, cap);
     return static_cast<scalar_t>(g);  // computed in acc_t, rounded once
   };
   auto emit_pack = [&](const P& pk, int64_t c0) {

@@ -25,6 +25,9 @@ TORCH_LIBRARY_IMPL(labelsmooth_ext, CUDA, m) {
   m.impl("ce_grad", &ce_grad_cuda);
   m.impl("ce_grad_", &ce_grad_cuda_);
   m.impl("bce_forward", &bce_forward_cuda);
+  m.impl("ce_forward_ext", &ce_forward_ext_cuda);
+  m.impl("ce_grad_ext", &ce_grad_ext_cuda);
+  m.impl("ce_grad_ext_", &ce_grad_ext_cuda_);
 }
 
 }  // namespace cuda

@@ -1,0 +1,326 @@
+"""z_loss, softcap, return_lse and inplace_backward (issue 11) against the float64 composite
+in labelsmooth_ext.reference, plus the three inplace_backward scenarios and bad values."""
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import labelsmooth_ext as L
+from labelsmooth_ext import reference
+from conftest import DEVICES, DTYPES, assert_close_to, random_targets
+
+OPTIONS = [dict(z_loss=1e-3), dict(softcap=5.0), dict(z_loss=2e-2, softcap=3.0)]
+
+
+def _logits(n, k, dtype, seed, scale=4.0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(n, k, generator=g, dtype=torch.float64) * scale).to(dtype)
+
+
+def _reference(x, target, weight, **kw):
+    xd = x.detach().double().requires_grad_()
+    out = reference.cross_entropy(xd, target, None if weight is None else weight.double(), **kw)
+    grad_out = torch.linspace(0.5, 2.0, out.numel(), dtype=torch.float64).reshape(out.shape)
+    (g,) = torch.autograd.grad((out * grad_out).sum(), xd)
+    return out, g, grad_out
+
+
+def _ours(x, target, weight, grad_out, device="cpu", **kw):
+    xx = x.detach().clone().to(device).requires_grad_()
+    out = L.cross_entropy(xx, target.to(device), None if weight is None else weight.to(device), **kw)
+    (g,) = torch.autograd.grad((out * grad_out.to(out.dtype).to(device)).sum(), xx)
+    return out, g
+
+
+def _ours_inplace(x, target, weight, grad_out, device="cpu", **kw):
+    leaf = x.detach().clone().to(device).requires_grad_()
+    logits = leaf * 1  # a non-leaf, as a model's output
+    out = L.cross_entropy(logits, target.to(device), None if weight is None else weight.to(device),
+                          inplace_backward=True, **kw)
+    (g,) = torch.autograd.grad((out * grad_out.to(out.dtype).to(device)).sum(), leaf)
+    return out, g
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("mode", ["uniform", "off_target"])
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+@pytest.mark.parametrize("opts", OPTIONS, ids=["z", "cap", "z+cap"])
+@pytest.mark.parametrize("inplace", [False, True], ids=["out", "inplace"])
+def test_matches_reference(device, dtype, mode, weighted, reduction, opts, inplace):
+    N, K = 37, 67
+    seed = hash((str(dtype), mode, weighted, reduction, str(opts))) % 10_000
+    x = _logits(N, K, dtype, seed)
+    target = random_targets(N, K, ignore_frac=0.2, generator=torch.Generator().manual_seed(seed))
+    weight = torch.rand(K, generator=torch.Generator().manual_seed(seed + 1), dtype=torch.float64) + 0.5
+    weight = weight.to(dtype) if weighted else None
+    kw = dict(reduction=reduction, label_smoothing=0.1, smoothing_mode=mode, **opts)
+    ref_out, ref_g, grad_out = _reference(x, target, weight, **kw)
+    run = _ours_inplace if inplace else _ours
+    out, g = run(x, target, weight, grad_out, device, **kw)
+    assert out.dtype == dtype
+    assert_close_to(out, ref_out, dtype, "loss")
+    assert_close_to(g, ref_g, dtype, "grad")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("K", [5000, 32003])
+def test_long_rows(device, dtype, K):
+    """Rows longer than the kernel's store blocks (2048) and vector tails."""
+    x = _logits(5, K, dtype, K)
+    target = torch.tensor([0, K - 1, -100, 17, K // 2])
+    kw = dict(reduction="mean", label_smoothing=0.1, z_loss=1e-3, softcap=30.0)
+    ref_out, ref_g, grad_out = _reference(x, target, None, **kw)
+    out, g = _ours(x, target, None, grad_out, device, **kw)
+    assert_close_to(out, ref_out, dtype, "loss")
+    assert_close_to(g, ref_g, dtype, "grad")
+
+
+def test_ignore_index_inside_class_range_and_3d_input():
+    x = _logits(4, 6, torch.float64, 3).reshape(2, 2, 6).movedim(2, 1).contiguous()  # (N=2, C=6, d=2)
+    target = torch.tensor([[1, 3], [3, 5]])
+    kw = dict(ignore_index=3, label_smoothing=0.2, z_loss=1e-2, softcap=2.0)
+    for red in ("none", "mean", "sum"):
+        ref_out, ref_g, grad_out = _reference(x, target, None, reduction=red, **kw)
+        out, g = _ours(x, target, None, grad_out, reduction=red, **kw)
+        assert_close_to(out, ref_out, torch.float64, red)
+        assert_close_to(g, ref_g, torch.float64, red)
+
+
+def test_z_loss_mean_uses_the_cross_entropy_denominator():
+    x = _logits(3, 5, torch.float64, 1)
+    target = torch.tensor([0, -100, 4])
+    w = torch.tensor([2.0, 1.0, 1.0, 1.0, 3.0], dtype=torch.float64)
+    ce = L.cross_entropy(x, target, w)
+    both = L.cross_entropy(x, target, w, z_loss=0.5)
+    lse = torch.logsumexp(x, dim=1)
+    expected = ce + 0.5 * (lse[0] ** 2 + lse[2] ** 2) / (2.0 + 3.0)
+    torch.testing.assert_close(both, expected, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_return_lse(device, dtype):
+    x = _logits(9, 40, dtype, 7).to(device)
+    target = random_targets(9, 40, ignore_frac=0.3, generator=torch.Generator().manual_seed(2)).to(device)
+    loss, lse = L.cross_entropy(x, target, softcap=4.0, return_lse=True, reduction="none")
+    assert lse.shape == target.shape and not lse.requires_grad
+    assert lse.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    z = x.double()
+    z = 4.0 * torch.tanh(z / 4.0)
+    expected = torch.where(target != -100, torch.logsumexp(z, dim=1), 0.0)
+    assert_close_to(lse, expected, torch.float32 if dtype != torch.float64 else dtype, "lse")
+    plain = L.cross_entropy(x, target, softcap=4.0, reduction="none")
+    assert torch.equal(loss, plain)
+    # 3-d input: lse shaped like the target
+    x3 = _logits(4, 6, torch.float32, 1).reshape(2, 6, 2).to(device)
+    t3 = torch.tensor([[0, 1], [2, 5]], device=device)
+    _, lse3 = L.cross_entropy(x3, t3, return_lse=True)
+    assert lse3.shape == (2, 2)
+    torch.testing.assert_close(lse3, torch.logsumexp(x3, dim=1))
+
+
+def test_module_keywords():
+    x = _logits(8, 10, torch.float32, 4).requires_grad_()
+    target = torch.arange(8) % 10
+    m = L.CrossEntropyLoss(label_smoothing=0.1, z_loss=1e-3, softcap=5.0, return_lse=True)
+    assert "z_loss=0.001" in repr(m) and "softcap=5.0" in repr(m)
+    loss, lse = m(x, target)
+    loss2, lse2 = L.cross_entropy(x, target, label_smoothing=0.1, z_loss=1e-3, softcap=5.0, return_lse=True)
+    assert torch.equal(loss, loss2) and torch.equal(lse, lse2)
+    assert L.CrossEntropyLoss()(x, target).shape == ()  # defaults unchanged: a plain tensor
+
+
+# --- inplace_backward: the issue's three scenarios -------------------------------------------
+
+def _lm_head(seed=0, n=64, d=16, v=300, device="cpu"):
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(n, d, generator=g).to(device).requires_grad_()
+    w = torch.randn(v, d, generator=g).to(device).requires_grad_()
+    target = torch.randint(0, v, (n,), generator=g).to(device)
+    return h, w, target
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_inplace_plain_lm_head_gives_the_same_gradients(device):
+    grads = {}
+    for inplace in (False, True):
+        h, w, target = _lm_head(device=device)
+        logits = h @ w.t()
+        loss = L.cross_entropy(logits, target, label_smoothing=0.1, z_loss=1e-4, softcap=30.0,
+                               inplace_backward=inplace)
+        loss.backward()
+        grads[inplace] = (loss.detach(), h.grad, w.grad)
+    for a, b in zip(grads[False], grads[True]):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_inplace_logits_read_after_the_loss_call_are_unchanged(device):
+    h, w, target = _lm_head(1, device=device)
+    logits = h @ w.t()
+    snapshot = logits.detach().clone()
+    loss = L.cross_entropy(logits, target, inplace_backward=True)
+    assert torch.equal(logits.detach(), snapshot)  # the forward does not overwrite them
+    accuracy = (logits.argmax(dim=1) == target).float().mean()
+    assert torch.equal(accuracy, (snapshot.argmax(dim=1) == target).float().mean())
+    version = logits._version
+    loss.backward()
+    assert logits._version > version  # the backward wrote the gradient there and said so
+    p = torch.softmax(snapshot, dim=1)
+    p[torch.arange(len(target)), target] -= 1
+    torch.testing.assert_close(logits.detach(), p / len(target))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_inplace_logits_saved_by_another_op_raise_never_a_wrong_number(device):
+    # Another op saved the logits and runs its backward after ours: autograd's version check.
+    h, w, target = _lm_head(2, device=device)
+    logits = h @ w.t()
+    reg = logits.pow(2).mean()  # PowBackward saves the logits
+    loss = L.cross_entropy(logits, target, inplace_backward=True) + 1e-3 * reg
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+    # The other order (the op that saved the logits runs its backward first): right numbers.
+    grads = {}
+    for inplace in (False, True):
+        h, w, target = _lm_head(2, device=device)
+        logits = h @ w.t()
+        ce = L.cross_entropy(logits, target, inplace_backward=inplace)
+        (ce + 1e-3 * logits.pow(2).mean()).backward()
+        grads[inplace] = (h.grad, w.grad)
+    for a, b in zip(grads[False], grads[True]):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_inplace_logits_modified_before_backward_raise():
+    h, w, target = _lm_head(3)
+    logits = h @ w.t()
+    loss = L.cross_entropy(logits, target, inplace_backward=True)
+    with torch.no_grad():
+        logits.mul_(2)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+
+
+def test_inplace_errors():
+    x = _logits(4, 5, torch.float32, 0).requires_grad_()
+    t = torch.tensor([0, 1, 2, 3])
+    with pytest.raises(ValueError, match="inplace_backward"):
+        L.cross_entropy(x, t, inplace_backward=True)  # a leaf that requires grad
+    with pytest.raises(ValueError, match="inplace_backward"):
+        L.cross_entropy(x.view(4, 5), t, inplace_backward=True)  # a view of one
+    base = _logits(5, 4, torch.float32, 0).requires_grad_()
+    with pytest.raises(ValueError, match="contiguous"):
+        L.cross_entropy((base * 1).t(), t, inplace_backward=True)  # a transposed view
+    with pytest.raises(ValueError, match="contiguous"):
+        L.cross_entropy((base[:1] * 1).expand(4, 4), t, inplace_backward=True)  # overlapping
+    logits = base.t() * 1
+    loss = L.cross_entropy(logits.contiguous(), t, inplace_backward=True)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="backward ran twice|modified by an inplace"):
+        loss.backward()
+
+
+def test_inplace_lowers_peak_memory():
+    """Peak resident memory one LM-head step adds, in fresh processes: inplace_backward=True
+    saves one logits-sized buffer (measured, not assumed)."""
+    script = textwrap.dedent("""
+        import sys, torch, labelsmooth_ext as L
+        from labelsmooth_ext import benchmark as B
+        torch.manual_seed(0)
+        n, d, v = 2048, 64, 16384
+        h = torch.randn(n, d, requires_grad=True); w = torch.randn(v, d, requires_grad=True)
+        t = torch.randint(0, v, (n,))
+
+        def step():
+            logits = h @ w.t()
+            L.cross_entropy(logits, t, inplace_backward=sys.argv[1] == "1").backward()
+        # resident high-water mark reset first (/proc/self/clear_refs): a forked process
+        # otherwise starts from the parent's
+        print(B.peak_extra_bytes(step, "cpu"))
+    """)
+    env = dict(os.environ, OMP_NUM_THREADS="1", LABELSMOOTH_EXT_CPU_GRAD_CACHE="0")
+    peak = {}
+    for flag in ("0", "1"):
+        out = subprocess.run([sys.executable, "-c", script, flag], capture_output=True, text=True, env=env,
+                             cwd=os.path.dirname(os.path.dirname(__file__)), check=True)
+        peak[flag] = int(out.stdout.split()[-1])
+    logits_bytes = 2048 * 16384 * 4
+    drop = peak["0"] - peak["1"]
+    print(f"peak extra RSS {peak['0'] / 2**20:.0f} MiB -> {peak['1'] / 2**20:.0f} MiB "
+          f"(drop {drop / 2**20:.0f} MiB, logits {logits_bytes / 2**20:.0f} MiB)")
+    assert drop > 0.75 * logits_bytes
+
+
+# --- bad values, compile, opcheck ------------------------------------------------------------
+
+@pytest.mark.parametrize("kw,name", [
+    (dict(z_loss=-1e-4), "z_loss"), (dict(z_loss=float("nan")), "z_loss"), (dict(z_loss=float("inf")), "z_loss"),
+    (dict(softcap=0.0), "softcap"), (dict(softcap=-3.0), "softcap"), (dict(softcap=float("nan")), "softcap"),
+    (dict(inplace_backward=1), "inplace_backward"), (dict(return_lse="yes"), "return_lse"),
+    (dict(z_loss="a"), "z_loss"),
+])
+def test_bad_values_name_the_argument(kw, name):
+    x = _logits(4, 5, torch.float32, 0)
+    t = torch.tensor([0, 1, 2, 3])
+    with pytest.raises((ValueError, TypeError), match=name):
+        L.cross_entropy(x, t, **kw)
+    with pytest.raises((ValueError, TypeError), match=name):
+        L.CrossEntropyLoss(**kw)
+
+
+def test_probability_targets_are_refused():
+    x = _logits(4, 5, torch.float32, 0)
+    with pytest.raises(NotImplementedError, match="class-index"):
+        L.cross_entropy(x, torch.softmax(x, 1), z_loss=1e-3)
+
+
+def test_operator_checks_values():
+    x = _logits(4, 5, torch.float32, 0)
+    t = torch.tensor([0, 1, 2, 3])
+    with pytest.raises(ValueError, match="z_loss"):
+        torch.ops.labelsmooth_ext.ce_forward_ext(x, t, None, -100, 0.0, 0, 1, False, -1.0, 0.0)
+    with pytest.raises(ValueError, match="softcap"):
+        torch.ops.labelsmooth_ext.ce_forward_ext(x, t, None, -100, 0.0, 0, 1, False, 0.0, float("nan"))
+
+
+def test_opcheck():
+    ops = torch.ops.labelsmooth_ext
+    x = _logits(6, 9, torch.float32, 5)
+    t = torch.tensor([0, 8, -100, 3, 4, 1])
+    w = torch.rand(9) + 0.5
+    for red in (0, 1, 2):
+        for grad in (False, True):
+            torch.library.opcheck(ops.ce_forward_ext, (x.clone().requires_grad_(grad), t, w, -100, 0.1, 0, red,
+                                                       grad, 1e-3, 5.0))
+        go = torch.rand(6) if red == 0 else torch.tensor(0.7)
+        torch.library.opcheck(ops.ce_grad_ext, (x, t, None, go, -100, 0.1, 1, red, 1e-3, 5.0))
+        torch.library.opcheck(ops.ce_grad_ext_, (x.clone(), t, w, go, -100, 0.1, 0, red, 1e-3, 5.0))
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+def test_compile_fullgraph(inplace):
+    torch._dynamo.reset()
+
+    def step(h, w, t):
+        logits = h @ w.t()
+        loss, lse = L.cross_entropy(logits, t, label_smoothing=0.1, z_loss=1e-3, softcap=5.0,
+                                    inplace_backward=inplace, return_lse=True)
+        return loss, lse
+
+    compiled = torch.compile(step, fullgraph=True)
+    results = []
+    for fn in (step, compiled):
+        h, w, t = _lm_head(4)
+        t[3] = -100
+        loss, lse = fn(h, w, t)
+        loss.backward()
+        results.append((loss.detach(), lse, h.grad, w.grad))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
