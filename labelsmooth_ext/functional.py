@@ -172,8 +172,11 @@ def cross_entropy(
     if _is_dtensor(input):  # logits sharded by class across ranks: labelsmooth_ext.distributed
         from .distributed import _dtensor_cross_entropy
 
+        if inplace_backward or return_lse:
+            raise ValueError("inplace_backward and return_lse are not supported for DTensor input; "
+                             "use labelsmooth_ext.distributed.vocab_parallel_cross_entropy on the local shard")
         return _dtensor_cross_entropy(input, target, weight, ignore_index, reduction,
-                                      label_smoothing, smoothing_mode)
+                                      label_smoothing, smoothing_mode, z_loss=z_loss, softcap=softcap)
     red = check_reduction(reduction)
     mode = check_smoothing_mode(smoothing_mode)
     eps = check_label_smoothing(label_smoothing)
