@@ -336,7 +336,8 @@ def _run_dtensor_1d(world, rank, group):
         w = torch.rand(K, generator=gen, dtype=torch.float64) + 0.5
         for red in ("mean", "sum", "none"):
             for kw in (dict(label_smoothing=0.1), dict(label_smoothing=0.2, weight=w,
-                                                       smoothing_mode="off_target")):
+                                                       smoothing_mode="off_target"),
+                       dict(label_smoothing=0.1, z_loss=1e-2, softcap=3.0)):
                 dx = distribute_tensor(x, mesh, [Shard(1)]).requires_grad_()
                 loss = labelsmooth_ext.cross_entropy(dx, t, reduction=red, **kw)
                 assert tuple(loss.placements) == (Replicate(),), loss.placements
