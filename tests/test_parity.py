@@ -11,6 +11,8 @@ def _torch_result(x, target, **kw):
     """F.cross_entropy in float64 on the same values, with its input gradient."""
     xd = x.detach().double().requires_grad_()
     w = kw.pop("weight", None)
+    if target.is_floating_point():  # probability targets: the same values, in float64
+        target = target.double()
     out = F.cross_entropy(xd, target, weight=None if w is None else w.double(), **kw)
     g = torch.autograd.grad(out.sum(), xd)[0] if out.numel() else torch.zeros_like(xd)
     return out, g
