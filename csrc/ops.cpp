@@ -3,6 +3,8 @@
 #include "ops.h"
 
 #include <ATen/ops/empty.h>
+#include <ATen/ops/full.h>
+#include <ATen/ops/where.h>
 #include <torch/library.h>
 
 #include <cmath>
@@ -121,7 +123,9 @@ at::Tensor finish_loss(const at::Tensor& rows, const at::Tensor& denom, int64_t 
                        at::ScalarType out_dtype) {
   if (reduction == kNone) return rows.to(out_dtype);
   at::Tensor total = rows.sum();
-  if (reduction == kMean) total = total.div(denom);
+  // D = 0 (every row ignored, or the kept rows' weights sum to 0) is NaN, as in PyTorch,
+  // also where the smoothing term alone would give x / 0 = inf. On the device: no sync.
+  if (reduction == kMean) total = at::where(denom.eq(0), at::full({}, NAN, total.options()), total.div(denom));
   return total.to(out_dtype);
 }
 

@@ -94,6 +94,14 @@ def _is_plain(t):
     return type(t) in (torch.Tensor, torch.nn.Parameter)
 
 
+def _graph_kept():
+    """True when this backward keeps the graph (retain_graph=True): the saved gradient may then
+    be needed again, so it must not be handed out (the caller may modify the result in place).
+    Without retain_graph, autograd frees it right after this backward: handing it out is safe."""
+    keep = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
+    return True if keep is None else bool(keep())
+
+
 def _scaled_gradient(ctx, grad, grad_output, reduction):
     """The gradient the forward computed, times the incoming gradient."""
     if reduction == REDUCTIONS["none"]:
@@ -109,7 +117,7 @@ def _scaled_gradient(ctx, grad, grad_output, reduction):
     if grad.device.type != "cuda":
         # Host-side check costs nothing here; the saved gradient is returned as is (no copy:
         # autograd takes it over as .grad) or multiplied out of place, so graphs can be reused.
-        if reduction != REDUCTIONS["none"] and float(grad_output) == 1.0:
+        if reduction != REDUCTIONS["none"] and float(grad_output) == 1.0 and not _graph_kept():
             return grad
         return ops.ce_backward(grad, grad_output, reduction)
     if not _inplace_cuda_backward:

@@ -56,7 +56,9 @@ def check_label_smoothing(label_smoothing):
         eps = float(label_smoothing)
     except (TypeError, ValueError):
         raise TypeError(f"label_smoothing must be a float, got {label_smoothing!r}") from None
-    if math.isnan(eps) or not 0.0 <= eps <= 1.0:
+    # NaN fails both comparisons; no math.isnan, which a traced (symbolic) float under
+    # torch.compile does not support (a smoothing schedule passed as an argument).
+    if not 0.0 <= eps <= 1.0:
         raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing!r}")
     return eps
 
@@ -162,7 +164,10 @@ def cross_entropy(
     if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
         raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
     expected = _expected_target_shape(input)
-    if tuple(target.shape) != expected:
+    # PyTorch also takes a (1,) target for a (C,) input (its result is then 0-d; it fails
+    # itself once label_smoothing > 0, where this gives the same one-row result).
+    one_row = input.dim() == 1 and tuple(target.shape) == (1,)
+    if tuple(target.shape) != expected and not one_row:
         raise ValueError(
             f"target shape {tuple(target.shape)} does not match input shape {tuple(input.shape)}: "
             f"class-index targets must have shape {expected}"
@@ -177,7 +182,7 @@ def cross_entropy(
         _validate_targets_on_host(tgt, num_classes, ignore_index)
     loss, _ = _ops.ops.ce_forward(rows, tgt, weight, ignore_index, eps, mode, red, need_grad)
     if red == REDUCTIONS["none"]:
-        loss = loss.reshape(target.shape)
+        loss = loss.reshape(expected)
     return loss
 
 
