@@ -156,6 +156,9 @@ def cross_entropy(
     need_grad = input.requires_grad and torch.is_grad_enabled()
 
     if target.is_floating_point():
+        if isinstance(ignore_index, int) and ignore_index >= 0:  # as PyTorch: refused, not dropped
+            raise ValueError(f"ignore_index is not supported for probability (floating point) "
+                             f"targets, got ignore_index={ignore_index!r}")
         return _prob_cross_entropy(input, target, weight, reduction, smoothing_mode, eps, need_grad)
 
     if target.dtype not in _INT_DTYPES:
@@ -268,6 +271,8 @@ def binary_cross_entropy_with_logits(
     for name, t in (("weight", w), ("pos_weight", pw)):
         if t is not None and t.device != input.device:
             raise ValueError(f"{name} is on {t.device} but input is on {input.device}")
+    if input.numel() == 0:  # an empty input with an empty weight: nothing to weight (as PyTorch)
+        w = pw = None
     need_grad = input.requires_grad and torch.is_grad_enabled()
     loss, _ = _ops.ops.bce_forward(input.reshape(-1), target.to(input.dtype).reshape(-1), w, pw, a,
                                    red, need_grad)

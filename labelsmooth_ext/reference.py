@@ -34,7 +34,9 @@ def cross_entropy(input, target, weight=None, ignore_index=-100, reduction="mean
     k = input.shape[0] if input.dim() == 1 else input.shape[1]
     a, b = smoothing_coefficients(k, label_smoothing, smoothing_mode)
     z = _rows(input)
-    logp = z - torch.logsumexp(z, dim=1, keepdim=True)
+    # log_softmax subtracts the row max first: z - logsumexp(z) loses log(K) entirely once
+    # |z| is near the float range (3e38: the spacing of float64 there is 7e22).
+    logp = torch.log_softmax(z, dim=1)
     w = torch.ones(k, dtype=z.dtype, device=z.device) if weight is None else weight.to(z.dtype)
 
     if target.is_floating_point():

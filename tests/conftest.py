@@ -113,3 +113,21 @@ def _seed():
     import os
 
     torch.manual_seed(int(os.environ.get("LSE_TEST_SEED", "0")))
+
+
+def fused_row_semantics(ref_grad, target, ignore_index=-100, nan_rows=None):
+    """A float64 PyTorch gradient as this library defines it per row (semantics.md): a row
+    (position, for K-dim) whose target is ignore_index has a gradient of exactly 0 (PyTorch
+    leaves NaN there when the row's logits hold NaN or are all -inf), and a row with a NaN
+    anywhere (or flagged in nan_rows) is NaN throughout (PyTorch's K-dim backward leaves some
+    of such a row finite).
+    Class-index targets; the class dim is 1 (0 for a (C,) input)."""
+    g = ref_grad.detach().clone()
+    rows = g.unsqueeze(0) if g.dim() == 1 else g.movedim(1, -1)  # (..., C) view of g
+    nan = rows.isnan().any(-1)
+    if nan_rows is not None:
+        nan = nan | nan_rows.reshape(nan.shape)
+    rows[nan] = float("nan")
+    ignored = (target.reshape(nan.shape) == ignore_index)
+    rows[ignored] = 0.0
+    return g

@@ -1,4 +1,6 @@
 """Forward and input-gradient parity with torch.nn.functional.cross_entropy (float64 oracle)."""
+import json
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -181,6 +183,12 @@ def test_both_cpu_kernel_builds(monkeypatch, capability):
         monkeypatch.setenv("LABELSMOOTH_EXT_CPU_CAPABILITY", "default")
     elif "AVX2" not in L.build_info()["cpu_kernels"]:
         pytest.skip("this build has no AVX2 kernels (not x86-64)")
+    else:
+        monkeypatch.delenv("LABELSMOOTH_EXT_CPU_CAPABILITY", raising=False)
+    active = json.loads(torch.ops.labelsmooth_ext.cpu_kernel_constants())["active"]
+    if capability == "avx2" and active != "AVX2":
+        pytest.skip("this CPU has no AVX2 + FMA + F16C")
+    assert active == capability.upper()
     g = torch.Generator().manual_seed(17)
     for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
         for weighted in (False, True):

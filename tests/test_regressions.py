@@ -92,6 +92,17 @@ def test_compile_fullgraph_with_traced_label_smoothing():
                         f"module eps={eps}")
 
 
+def test_ignore_index_with_probability_targets_is_refused_as_in_pytorch():
+    x, p = torch.randn(3, 4), torch.softmax(torch.randn(3, 4), 1)
+    with pytest.raises(RuntimeError):
+        F.cross_entropy(x, p, ignore_index=1)
+    with pytest.raises(ValueError, match="ignore_index is not supported for probability"):
+        L.cross_entropy(x, p, ignore_index=1)
+    with pytest.raises(ValueError, match="ignore_index=0"):
+        L.CrossEntropyLoss(ignore_index=0)(x, p)
+    assert_close_to(L.cross_entropy(x, p), F.cross_entropy(x.double(), p.double()), torch.float32, "default")
+
+
 @pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
 @pytest.mark.parametrize("eps", [0.0, 0.2])
 def test_unbatched_input_with_one_element_target(reduction, eps):
@@ -111,3 +122,19 @@ def test_unbatched_input_with_one_element_target(reduction, eps):
     else:
         with pytest.raises(RuntimeError):  # PyTorch's own failure, which we do better than
             F.cross_entropy(x, t, reduction=reduction, label_smoothing=eps)
+
+
+@pytest.mark.parametrize("shape", [(3, 4), (1, 4, 3)])
+def test_zero_weight_target_at_minus_inf(shape):
+    """A target logit of -inf with a class weight of 0: the row loss is 0 * inf = NaN and the
+    row's gradient stays finite, both as in PyTorch (the fuzzer's first guess, a NaN gradient
+    row, was wrong: PyTorch is the reference)."""
+    x = torch.randn(*shape, dtype=torch.float64)
+    t = torch.tensor([1, 0, 2]).reshape((shape[0],) + shape[2:])
+    x.select(1, 1).view(-1)[0] = float("-inf")  # row 0 (position 0): its target logit
+    w = torch.tensor([0.5, 0.0, 1.0, 2.0], dtype=torch.float64)
+    ours, g = _grad(L.cross_entropy, x, t, weight=w, reduction="none")
+    theirs, gt = _grad(F.cross_entropy, x, t, weight=w, reduction="none")
+    assert_close_to(ours, theirs, torch.float64, "loss")
+    assert ours.reshape(-1)[0].isnan()
+    assert_close_to(g, gt, torch.float64, "grad")
