@@ -50,7 +50,10 @@ def element_bound(expected, dtype, ulps=1, rtol=None, atol_rel=None, scale=None)
         scale = scale if scale > 0 else 1.0
     elif isinstance(scale, torch.Tensor):  # a size per element (or one, broadcast)
         scale = scale.detach().double().cpu()
-    atol = (ATOL_REL[dtype] if atol_rel is None else atol_rel) * scale
+    # plus the accumulation type's smallest normal number: values below it (e.g. eps = 1e-200
+    # times a gradient) are not representable in float32 accumulation
+    acc_tiny = torch.finfo(torch.float64 if dtype == torch.float64 else torch.float32).tiny
+    atol = (ATOL_REL[dtype] if atol_rel is None else atol_rel) * scale + acc_tiny
     if dtype in (torch.bfloat16, torch.float16):
         rel = ulps * ulp(e, dtype)
         if rtol is not None:

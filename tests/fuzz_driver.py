@@ -221,6 +221,14 @@ def run_ce(c, module):
             return
         raise AssertionError("off_target with 1 class and eps > 0 did not raise")
     target, theirs_kwargs = rest
+    if c["target"].is_floating_point() and c["ignore_index"] >= 0:
+        # refused as PyTorch refuses it, also for an empty input (where PyTorch returns early)
+        try:
+            L.cross_entropy(c["x"], c["target"], **kwargs)
+        except ValueError as e:
+            assert "ignore_index is not supported for probability" in str(e)
+            return
+        raise AssertionError("ignore_index >= 0 with probability targets did not raise")
     if module:
         mod = L.CrossEntropyLoss(**kwargs)
         ours_fn = lambda x, t: mod(x, t)  # noqa: E731

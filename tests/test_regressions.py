@@ -138,3 +138,28 @@ def test_zero_weight_target_at_minus_inf(shape):
     assert_close_to(ours, theirs, torch.float64, "loss")
     assert ours.reshape(-1)[0].isnan()
     assert_close_to(g, gt, torch.float64, "grad")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_bce_gradient_of_a_confident_correct_logit(dtype):
+    """sigmoid(x) - 1 for a large positive x cancels to 0 in the accumulation type; the true
+    gradient -exp(-x) / (1 + exp(-x)) is representable (long fuzz finding)."""
+    x = torch.tensor([5.0, 12.0, 19.4, 30.0, 80.0, -19.4, -80.0]).to(dtype)
+    t = torch.tensor([1.0, 1.0, 1.0, 1.0, 1.0, 0.0, 0.0]).to(dtype)
+    for kw in ({}, {"pos_weight": torch.tensor([3.0]).to(dtype)}):
+        ours, g = _grad(lambda xx: L.binary_cross_entropy_with_logits(xx, t, reduction="none", **kw), x)
+        kwd = {k: v.double() for k, v in kw.items()}
+        # PyTorch's own float64 results cancel too (sigmoid(30) - 1; log(1 + e) for e ~ 1e-9):
+        # the exact forms instead, with softplus(z) = max(z, 0) + log1p(exp(-|z|)):
+        #   loss = p t softplus(-x) + (1 - t) softplus(x)
+        #   grad = p t (sigmoid(x) - 1) + (1 - t) sigmoid(x) = -p t expit(-x) + (1 - t) expit(x)
+        p = kwd.get("pos_weight", torch.tensor(1.0, dtype=torch.float64))
+        xd, td = x.double(), t.double()
+        lg = torch.log1p(torch.exp(-xd.abs()))
+        theirs = p * td * (torch.clamp(-xd, min=0) + lg) + (1 - td) * (torch.clamp(xd, min=0) + lg)
+        gt = -p * td * torch.special.expit(-xd) + (1 - td) * torch.special.expit(xd)
+        # the loss for x < 0, t = 0 is x + (-x + log1p(e)) as in PyTorch (exact at +-inf, but
+        # it cancels to 0 for e below float32's resolution): checked where it does not cancel
+        assert_close_to(ours[:5], theirs[:5], dtype, "loss")
+        assert_close_to(g, gt, dtype, "grad")
+        assert (g[:5] < 0).all()  # never 0: the gradient keeps pushing, however little

@@ -175,7 +175,9 @@ MUTANTS = [
     Mutant(RM, "  g.kw = sm.a * scale;", "  g.kw = sm.a;", "gradient smoothing term not scaled by 1/D"),
     Mutant(RM, "  const acc_t ts = t * (acc_t(1) - acc_t(2) * a) + a;", "  const acc_t ts = t * (acc_t(1) - a) + a;",
            "bce: smoothed target t(1-a)+a"),
-    Mutant(RM, "  grad = w * (L * sig - p * ts);", "  grad = w * (sig - p * ts);", "bce gradient without pos_weight factor L"),
+    Mutant(RM, "w * (L * e * inv - p * ts);", "w * (e * inv - p * ts);", "bce gradient (x < 0) without the pos_weight factor L"),
+    Mutant(RM, "w * (((acc_t(1) - ts) - p * ts * e) * inv)", "w * (inv - p * ts)",
+           "bce gradient (x >= 0) as sigmoid - p t' (cancels for a confident logit)"),
     Mutant(RM, "  return y != ignore_index && (y < 0 || y >= K);", "  return y != ignore_index && (y < 0 || y > K);",
            "target == K accepted"),
     # --- operator schemas and shared checks (csrc/ops.cpp) ---
