@@ -163,3 +163,15 @@ def test_bce_gradient_of_a_confident_correct_logit(dtype):
         assert_close_to(ours[:5], theirs[:5], dtype, "loss")
         assert_close_to(g, gt, dtype, "grad")
         assert (g[:5] < 0).all()  # never 0: the gradient keeps pushing, however little
+
+
+def test_per_row_incoming_gradient_starting_with_one():
+    """reduction='none' with incoming gradients (1, 2, 0.5, ...): the first being exactly 1 must
+    not make the backward skip the scaling (the scalar shortcut is for mean / sum only)."""
+    x = torch.randn(5, 6, dtype=torch.float64)
+    t = torch.tensor([0, 5, -100, 2, 3])
+    go = torch.tensor([1.0, 2.0, 0.5, -3.0, 1.0], dtype=torch.float64)
+    xx, xr = x.clone().requires_grad_(), x.clone().requires_grad_()
+    L.cross_entropy(xx, t, reduction="none", label_smoothing=0.1).backward(go)
+    F.cross_entropy(xr, t, reduction="none", label_smoothing=0.1).backward(go)
+    assert_close_to(xx.grad, xr.grad, torch.float64, "grad")
