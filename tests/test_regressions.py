@@ -175,3 +175,13 @@ def test_per_row_incoming_gradient_starting_with_one():
     L.cross_entropy(xx, t, reduction="none", label_smoothing=0.1).backward(go)
     F.cross_entropy(xr, t, reduction="none", label_smoothing=0.1).backward(go)
     assert_close_to(xx.grad, xr.grad, torch.float64, "grad")
+
+
+@pytest.mark.parametrize("mode", ["uniform", "off_target"])
+def test_module_passes_smoothing_mode(mode):
+    """The module's smoothing_mode reaches the loss (a mutant that dropped it survived)."""
+    x = torch.randn(6, 5, dtype=torch.float64)
+    t = torch.tensor([0, 4, 2, -100, 1, 3])
+    ours = L.CrossEntropyLoss(label_smoothing=0.3, smoothing_mode=mode, reduction="none")(x, t)
+    ref = L.reference.cross_entropy(x, t, label_smoothing=0.3, smoothing_mode=mode, reduction="none")
+    assert_close_to(ours, ref, torch.float64, mode)
