@@ -43,6 +43,9 @@ EQUIVALENT = {
     "ce_spatial: padding lanes 0 instead of -inf (equivalent unless read)":
         "padding lanes are positions past the end: their results are never stored; a 0 instead of "
         "-inf only changes those lanes' own max and sums",
+    "row_max: full-vector loop stops one vector early":
+        "the partial-vector tail after the loop loads K - c lanes: a full vector when the loop "
+        "stopped one early, so the same maximum is taken",
     "capability switch inverted (equivalent when both builds agree)":
         "both CPU builds give the same values (tested); the tests that force one build check the "
         "`active` field, which reports the switch's own decision",
