@@ -4,7 +4,9 @@
 
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
+#include <ATen/ops/full.h>
 #include <ATen/ops/mul.h>
+#include <ATen/ops/where.h>
 #include <torch/library.h>
 
 #include <cmath>
@@ -142,7 +144,9 @@ at::ScalarType acc_type_of(at::ScalarType t) { return t == at::kDouble ? at::kDo
 at::Tensor finish_loss(const at::Tensor& rows, const at::Tensor& denom, int64_t reduction) {
   if (reduction == kNone) return rows;
   at::Tensor total = rows.sum();
-  if (reduction == kMean) total = total.div(denom);
+  // D = 0 (every row ignored, or the kept rows' weights sum to 0) is NaN, as in PyTorch,
+  // also where the smoothing term alone would give x / 0 = inf. On the device: no sync.
+  if (reduction == kMean) total = at::where(denom.eq(0), at::full({}, NAN, total.options()), total.div(denom));
   return total;
 }
 

@@ -163,10 +163,11 @@ LSE_HD void bce_elem(acc_t x, acc_t t, acc_t w, acc_t p, acc_t a, acc_t& loss, a
   const acc_t L = acc_t(1) + (p - acc_t(1)) * ts;
   const acc_t e = lse_exp(x < acc_t(0) ? x : -x);
   const acc_t sp_neg = (x < acc_t(0) ? -x : acc_t(0)) + lse_log1p(e);
-  loss = w * ((acc_t(1) - ts) * x + L * sp_neg);
+  loss = w * ((acc_t(1) - ts) * x + L * sp_neg);  // as PyTorch, also at +-inf
   const acc_t inv = acc_t(1) / (acc_t(1) + e);
-  const acc_t sig = x >= acc_t(0) ? inv : e * inv;
-  grad = w * (L * sig - p * ts);
+  // x >= 0: L sigmoid(x) - p t' = ((1 - t') - p t' e) / (1 + e), without the cancellation of
+  // sigmoid(x) - 1 (a confident, correct logit: the gradient -e would round to 0).
+  grad = x >= acc_t(0) ? w * (((acc_t(1) - ts) - p * ts * e) * inv) : w * (L * e * inv - p * ts);
 }
 
 // Whether a gradient already rounded to its 16-bit (or float32) dtype, multiplied by the

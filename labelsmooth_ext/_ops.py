@@ -133,6 +133,14 @@ def _is_plain(t):
     return type(t) in (torch.Tensor, torch.nn.Parameter)
 
 
+def _graph_kept():
+    """True when this backward keeps the graph (retain_graph=True): the saved gradient may then
+    be needed again, so it must not be handed out (the caller may modify the result in place).
+    Without retain_graph, autograd frees it right after this backward: handing it out is safe."""
+    keep = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
+    return True if keep is None else bool(keep())
+
+
 def functorch_transforms():
     """The torch.func transforms (grad, vjp, vmap...) active around this call, innermost last."""
     if torch.compiler.is_compiling():
@@ -167,7 +175,7 @@ def _scaled_gradient(ctx, grad, grad_output, reduction):
     if not ctx.cuda_path:
         # Host-side check costs nothing here; the saved gradient is returned as is (no copy:
         # autograd takes it over as .grad) or multiplied out of place, so graphs can be reused.
-        if reduction != REDUCTIONS["none"] and float(grad_output) == 1.0:
+        if reduction != REDUCTIONS["none"] and float(grad_output) == 1.0 and not _graph_kept():
             return grad
         return ops.ce_backward(grad, grad_output, reduction)
     if not _inplace_cuda_backward:
@@ -208,7 +216,7 @@ def _exact_gradient(ctx, grad_loss):
         return _functional(ops.ce_grad, input, target, weight, go, saved, *args)
     _check_no_double_backward()
     if not ctx.cuda_path:
-        if saved is not None and red != REDUCTIONS["none"] and float(go) == 1.0:
+        if saved is not None and red != REDUCTIONS["none"] and float(go) == 1.0 and not _graph_kept():
             return saved  # no copy: autograd takes it over as .grad (the CPU never mutates it)
         return ops.ce_grad(input, target, weight, go, saved, *args)
     if saved is None or not _inplace_cuda_backward:
@@ -402,14 +410,14 @@ def _backward_ext(ctx, grad_loss, _grad, _lse):
             g = _functional(ops.ce_backward, grad, go, red)
         else:
             _check_no_double_backward()
-            g = grad if go_is_one and float(go) == 1.0 else ops.ce_backward(grad, go, red)
+            g = grad if go_is_one and float(go) == 1.0 and not _graph_kept() else ops.ce_backward(grad, go, red)
     else:
         _, input, target, weight = saved
         if _traced(input, go):
             g = _functional(ops.ce_grad_ext, input, target, weight, go, *ctx.args)
         else:
             _check_no_double_backward()
-            if grad.numel() and go_is_one and float(go) == 1.0:
+            if grad.numel() and go_is_one and float(go) == 1.0 and not _graph_kept():
                 g = grad
             else:
                 g = ops.ce_grad_ext(input, target, weight, go, *ctx.args)

@@ -56,7 +56,9 @@ def check_label_smoothing(label_smoothing):
         eps = float(label_smoothing)
     except (TypeError, ValueError):
         raise TypeError(f"label_smoothing must be a float, got {label_smoothing!r}") from None
-    if math.isnan(eps) or not 0.0 <= eps <= 1.0:
+    # NaN fails both comparisons; no math.isnan, which a traced (symbolic) float under
+    # torch.compile does not support (a smoothing schedule passed as an argument).
+    if not 0.0 <= eps <= 1.0:
         raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing!r}")
     return eps
 
@@ -207,6 +209,9 @@ def cross_entropy(
                 "probability targets are not supported with them")
 
     if target.is_floating_point():
+        if isinstance(ignore_index, int) and ignore_index >= 0:  # as PyTorch: refused, not dropped
+            raise ValueError(f"ignore_index is not supported for probability (floating point) "
+                             f"targets, got ignore_index={ignore_index!r}")
         return _prob_cross_entropy(input, target, weight, reduction, smoothing_mode, eps, need_grad,
                                    autocast)
 
@@ -216,7 +221,10 @@ def cross_entropy(
     if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
         raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
     expected = _expected_target_shape(input)
-    if tuple(target.shape) != expected:
+    # PyTorch also takes a (1,) target for a (C,) input (its result is then 0-d; it fails
+    # itself once label_smoothing > 0, where this gives the same one-row result).
+    one_row = input.dim() == 1 and tuple(target.shape) == (1,)
+    if tuple(target.shape) != expected and not one_row:
         raise ValueError(
             f"target shape {tuple(target.shape)} does not match input shape {tuple(input.shape)}: "
             f"class-index targets must have shape {expected}"
@@ -249,7 +257,7 @@ def cross_entropy(
     forward = _ops.CeFunction.apply if transforms else _ops.ops.ce_forward
     loss, _ = forward(rows, tgt, weight, ignore_index, eps, mode, red, store_grad)
     if red == REDUCTIONS["none"]:
-        loss = loss.reshape(target.shape)
+        loss = loss.reshape(expected)
     return _loss_dtype(loss, input, autocast)
 
 
@@ -425,6 +433,8 @@ def binary_cross_entropy_with_logits(
     for name, t in (("weight", w), ("pos_weight", pw)):
         if t is not None and t.device != input.device:
             raise ValueError(f"{name} is on {t.device} but input is on {input.device}")
+    if input.numel() == 0:  # an empty input with an empty weight: nothing to weight (as PyTorch)
+        w = pw = None
     need_grad = input.requires_grad and torch.is_grad_enabled()
     loss, _ = _ops.ops.bce_forward(input.reshape(-1), target.to(input.dtype).reshape(-1), w, pw, a,
                                    red, need_grad)

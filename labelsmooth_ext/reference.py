@@ -41,8 +41,10 @@ def cross_entropy(input, target, weight=None, ignore_index=-100, reduction="mean
     z = _rows(input)
     if softcap is not None:
         z = softcap * torch.tanh(z / softcap)
+    # log_softmax subtracts the row max first: z - logsumexp(z) loses log(K) entirely once
+    # |z| is near the float range (3e38: the spacing of float64 there is 7e22).
+    logp = torch.log_softmax(z, dim=1)
     lse = torch.logsumexp(z, dim=1, keepdim=True)
-    logp = z - lse
     w = torch.ones(k, dtype=z.dtype, device=z.device) if weight is None else weight.to(z.dtype)
 
     if target.is_floating_point():

@@ -134,8 +134,11 @@ def test_no_gradient_work_without_requires_grad():
     x = torch.randn(4, 5)
     out = torch.ops.labelsmooth_ext.ce_forward(x, torch.tensor([0, 1, 2, 3]), None, -100, 0.1, 0, 1, False)
     assert out[1].numel() == 0
+    torch.testing.assert_close(out[0], F.cross_entropy(x, torch.tensor([0, 1, 2, 3]), label_smoothing=0.1))
     with torch.no_grad():
-        L.cross_entropy(x.requires_grad_(), torch.tensor([0, 1, 2, 3]))
+        out = L.cross_entropy(x.requires_grad_(), torch.tensor([0, 1, 2, 3]))
+    assert out.grad_fn is None
+    torch.testing.assert_close(out, F.cross_entropy(x.detach(), torch.tensor([0, 1, 2, 3])))
 
 
 def test_weight_requiring_grad_is_treated_as_constant():

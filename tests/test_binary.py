@@ -106,13 +106,24 @@ def test_errors():
     with pytest.raises(ValueError, match="reduction"):
         L.BCEWithLogitsLoss(reduction="avg")
     # targets outside [0, 1] are allowed, as PyTorch allows them
-    L.binary_cross_entropy_with_logits(x, torch.full((3, 2), 1.5))
+    t = torch.full((3, 2), 1.5)
+    assert_close_to(L.binary_cross_entropy_with_logits(x, t, reduction="none"),
+                    F.binary_cross_entropy_with_logits(x.double(), t.double(), reduction="none"),
+                    torch.float32, "targets outside [0, 1]")
 
 
 def test_empty_input():
     for red in ("none", "mean", "sum"):
+        # an empty weight / pos_weight broadcasts to an empty input (fuzz finding)
+        ours = L.binary_cross_entropy_with_logits(torch.randn(0), torch.rand(0), reduction=red,
+                                                  pos_weight=torch.rand(0), weight=torch.rand(0))
+        theirs = F.binary_cross_entropy_with_logits(torch.randn(0), torch.rand(0), reduction=red,
+                                                    pos_weight=torch.rand(0), weight=torch.rand(0))
+        assert ours.shape == theirs.shape and torch.equal(ours.isnan(), theirs.isnan())
         x = torch.randn(0, 3, requires_grad=True)
         ours = L.binary_cross_entropy_with_logits(x, torch.rand(0, 3), reduction=red)
         theirs = F.binary_cross_entropy_with_logits(x, torch.rand(0, 3), reduction=red)
         assert ours.shape == theirs.shape and torch.equal(ours.isnan(), theirs.isnan())
+        assert torch.equal(ours.nan_to_num(), theirs.nan_to_num())
         ours.sum().backward()
+        assert x.grad.shape == x.shape and x.grad.numel() == 0

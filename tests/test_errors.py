@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import labelsmooth_ext as L
-from conftest import DEVICES
+from conftest import DEVICES, assert_close_to
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -26,8 +26,12 @@ def test_target_out_of_range(device):
 
 
 def test_ignore_index_outside_range_is_fine():
-    x = torch.randn(3, 5)
-    L.cross_entropy(x, torch.tensor([0, -7, 1]), ignore_index=-7)
+    x = torch.randn(3, 5, dtype=torch.float64)
+    t = torch.tensor([0, -7, 1])
+    for red in ("none", "mean", "sum"):
+        assert_close_to(L.cross_entropy(x, t, ignore_index=-7, reduction=red, label_smoothing=0.1),
+                        torch.nn.functional.cross_entropy(x, t, ignore_index=-7, reduction=red,
+                                                          label_smoothing=0.1), torch.float64, red)
     with pytest.raises(IndexError, match="target -100"):
         L.cross_entropy(x, torch.tensor([0, -100, 1]), ignore_index=-7)
 
@@ -80,8 +84,11 @@ def test_off_target_needs_two_classes():
     with pytest.raises(ValueError, match="off_target.*at least 2 classes.*label_smoothing=0.1"):
         L.cross_entropy(torch.randn(3, 1), torch.zeros(3, dtype=torch.long), label_smoothing=0.1,
                         smoothing_mode="off_target")
-    # eps = 0 is well defined with one class.
-    L.cross_entropy(torch.randn(3, 1), torch.zeros(3, dtype=torch.long), smoothing_mode="off_target")
+    # eps = 0 is well defined with one class: p = q = 1, loss and gradient exactly 0.
+    x = torch.randn(3, 1, requires_grad=True)
+    out = L.cross_entropy(x, torch.zeros(3, dtype=torch.long), smoothing_mode="off_target", reduction="none")
+    out.sum().backward()
+    assert torch.equal(out, torch.zeros(3)) and torch.equal(x.grad, torch.zeros(3, 1))
 
 
 def test_cpp_checks_guard_direct_operator_calls():

@@ -1,4 +1,6 @@
 """Forward and input-gradient parity with torch.nn.functional.cross_entropy (float64 oracle)."""
+import json
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -11,6 +13,8 @@ def _torch_result(x, target, **kw):
     """F.cross_entropy in float64 on the same values, with its input gradient."""
     xd = x.detach().double().requires_grad_()
     w = kw.pop("weight", None)
+    if target.is_floating_point():  # probability targets: the same values, in float64
+        target = target.double()
     out = F.cross_entropy(xd, target, weight=None if w is None else w.double(), **kw)
     g = torch.autograd.grad(out.sum(), xd)[0] if out.numel() else torch.zeros_like(xd)
     return out, g
@@ -179,6 +183,12 @@ def test_both_cpu_kernel_builds(monkeypatch, capability):
         monkeypatch.setenv("LABELSMOOTH_EXT_CPU_CAPABILITY", "default")
     elif "AVX2" not in L.build_info()["cpu_kernels"]:
         pytest.skip("this build has no AVX2 kernels (not x86-64)")
+    else:
+        monkeypatch.delenv("LABELSMOOTH_EXT_CPU_CAPABILITY", raising=False)
+    active = json.loads(torch.ops.labelsmooth_ext.cpu_kernel_constants())["active"]
+    if capability == "avx2" and active != "AVX2":
+        pytest.skip("this CPU has no AVX2 + FMA + F16C")
+    assert active == capability.upper()
     g = torch.Generator().manual_seed(17)
     for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
         for weighted in (False, True):

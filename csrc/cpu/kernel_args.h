@@ -49,11 +49,20 @@ struct ProbRowsArgs {
   double scale;
 };
 
+// The sizes the kernels block and vectorise by (tests place targets, NaN and row ends on
+// their boundaries; exposed through the cpu_kernel_constants operator).
+struct KernelConstants {
+  int64_t store_block, exp_block, stream_min_bytes;
+  int64_t lanes_float, lanes_double, lanes_bfloat16, lanes_half;
+};
+
+KernelConstants constants_DEFAULT();
 void ce_rows_DEFAULT(ScalarKind, const CeRowsArgs&);
 void ce_spatial_DEFAULT(ScalarKind, const CeRowsArgs&);
 void prob_rows_DEFAULT(ScalarKind, const ProbRowsArgs&);
 #if defined(__x86_64__) && !defined(LSE_NO_AVX2)
 #define LSE_HAVE_AVX2_KERNELS 1
+KernelConstants constants_AVX2();
 void ce_rows_AVX2(ScalarKind, const CeRowsArgs&);
 void ce_spatial_AVX2(ScalarKind, const CeRowsArgs&);
 void prob_rows_AVX2(ScalarKind, const ProbRowsArgs&);

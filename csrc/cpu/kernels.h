@@ -93,6 +93,11 @@ float convert_and_max(const scalar_t* src, float* dst, int64_t K) {
   return m;
 }
 
+// Rows of at least this many bytes are stored with streaming stores (AVX2 build).
+constexpr int64_t kStreamMinBytes = 4096;
+// exp_pass sums blocks of this many classes in vector registers, then folds them into double.
+constexpr int64_t kExpBlock = 4096;
+
 // Store n values of the accumulation type to dst in scalar_t. Where dst is 32-byte aligned the
 // AVX2 build uses non-temporal (streaming) stores; the caller fences once per thread.
 template <typename scalar_t, typename acc_t>
@@ -101,7 +106,7 @@ void store_out(scalar_t* dst, const acc_t* src, int64_t n) {
 #if defined(CPU_CAPABILITY_AVX2)
   // Short rows (under 4 KiB) take plain stores: streaming stores to partial cache lines cost
   // more than they save.
-  if (n * int64_t(sizeof(scalar_t)) >= 4096) {
+  if (n * int64_t(sizeof(scalar_t)) >= kStreamMinBytes) {
     while ((reinterpret_cast<uintptr_t>(dst + c) & 31) != 0) {  // scalar head to 32-byte alignment
       dst[c] = static_cast<scalar_t>(src[c]);
       ++c;
@@ -143,8 +148,8 @@ void exp_pass(const acc_t* z, acc_t* e, const acc_t* w, int64_t K, acc_t m, doub
   constexpr int64_t V = Vec::size();
   const Vec vm(m);
   double s = 0, S = 0;
-  for (int64_t b0 = 0; b0 < K; b0 += 4096) {
-    const int64_t b1 = std::min<int64_t>(K, b0 + 4096);
+  for (int64_t b0 = 0; b0 < K; b0 += kExpBlock) {
+    const int64_t b1 = std::min<int64_t>(K, b0 + kExpBlock);
     Vec vs(0), vS(0);
     int64_t c = b0;
     for (; c + V <= b1; c += V) {
@@ -562,6 +567,12 @@ struct ProbRun {
   }                                                                                        \
   void prob_rows_##cap(ScalarKind k, const ProbRowsArgs& a) {                              \
     CPU_CAPABILITY::dispatch<CPU_CAPABILITY::ProbRun>(k, a);                               \
+  }                                                                                        \
+  KernelConstants constants_##cap() {                                                     \
+    using namespace CPU_CAPABILITY;                                                        \
+    return {kStoreBlock, kExpBlock, kStreamMinBytes,                                       \
+            int64_t(Vectorized<float>::size()), int64_t(Vectorized<double>::size()),       \
+            int64_t(Vectorized<c10::BFloat16>::size()), int64_t(Vectorized<c10::Half>::size())}; \
   }                                                                                        \
   }                                                                                        \
   }

@@ -13,6 +13,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <mutex>
+#include <string>
 #include <vector>
 
 #include "../ops.h"
@@ -415,7 +416,31 @@ void ce_scale_cpu_(at::Tensor& grad, const at::Tensor& grad_output, int64_t redu
   grad.mul_(grad_output.reshape({}));
 }
 
+// For tests: the block and vector sizes of both CPU builds, and the one the next call uses.
+std::string cpu_kernel_constants() {
+  auto json = [](const KernelConstants& c) {
+    return "{\"store_block\": " + std::to_string(c.store_block) +
+           ", \"exp_block\": " + std::to_string(c.exp_block) +
+           ", \"stream_min_bytes\": " + std::to_string(c.stream_min_bytes) +
+           ", \"lanes\": {\"float32\": " + std::to_string(c.lanes_float) +
+           ", \"float64\": " + std::to_string(c.lanes_double) +
+           ", \"bfloat16\": " + std::to_string(c.lanes_bfloat16) +
+           ", \"float16\": " + std::to_string(c.lanes_half) + "}}";
+  };
+  std::string out = "{\"active\": \"";
+  out += use_avx2() ? "AVX2" : "DEFAULT";
+  out += "\", \"DEFAULT\": " + json(constants_DEFAULT());
+#ifdef LSE_HAVE_AVX2_KERNELS
+  out += ", \"AVX2\": " + json(constants_AVX2());
+#endif
+  return out + "}";
+}
+
 }  // namespace
+
+TORCH_LIBRARY_FRAGMENT(labelsmooth_ext, m) {
+  m.def("cpu_kernel_constants() -> str", &cpu_kernel_constants);
+}
 
 TORCH_LIBRARY_IMPL(labelsmooth_ext, CPU, m) {
   m.impl("ce_forward", &ce_forward_cpu);

@@ -1,0 +1,310 @@
+"""Differential fuzzer against PyTorch in float64 (run by tests/test_fuzz.py in a subprocess,
+so that a crash fails that test instead of killing the test run).
+
+    python tests/fuzz_driver.py ce|module|bce [fast|long]     (LSE_FUZZ_EXAMPLES=n: n cases)
+
+Draws every argument a user can pass: dtype, N from 0, C from 1 to 50257, K-dim inputs with
+size-0 / size-1 dims, the (C,) form (scalar and (1,) targets), transposed / sliced /
+channels_last / stride-0 inputs, class-index targets (int32 / int64, ignore_index anywhere, out
+of range) and probability targets, weights with zeros and negative entries, label_smoothing in
+[0, 1], both smoothing modes, +-1e30 / inf / NaN logits, non-uniform incoming gradients, the
+function and the module; BCE likewise. Compares loss and input gradient with PyTorch run in
+float64 on the same values; where PyTorch raises, we must raise a clear error too, or be
+documented to be better (listed in BETTER).
+"""
+import math
+import os
+import sys
+import warnings
+
+import torch
+import torch.nn.functional as F
+from hypothesis import HealthCheck, assume, given, note, settings
+from hypothesis import strategies as st
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import labelsmooth_ext as L  # noqa: E402
+from conftest import assert_close_to, fused_row_semantics  # noqa: E402
+from labelsmooth_ext import reference  # noqa: E402
+
+PROFILES = {"fast": 120, "long": 6000}
+DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
+MAX_ELEMS = 300_000
+
+
+@st.composite
+def logits(draw, shape, dtype):
+    seed = draw(st.integers(0, 2**31 - 1))
+    g = torch.Generator().manual_seed(seed)
+    scale = draw(st.sampled_from([0.1, 1.0, 3.0, 30.0]))
+    x = torch.randn(shape, generator=g) * scale
+    special = draw(st.sampled_from(["none", "none", "big", "inf", "nan", "-inf_row"]))
+    if x.numel() and special != "none":
+        flat = x.view(-1)
+        idx = torch.randint(0, flat.numel(), (max(1, flat.numel() // 50),), generator=g)
+        if special == "big":
+            flat[idx] = torch.where(torch.rand(len(idx), generator=g) < 0.5, 1e30, -1e30)
+        elif special == "inf":
+            flat[idx] = torch.where(torch.rand(len(idx), generator=g) < 0.5, math.inf, -math.inf)
+        elif special == "nan":
+            flat[idx] = math.nan
+        else:
+            x.select(1 if x.dim() > 1 else 0, 0).fill_(-math.inf) if x.dim() > 1 else x.fill_(-math.inf)
+    note(f"logits: scale={scale} special={special} seed={seed}")
+    return x.to(dtype), seed
+
+
+def layout(draw, x, cdim):
+    """The same values in another memory layout."""
+    kind = draw(st.sampled_from(["contiguous", "transposed", "sliced", "channels_last", "stride0"]))
+    note(f"layout={kind}")
+    if kind == "transposed" and x.dim() >= 2:
+        return x.transpose(0, -1).contiguous().transpose(0, -1)
+    if kind == "sliced":
+        big = torch.empty(tuple(s * 2 + 1 for s in x.shape), dtype=x.dtype)
+        view = big[tuple(slice(1, 1 + 2 * s, 2) for s in x.shape)]
+        view.copy_(x)
+        return view
+    if kind == "channels_last" and x.dim() == 4:
+        return x.contiguous(memory_format=torch.channels_last)
+    if kind == "stride0" and x.dim() >= 2 and x.shape[0] > 0:
+        return x[:1].expand(x.shape)  # every sample the same row(s)
+    return x
+
+
+def _torch64(fn, x, args, kwargs, go):
+    xd = x.detach().double().requires_grad_()
+    out = fn(xd, *args, **kwargs)
+    g = None
+    if out.numel():
+        (g,) = torch.autograd.grad(out, xd, go.double().expand(out.shape) if go is not None else None,
+                                   allow_unused=True)
+    return out, g
+
+
+def _ours(fn, x, args, kwargs, go):
+    xx = x.detach().clone().requires_grad_() if x.is_contiguous() else x.detach().requires_grad_()
+    out = fn(xx, *args, **kwargs)
+    g = None
+    if out.numel():
+        (g,) = torch.autograd.grad(out, xx, go.expand(out.shape) if go is not None else None,
+                                   allow_unused=True)
+    return out, g
+
+
+def compare(ours_fn, theirs_fn, x, args, kwargs, theirs_kwargs, dtype, go_seed, per_row_go, fix_grad=None):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            ref = theirs_fn(x.detach().double(), *args, **theirs_kwargs)
+        except Exception as e:  # PyTorch refuses: so must we, with a clear message
+            try:
+                ours_fn(x, *args, **kwargs)
+            except (ValueError, TypeError, IndexError, RuntimeError) as ours_e:
+                assert str(ours_e), "our error has no message"
+                return "both raised"
+            raise AssertionError(f"PyTorch raised {type(e).__name__}: {e}; we did not")
+        g = torch.Generator().manual_seed(go_seed)
+        go = None
+        if ref.numel():
+            go = (torch.rand(ref.shape if per_row_go else (), generator=g) * 3 - 1).to(dtype)
+        ours, gx = _ours(ours_fn, x, args, kwargs, go)
+        ref, gref = _torch64(theirs_fn, x, args, theirs_kwargs, go)
+    assert ours.dtype == dtype, (ours.dtype, dtype)
+    assert ours.shape == ref.shape, (ours.shape, ref.shape)
+    assert_close_to(ours, ref, dtype, "loss", scale=_loss_scale(ref))
+    if gref is not None and fix_grad is not None:
+        gref = fix_grad(gref)
+    if gref is not None:
+        ulps = 2  # the incoming gradient is never exactly 1 here: two roundings in 16-bit
+        assert_close_to(gx, gref, dtype, "grad", ulps=ulps, scale=_grad_scale(gref, go))
+    return "compared"
+
+
+def _loss_scale(ref):
+    finite = ref.detach()[ref.detach().isfinite()].abs()
+    return max(float(finite.max()) if finite.numel() else 1.0, 1.0)
+
+
+def _grad_scale(gref, go):
+    finite = gref[gref.isfinite()].abs()
+    m = float(finite.max()) if finite.numel() else 0.0
+    return m if m > 0 else 1.0
+
+
+@st.composite
+def ce_case(draw):
+    dtype = draw(st.sampled_from(DTYPES))
+    form = draw(st.sampled_from(["2d", "2d", "kdim", "1d", "1d_one"]))
+    big = draw(st.sampled_from([False, False, False, True]))
+    C = draw(st.integers(1, 50257) if big else st.integers(1, 70))
+    if form in ("2d",):
+        N = draw(st.integers(0, max(0, min(40, MAX_ELEMS // C))))
+        shape = (N, C)
+    elif form == "kdim":
+        N = draw(st.integers(0, 3))
+        dims = draw(st.lists(st.integers(0, 6), min_size=1, max_size=3))
+        shape = (N, C, *dims)
+        assume(math.prod(shape) <= MAX_ELEMS)
+    else:
+        shape = (C,)
+    x, seed = draw(logits(shape, dtype))
+    x = layout(draw, x, 0 if form.startswith("1d") else 1)
+    g = torch.Generator().manual_seed(seed + 1)
+    target_kind = draw(st.sampled_from(["index", "index", "index", "prob"]))
+    ignore_index = draw(st.sampled_from([-100, -1, 0, C - 1, C, 7]))
+    if target_kind == "prob":
+        cdim = 0 if form.startswith("1d") else 1
+        target = torch.softmax(torch.randn(shape, generator=g), cdim).to(dtype) if shape[cdim if len(shape) > 1 else 0] > 0 \
+            else torch.zeros(shape, dtype=dtype)
+    else:
+        tshape = {"1d": (), "1d_one": (1,)}.get(form, (shape[0],) + tuple(shape[2:]))
+        target = torch.randint(0, C, tshape, generator=g)
+        if target.numel():
+            target.view(-1)[torch.rand(target.numel(), generator=g) < 0.2] = ignore_index
+            if draw(st.integers(0, 30)) == 0:
+                target.view(-1)[0] = draw(st.sampled_from([C, -2, C + 5]))  # out of range
+        target = target.to(draw(st.sampled_from([torch.int64, torch.int32])))
+    wkind = draw(st.sampled_from(["none", "none", "positive", "zeros", "negative"]))
+    w = None
+    if wkind != "none":
+        w = torch.rand(C, generator=g) + 0.1
+        if wkind == "zeros":
+            w[torch.rand(C, generator=g) < 0.5] = 0.0
+        elif wkind == "negative":
+            w = w - 0.6
+        w = w.to(dtype)
+    eps = draw(st.one_of(st.sampled_from([0.0, 0.1, 1.0]), st.floats(0.0, 1.0)))
+    mode = draw(st.sampled_from(["uniform", "uniform", "off_target"]))
+    reduction = draw(st.sampled_from(["none", "mean", "sum"]))
+    note(f"dtype={dtype} shape={shape} form={form} target={target_kind} ignore_index={ignore_index} "
+         f"weight={wkind} eps={eps} mode={mode} reduction={reduction}")
+    return dict(x=x, target=target, w=w, eps=eps, mode=mode, reduction=reduction, dtype=dtype,
+                ignore_index=ignore_index, form=form, C=C, go_seed=seed + 2,
+                per_row=draw(st.booleans()))
+
+
+def _theirs_ce(c):
+    """PyTorch's call for our arguments: off_target is uniform with eps' = eps K / (K - 1)
+    (where eps' <= 1; else the float64 reference, itself checked against PyTorch)."""
+    eps, C = c["eps"], c["C"]
+    w = None if c["w"] is None else c["w"].double()
+    target = c["target"].double() if c["target"].is_floating_point() else c["target"].long()
+    if c["mode"] == "off_target" and eps > 0:
+        if C == 1:
+            return None, None
+        eps_u = eps * C / (C - 1)
+        if eps_u > 1:
+            fn = lambda x, t, **kw: reference.cross_entropy(x, t, smoothing_mode="off_target", **kw)  # noqa: E731
+            kw = dict(weight=w, ignore_index=c["ignore_index"], reduction=c["reduction"], label_smoothing=eps)
+            if target.is_floating_point():
+                kw.pop("ignore_index")
+            return fn, (target, kw)
+        eps = eps_u
+    if c["form"] == "1d_one" and eps > 0 and not target.is_floating_point():
+        # PyTorch fails here itself (documented): the batched result is the right one
+        return (lambda x, t, **kw: F.cross_entropy(x[None], t, **kw).reshape(())), (
+            target, dict(weight=w, ignore_index=c["ignore_index"], reduction=c["reduction"], label_smoothing=eps))
+    return F.cross_entropy, (target, dict(weight=w, ignore_index=c["ignore_index"], reduction=c["reduction"],
+                                          label_smoothing=eps))
+
+
+def run_ce(c, module):
+    theirs_fn, rest = _theirs_ce(c)
+    kwargs = dict(weight=c["w"], ignore_index=c["ignore_index"], reduction=c["reduction"],
+                  label_smoothing=c["eps"], smoothing_mode=c["mode"])
+    if theirs_fn is None:  # off_target with one class and eps > 0: our documented error
+        try:
+            L.cross_entropy(c["x"], c["target"], **kwargs)
+        except ValueError as e:
+            assert "off_target" in str(e)
+            return
+        raise AssertionError("off_target with 1 class and eps > 0 did not raise")
+    target, theirs_kwargs = rest
+    if c["target"].is_floating_point() and c["ignore_index"] >= 0:
+        # refused as PyTorch refuses it, also for an empty input (where PyTorch returns early)
+        try:
+            L.cross_entropy(c["x"], c["target"], **kwargs)
+        except ValueError as e:
+            assert "ignore_index is not supported for probability" in str(e)
+            return
+        raise AssertionError("ignore_index >= 0 with probability targets did not raise")
+    if module:
+        mod = L.CrossEntropyLoss(**kwargs)
+        ours_fn = lambda x, t: mod(x, t)  # noqa: E731
+        kw = {}
+    else:
+        ours_fn, kw = L.cross_entropy, kwargs
+    fix = None
+    if not c["target"].is_floating_point():
+        # Our per-row rules (semantics.md): an ignored row's gradient is exactly 0 and a row
+        # with a NaN gradient is NaN throughout (PyTorch leaves NaN in ignored rows with NaN or
+        # all -inf logits, and partly finite NaN rows in K-dim inputs).
+        def fix(gref):
+            return fused_row_semantics(gref, c["target"], c["ignore_index"])
+    compare(ours_fn, lambda x, t, **k: theirs_fn(x, target, **theirs_kwargs), c["x"], (c["target"],), kw,
+            {}, c["dtype"], c["go_seed"], c["per_row"], fix_grad=fix)
+
+
+@st.composite
+def bce_case(draw):
+    dtype = draw(st.sampled_from(DTYPES))
+    shape = tuple(draw(st.lists(st.integers(0, 9), min_size=1, max_size=4)))
+    x, seed = draw(logits(shape, dtype))
+    x = layout(draw, x, 0)
+    g = torch.Generator().manual_seed(seed + 3)
+    t = torch.rand(shape, generator=g)
+    if draw(st.booleans()):
+        t = (t > 0.5).to(t.dtype)
+    t = t.to(dtype)
+    kw = {"reduction": draw(st.sampled_from(["none", "mean", "sum"]))}
+    for name in ("weight", "pos_weight"):
+        kind = draw(st.sampled_from(["none", "last", "full", "scalar", "negative"]))
+        if kind == "none" or not shape:
+            continue
+        wshape = {"last": shape[-1:], "full": shape, "scalar": ()}.get(kind, shape[-1:])
+        w = torch.rand(wshape, generator=g) * 3
+        if kind == "negative":
+            w = w - 1.5
+        kw[name] = w.to(dtype)
+    a = draw(st.one_of(st.sampled_from([0.0, 0.1, 0.5, 1.0]), st.floats(0.0, 1.0)))
+    note(f"bce dtype={dtype} shape={shape} a={a} kw={ {k: getattr(v, 'shape', v) for k, v in kw.items()} }")
+    return x, t, kw, a, dtype, seed + 4, draw(st.booleans()), draw(st.booleans())
+
+
+def run_bce(case):
+    x, t, kw, a, dtype, go_seed, per_row, module = case
+    kw64 = {k: (v.double() if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}
+    theirs = lambda xd, tt: F.binary_cross_entropy_with_logits(xd, t.double() * (1 - 2 * a) + a, **kw64)  # noqa: E731
+    if module:
+        mod = L.BCEWithLogitsLoss(weight=kw.get("weight"), reduction=kw["reduction"], pos_weight=kw.get("pos_weight"),
+                                  label_smoothing=a)
+        ours = lambda xx, tt: mod(xx, tt)  # noqa: E731
+        ours_kw = {}
+    else:
+        ours = L.binary_cross_entropy_with_logits
+        ours_kw = dict(kw, label_smoothing=a)
+    compare(ours, theirs, x, (t,), ours_kw, {}, dtype, go_seed, per_row)
+
+
+def main(which, profile):
+    n = int(os.environ.get("LSE_FUZZ_EXAMPLES", PROFILES[profile]))
+    cfg = settings(max_examples=n, deadline=None, derandomize=profile == "fast", database=None,
+                   suppress_health_check=list(HealthCheck), print_blob=True)
+    if which in ("ce", "module"):
+        @cfg
+        @given(ce_case())
+        def fuzz(c):
+            run_ce(c, module=which == "module")
+    else:
+        @cfg
+        @given(bce_case())
+        def fuzz(case):
+            run_bce(case)
+    torch.manual_seed(0)
+    fuzz()
+    print(f"fuzz {which} {profile}: {n} cases, no difference")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else "fast")

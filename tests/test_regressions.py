@@ -1,0 +1,187 @@
+"""Defects a differential fuzz against PyTorch found (issue 17), one test each."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import labelsmooth_ext as L
+from conftest import assert_close_to
+
+
+def _grad(fn, x, *args, **kw):
+    xx = x.detach().clone().requires_grad_()
+    out = fn(xx, *args, **kw)
+    (g,) = torch.autograd.grad(out.sum(), xx)
+    return out, g
+
+
+@pytest.mark.parametrize("eps", [0.0, 0.1, 1.0])
+@pytest.mark.parametrize("ignored", [False, True])
+def test_mean_with_zero_target_weight_sum_is_nan(eps, ignored):
+    """The kept rows' target weights sum to 0: PyTorch (and the float64 truth, 0/0 in the nll
+    term) give NaN; the smoothing term alone would give x / 0 = inf."""
+    x = torch.randn(4, 5, dtype=torch.float64)
+    w = torch.tensor([0.0, 1.0, 2.0, 0.5, 1.0], dtype=torch.float64)
+    t = torch.tensor([0, -100 if ignored else 0, 0, 0])
+    ours, g = _grad(L.cross_entropy, x, t, weight=w, label_smoothing=eps)
+    theirs, gt = _grad(F.cross_entropy, x, t, weight=w, label_smoothing=eps)
+    assert theirs.isnan() and ours.isnan(), (float(ours), float(theirs))
+    assert_close_to(g, gt, torch.float64, "grad")  # NaN rows as PyTorch, ignored rows exactly 0
+
+
+def _saved_storage_of_grad(loss_fn):
+    """Runs loss_fn() with a pack hook that records the storages autograd saves."""
+    ptrs = []
+
+    def pack(t):
+        ptrs.append(t.untyped_storage().data_ptr())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = loss_fn()
+    return out, ptrs
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_retained_graph_never_hands_out_the_saved_gradient(reduction):
+    """autograd.grad(retain_graph=True) with an incoming gradient of 1: a caller who modifies the
+    result in place must not change what the second backward returns."""
+    x = torch.randn(6, 7, requires_grad=True)
+    t = torch.tensor([0, 3, -100, 6, 2, 2])
+    loss = L.cross_entropy(x, t, reduction=reduction, label_smoothing=0.1)
+    (g1,) = torch.autograd.grad(loss, x, retain_graph=True)
+    expected = g1.clone()
+    g1.mul_(0).add_(123.0)  # the user owns the result
+    (g2,) = torch.autograd.grad(loss, x)
+    torch.testing.assert_close(g2, expected, rtol=0, atol=0)
+    _, gt = _grad(F.cross_entropy, x.double(), t, reduction=reduction, label_smoothing=0.1)
+    assert_close_to(g2, gt, torch.float32, "second backward")
+
+
+def test_single_backward_keeps_the_no_copy_path():
+    """Without retain_graph the saved gradient becomes .grad as is (no copy, no pass)."""
+    x = torch.randn(6, 7, requires_grad=True)
+    t = torch.tensor([0, 3, -100, 6, 2, 2])
+    loss, ptrs = _saved_storage_of_grad(lambda: L.cross_entropy(x, t, label_smoothing=0.1))
+    loss.backward()
+    assert x.grad.untyped_storage().data_ptr() in ptrs
+    x.grad = None
+    loss, ptrs = _saved_storage_of_grad(lambda: L.cross_entropy(x, t, label_smoothing=0.1))
+    loss.backward(retain_graph=True)
+    assert x.grad.untyped_storage().data_ptr() not in ptrs  # a copy: the graph may run again
+
+
+def test_compile_fullgraph_with_traced_label_smoothing():
+    """A smoothing schedule passed as an argument, and two compiled modules with other values:
+    label_smoothing is a traced (symbolic) float under torch.compile."""
+    x = torch.randn(8, 11)
+    t = torch.randint(0, 11, (8,))
+    t[2] = -100
+
+    def step(x, t, eps):
+        return L.cross_entropy(x, t, label_smoothing=eps)
+
+    compiled = torch.compile(step, fullgraph=True)
+    for eps in (0.1, 0.25, 0.4, 1.0):
+        ours, g = _grad(lambda xx: compiled(xx, t, eps), x)
+        theirs, gt = _grad(F.cross_entropy, x.double(), t, label_smoothing=eps)
+        assert_close_to(ours, theirs, torch.float32, f"loss eps={eps}")
+        assert_close_to(g, gt, torch.float32, f"grad eps={eps}")
+    for eps in (0.05, 0.3):
+        m = torch.compile(L.CrossEntropyLoss(label_smoothing=eps), fullgraph=True)
+        assert_close_to(m(x, t), F.cross_entropy(x.double(), t, label_smoothing=eps), torch.float32,
+                        f"module eps={eps}")
+
+
+def test_ignore_index_with_probability_targets_is_refused_as_in_pytorch():
+    x, p = torch.randn(3, 4), torch.softmax(torch.randn(3, 4), 1)
+    with pytest.raises(RuntimeError):
+        F.cross_entropy(x, p, ignore_index=1)
+    with pytest.raises(ValueError, match="ignore_index is not supported for probability"):
+        L.cross_entropy(x, p, ignore_index=1)
+    with pytest.raises(ValueError, match="ignore_index=0"):
+        L.CrossEntropyLoss(ignore_index=0)(x, p)
+    assert_close_to(L.cross_entropy(x, p), F.cross_entropy(x.double(), p.double()), torch.float32, "default")
+
+
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+@pytest.mark.parametrize("eps", [0.0, 0.2])
+def test_unbatched_input_with_one_element_target(reduction, eps):
+    """(C,) input with a (1,) target: PyTorch accepts it (0-d result) with eps = 0 and fails
+    itself for eps > 0; we give the one-row (batched) result, 0-d, for every eps."""
+    x = torch.randn(9, dtype=torch.float64)
+    t = torch.tensor([4])
+    ours, g = _grad(L.cross_entropy, x, t, reduction=reduction, label_smoothing=eps)
+    batched, gb = _grad(lambda xx: F.cross_entropy(xx[None], t, reduction=reduction, label_smoothing=eps), x)
+    assert ours.shape == ()
+    assert_close_to(ours, batched.reshape(()), torch.float64, "loss")
+    assert_close_to(g, gb, torch.float64, "grad")
+    if eps == 0.0:
+        theirs = F.cross_entropy(x, t, reduction=reduction)
+        assert theirs.shape == ours.shape
+        assert_close_to(ours, theirs, torch.float64, "PyTorch")
+    else:
+        with pytest.raises(RuntimeError):  # PyTorch's own failure, which we do better than
+            F.cross_entropy(x, t, reduction=reduction, label_smoothing=eps)
+
+
+@pytest.mark.parametrize("shape", [(3, 4), (1, 4, 3)])
+def test_zero_weight_target_at_minus_inf(shape):
+    """A target logit of -inf with a class weight of 0: the row loss is 0 * inf = NaN and the
+    row's gradient stays finite, both as in PyTorch (the fuzzer's first guess, a NaN gradient
+    row, was wrong: PyTorch is the reference)."""
+    x = torch.randn(*shape, dtype=torch.float64)
+    t = torch.tensor([1, 0, 2]).reshape((shape[0],) + shape[2:])
+    x.select(1, 1).view(-1)[0] = float("-inf")  # row 0 (position 0): its target logit
+    w = torch.tensor([0.5, 0.0, 1.0, 2.0], dtype=torch.float64)
+    ours, g = _grad(L.cross_entropy, x, t, weight=w, reduction="none")
+    theirs, gt = _grad(F.cross_entropy, x, t, weight=w, reduction="none")
+    assert_close_to(ours, theirs, torch.float64, "loss")
+    assert ours.reshape(-1)[0].isnan()
+    assert_close_to(g, gt, torch.float64, "grad")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_bce_gradient_of_a_confident_correct_logit(dtype):
+    """sigmoid(x) - 1 for a large positive x cancels to 0 in the accumulation type; the true
+    gradient -exp(-x) / (1 + exp(-x)) is representable (long fuzz finding)."""
+    x = torch.tensor([5.0, 12.0, 19.4, 30.0, 80.0, -19.4, -80.0]).to(dtype)
+    t = torch.tensor([1.0, 1.0, 1.0, 1.0, 1.0, 0.0, 0.0]).to(dtype)
+    for kw in ({}, {"pos_weight": torch.tensor([3.0]).to(dtype)}):
+        ours, g = _grad(lambda xx: L.binary_cross_entropy_with_logits(xx, t, reduction="none", **kw), x)
+        kwd = {k: v.double() for k, v in kw.items()}
+        # PyTorch's own float64 results cancel too (sigmoid(30) - 1; log(1 + e) for e ~ 1e-9):
+        # the exact forms instead, with softplus(z) = max(z, 0) + log1p(exp(-|z|)):
+        #   loss = p t softplus(-x) + (1 - t) softplus(x)
+        #   grad = p t (sigmoid(x) - 1) + (1 - t) sigmoid(x) = -p t expit(-x) + (1 - t) expit(x)
+        p = kwd.get("pos_weight", torch.tensor(1.0, dtype=torch.float64))
+        xd, td = x.double(), t.double()
+        lg = torch.log1p(torch.exp(-xd.abs()))
+        theirs = p * td * (torch.clamp(-xd, min=0) + lg) + (1 - td) * (torch.clamp(xd, min=0) + lg)
+        gt = -p * td * torch.special.expit(-xd) + (1 - td) * torch.special.expit(xd)
+        # the loss for x < 0, t = 0 is x + (-x + log1p(e)) as in PyTorch (exact at +-inf, but
+        # it cancels to 0 for e below float32's resolution): checked where it does not cancel
+        assert_close_to(ours[:5], theirs[:5], dtype, "loss")
+        assert_close_to(g, gt, dtype, "grad")
+        assert (g[:5] < 0).all()  # never 0: the gradient keeps pushing, however little
+
+
+def test_per_row_incoming_gradient_starting_with_one():
+    """reduction='none' with incoming gradients (1, 2, 0.5, ...): the first being exactly 1 must
+    not make the backward skip the scaling (the scalar shortcut is for mean / sum only)."""
+    x = torch.randn(5, 6, dtype=torch.float64)
+    t = torch.tensor([0, 5, -100, 2, 3])
+    go = torch.tensor([1.0, 2.0, 0.5, -3.0, 1.0], dtype=torch.float64)
+    xx, xr = x.clone().requires_grad_(), x.clone().requires_grad_()
+    L.cross_entropy(xx, t, reduction="none", label_smoothing=0.1).backward(go)
+    F.cross_entropy(xr, t, reduction="none", label_smoothing=0.1).backward(go)
+    assert_close_to(xx.grad, xr.grad, torch.float64, "grad")
+
+
+@pytest.mark.parametrize("mode", ["uniform", "off_target"])
+def test_module_passes_smoothing_mode(mode):
+    """The module's smoothing_mode reaches the loss (a mutant that dropped it survived)."""
+    x = torch.randn(6, 5, dtype=torch.float64)
+    t = torch.tensor([0, 4, 2, -100, 1, 3])
+    ours = L.CrossEntropyLoss(label_smoothing=0.3, smoothing_mode=mode, reduction="none")(x, t)
+    ref = L.reference.cross_entropy(x, t, label_smoothing=0.3, smoothing_mode=mode, reduction="none")
+    assert_close_to(ours, ref, torch.float64, mode)

@@ -1,0 +1,387 @@
+"""Mutation testing: plant one small bug at a time and check that the test-suite catches it.
+
+    python tools/mutation.py                 # every mutant, report to docs/mutation_report.md
+    python tools/mutation.py --list          # the mutant list
+    python tools/mutation.py --only 3 7-9    # some mutants (ids from --list)
+    python tools/mutation.py --workdir DIR --tests "tests/test_parity.py ..." --report PATH
+
+Each mutant is one textual replacement in one file (the `old` text must occur exactly once, so
+a change of the code that removes it is reported instead of silently skipped). The tool copies
+the source tree into a scratch directory once, builds it CPU-only once (ninja then recompiles
+only the translation units a mutant touches), and for every mutant: applies it, rebuilds (C++
+only), runs the suite with -x, restores the file. Caught = the build or a test fails; survived =
+everything passes (each survivor must be killed by a new test or explained as equivalent in the
+report). It is slow (one build + one test run per mutant): run it with `nice`, not in CI.
+
+CUDA kernels: once the SIMT emulation runs the .cu kernels on the CPU, add their mutants to
+MUTANTS with `build="cuda-emulation"` and give EXTRA_BUILDS a command for that build; mutants of
+other builds are listed as not run until then.
+"""
+import argparse
+import collections
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+Mutant = collections.namedtuple("Mutant", "path old new what build", defaults=("cpu",))
+
+# Why a mutant that survives cannot be caught by any test of values (an equivalent mutant):
+# shown in the report next to it. Keyed by the mutant's description.
+EQUIVALENT = {
+    "store_out: streaming-store path never taken (equivalent: same values)":
+        "streaming and plain stores write the same values; only speed differs",
+    "store_out: 16-bit streaming loop stops one vector early (tail takes it: equivalent)":
+        "the elements the loop leaves are written by the plain-store tail after it",
+    "kStoreBlock changed (equivalent: any block size gives the same values)":
+        "the block size only decides where the gradient is computed and stored in pieces; every "
+        "element is computed by the same formula (a target on the new boundary is tested)",
+    "ce_spatial: padding lanes 0 instead of -inf (equivalent unless read)":
+        "padding lanes are positions past the end: their results are never stored; a 0 instead of "
+        "-inf only changes those lanes' own max and sums",
+    "row_max: full-vector loop stops one vector early":
+        "the partial-vector tail after the loop loads K - c lanes: a full vector when the loop "
+        "stopped one early, so the same maximum is taken",
+    "capability switch inverted (equivalent when both builds agree)":
+        "both CPU builds give the same values (tested); the tests that force one build check the "
+        "`active` field, which reports the switch's own decision",
+}
+
+K = "csrc/cpu/kernels.h"
+LC = "csrc/cpu/loss_cpu.cpp"
+RM = "csrc/row_math.h"
+OPS = "csrc/ops.cpp"
+FN = "labelsmooth_ext/functional.py"
+PO = "labelsmooth_ext/_ops.py"
+MOD = "labelsmooth_ext/modules.py"
+
+MUTANTS = [
+    # --- CPU kernels (csrc/cpu/kernels.h) ---
+    Mutant(K, "for (; c + V <= K; c += V) vm = at::vec::maximum(vm, Vec::loadu(z + c));",
+           "for (; c + V < K; c += V) vm = at::vec::maximum(vm, Vec::loadu(z + c));",
+           "row_max: full-vector loop stops one vector early"),
+    Mutant(K, "if (c < K) vm = at::vec::maximum(vm, load_tail(z + c, K - c, ninf));",
+           "if (c + 1 < K) vm = at::vec::maximum(vm, load_tail(z + c, K - c, ninf));",
+           "row_max: a 1-element tail is skipped"),
+    Mutant(K, "  for (int64_t i = 0; i < V; ++i) m = nan_max(m, buf[i]);\n  return m;",
+           "  for (int64_t i = 1; i < V; ++i) m = nan_max(m, buf[i]);\n  return m;",
+           "row_max: lane 0 left out of the horizontal max"),
+    Mutant(K, "for (int64_t i = 0; i < fVec::size(); ++i) m = nan_max(m, buf[i]);\n  for (; c < K; ++c) {",
+           "for (int64_t i = 0; i < fVec::size(); ++i) m = std::max(m, buf[i]);\n  for (; c < K; ++c) {",
+           "convert_and_max: horizontal max drops NaN (std::max)"),
+    Mutant(K, "    dst[c] = static_cast<float>(src[c]);\n    m = nan_max(m, dst[c]);",
+           "    dst[c] = static_cast<float>(src[c]);\n    m = std::max(m, dst[c]);",
+           "convert_and_max: scalar tail drops NaN"),
+    Mutant(K, "if (n * int64_t(sizeof(scalar_t)) >= kStreamMinBytes) {",
+           "if (n * int64_t(sizeof(scalar_t)) >= kStreamMinBytes && n > 1000000) {",
+           "store_out: streaming-store path never taken (equivalent: same values)"),
+    Mutant(K, "for (; c + 16 <= n; c += 16) {",
+           "for (; c + 16 < n; c += 16) {",
+           "store_out: 16-bit streaming loop stops one vector early (tail takes it: equivalent)"),
+    Mutant(K, "    const int64_t b1 = std::min<int64_t>(K, b0 + kExpBlock);",
+           "    const int64_t b1 = std::min<int64_t>(K, b0 + kExpBlock - 1);",
+           "exp_pass: a class per 4096-block skipped"),
+    Mutant(K, "      const Vec d0 = Vec::set(Vec(0), d, n);",
+           "      const Vec d0 = d;",
+           "exp_pass: padding lanes (-inf) added to the sum S"),
+    Mutant(K, "      vs = vs + ex;\n      vS = w ? at::vec::fmadd(Vec::loadu(w + c), d, vS) : vS + d;",
+           "      vs = vs + ex;\n      vS = w ? at::vec::fmadd(Vec::loadu(w + c), d, vS) : vS + d + d;",
+           "exp_pass: unweighted S doubled in the vector loop"),
+    Mutant(K, "    s += vsum(vs);\n    S += vsum(vS);",
+           "    s += vsum(vs);\n    S = vsum(vS);",
+           "exp_pass: S keeps only the last 4096-block"),
+    Mutant(K, "      (Vec::loadu(g + c) * vkp - vkw * Vec::loadu(w + c)).store(g + c);",
+           "      (Vec::loadu(g + c) * vkp - vkw).store(g + c);",
+           "grad_pass: weight dropped in the full-vector loop"),
+    Mutant(K, "if (c < K) (Vec::loadu(g + c, K - c) * vkp - vkw).store(g + c, K - c);",
+           "if (c < K) (Vec::loadu(g + c, K - c) * vkp).store(g + c, K - c);",
+           "grad_pass: unweighted tail without the smoothing term"),
+    Mutant(K, "constexpr int64_t kStoreBlock = 2048;", "constexpr int64_t kStoreBlock = 2047;",
+           "kStoreBlock changed (equivalent: any block size gives the same values)"),
+    Mutant(K, "if (y >= b0 && y < b0 + n) buf[y] -= gc.ky;",
+           "if (y > b0 && y < b0 + n) buf[y] -= gc.ky;",
+           "ce_rows: target on a store-block boundary misses -ky"),
+    Mutant(K, "if (y >= b0 && y < b0 + n) buf[y] -= gc.ky;",
+           "if (y >= b0 && y < b0 + n) buf[y + (y + 1 == b0 + n && b0 + n < K)] -= gc.ky;",
+           "ce_rows: off by one for a target at the end of a store block"),
+    Mutant(K, "if (y >= b0 && y < b0 + n) buf[y] -= gc.ky;",
+           "if (y >= b0 && y < b0 + n) buf[y] = acc_t(scalar_t(buf[y])) - gc.ky;",
+           "ce_rows: target gradient rounded twice (16-bit)"),
+    Mutant(K, "        if (grow) std::fill(grow, grow + K, scalar_t(0));",
+           "        if (grow) std::fill(grow, grow + K - 1, scalar_t(0));",
+           "ce_rows: ignored row's last gradient element not zeroed"),
+    Mutant(K, "        if (grow) std::fill(grow, grow + K, scalar_t(NAN));\n        continue;\n      }\n      double s, S;",
+           "        if (grow) std::fill(grow, grow + K, scalar_t(0));\n        continue;\n      }\n      double s, S;",
+           "ce_rows: non-finite row gets a zero gradient instead of NaN"),
+    Mutant(K, "      const acc_t wy = weighted ? w[y] : acc_t(1);\n      if (!row_max_is_finite(m)) {",
+           "      const acc_t wy = weighted ? w[y > 0 ? y - 1 : 0] : acc_t(1);\n      if (!row_max_is_finite(m)) {",
+           "ce_rows: w_y of the wrong class"),
+    Mutant(K, "  const acc_t W = weighted ? acc_t(A.W) : acc_t(K);\n  const acc_t scale = acc_t(A.scale);\n\n  at::parallel_for(0, A.N, grain_for(K)",
+           "  const acc_t W = weighted ? acc_t(A.W) : acc_t(K - 1);\n  const acc_t scale = acc_t(A.scale);\n\n  at::parallel_for(0, A.N, grain_for(K)",
+           "ce_rows: unweighted W = K - 1"),
+    Mutant(K, "        if (lanes < V) z = Vec::set(Vec(ninf), z, lanes);",
+           "        if (lanes < V) z = Vec::set(Vec(0), z, lanes);",
+           "ce_spatial: padding lanes 0 instead of -inf (equivalent unless read)"),
+    Mutant(K, "        vS = weighted ? at::vec::fmadd(Vec(wacc[c]), d, vS) : vS + d;",
+           "        vS = weighted ? at::vec::fmadd(Vec(wacc[c]), d, vS) : vS - d;",
+           "ce_spatial: unweighted S sign"),
+    Mutant(K, "        const acc_t zy = static_cast<acc_t>(base[y * S + l]);",
+           "        const acc_t zy = static_cast<acc_t>(base[y * S + (l + 1) % lanes]);",
+           "ce_spatial: z_y of the neighbouring position"),
+    Mutant(K, "        g = g - Vec::blendv(Vec(0), vky, vcls == Vec(acc_t(c)));",
+           "        g = g - Vec::blendv(Vec(0), vky, vcls == Vec(acc_t(c + 1)));",
+           "ce_spatial: -ky on the class after the target"),
+    Mutant(K, "        g = Vec::blendv(g * vkeep, Vec(0), vkeep == Vec(0));",
+           "        g = g * vkeep;",
+           "ce_spatial: ignored position with NaN logits gets NaN gradient"),
+    Mutant(K, "          loss[n * S + s0 + l] = NAN;\n          keep[l] = NAN;",
+           "          loss[n * S + s0 + l] = NAN;\n          keep[l] = acc_t(0);",
+           "ce_spatial: non-finite position gets zero gradient"),
+    Mutant(K, "      for (; c < K; ++c) wq[c] = prob_q<acc_t>(wq[c], sm) * (weighted ? wacc[c] : acc_t(1));",
+           "      for (; c < K; ++c) wq[c] = wq[c] * (weighted ? wacc[c] : acc_t(1));",
+           "prob_rows: scalar tail ignores smoothing (smoothing_mode ignored there)"),
+    Mutant(K, "        if (weighted) q = q * Vec::loadu(wacc.data() + c);",
+           "        if (weighted && c > 0) q = q * Vec::loadu(wacc.data() + c);",
+           "prob_rows: first vector of classes unweighted"),
+    Mutant(K, "grad_pass<acc_t>(z, wq.data(), K, acc_t(Q / s) * scale, scale);",
+           "grad_pass<acc_t>(z, wq.data(), K, acc_t(1 / s) * scale, scale);",
+           "prob_rows: gradient assumes sum of w q = 1"),
+    # --- CPU operator layer (csrc/cpu/loss_cpu.cpp) ---
+    Mutant(LC, "    D += weighted ? w[y] : 1.0;", "    D += 1.0;", "mean denominator ignores weights"),
+    Mutant(LC, "  for (double v : w) W += v;", "  for (double v : w) W += v * v;", "W = sum of squared weights"),
+    Mutant(LC, "    a.scale = reduction == kMean ? 1.0 / D : 1.0;", "    a.scale = reduction == kMean ? 1.0 / double(N) : 1.0;",
+           "mean gradient divides by the row count"),
+    Mutant(LC, "    a.scale = reduction == kMean ? 1.0 / double(N) : 1.0;", "    a.scale = reduction == kMean ? 1.0 / double(N + 1) : 1.0;",
+           "prob mean gradient scale off by one row"),
+    Mutant(LC, "  if (grad_output.item<double>() == 1.0) return;", "  if (grad_output.item<double>() > 0.5) return;",
+           "ce_scale_: skips any incoming gradient above 0.5"),
+    Mutant(LC, "    grad.mul_(per_row_view(grad_output, grad));\n    return;", "    grad.mul_(grad_output.mean());\n    return;",
+           "ce_scale_ 'none': one scalar instead of per row"),
+    Mutant(LC, "      if (gp) gp[i] = scalar_t(g * sc);", "      if (gp) gp[i] = scalar_t(g);", "bce: mean gradient not divided by n"),
+    Mutant(LC, "wp ? acc_t(wp[i % nw]) : acc_t(1),", "wp ? acc_t(wp[i % nw]) : acc_t(1) + acc_t(i == 0),", "bce: first element weighted 2 without weight"),
+    Mutant(LC, "    rows.zero_();\n", "    rows.fill_(1);\n", "prob: K = 0 rows give 1"),
+    Mutant(LC, "return cpu_has && !(env && (std::strcmp(env, \"default\") == 0",
+           "return cpu_has && (env && (std::strcmp(env, \"default\") == 0",
+           "capability switch inverted (equivalent when both builds agree)"),
+    # --- shared row formulas (csrc/row_math.h) ---
+    Mutant(RM, "    r.a = acc_t(eps / double(K));", "    r.a = acc_t(eps / double(K - 1));", "uniform: eps/(K-1)"),
+    Mutant(RM, "    r.b = acc_t((1.0 - eps) - a);", "    r.b = acc_t(1.0 - eps);", "off_target: b without -a"),
+    Mutant(RM, "  if (sm.a != acc_t(0)) loss += sm.a * (W * log_s - S);", "  loss += sm.a * (W * log_s - S);",
+           "smoothing term not skipped for eps = 0 (-inf logit gives NaN)"),
+    Mutant(RM, "  return (a != a || a > b) ? a : b;", "  return (a > b) ? a : b;", "nan_max drops a NaN in the first argument"),
+    Mutant(RM, "  return m > -acc_t(INFINITY) && m < acc_t(INFINITY);", "  return m < acc_t(INFINITY);",
+           "row of all -inf treated as finite"),
+    Mutant(RM, "  g.kw = sm.a * scale;", "  g.kw = sm.a;", "gradient smoothing term not scaled by 1/D"),
+    Mutant(RM, "  const acc_t ts = t * (acc_t(1) - acc_t(2) * a) + a;", "  const acc_t ts = t * (acc_t(1) - a) + a;",
+           "bce: smoothed target t(1-a)+a"),
+    Mutant(RM, "w * (L * e * inv - p * ts);", "w * (e * inv - p * ts);", "bce gradient (x < 0) without the pos_weight factor L"),
+    Mutant(RM, "w * (((acc_t(1) - ts) - p * ts * e) * inv)", "w * (inv - p * ts)",
+           "bce gradient (x >= 0) as sigmoid - p t' (cancels for a confident logit)"),
+    Mutant(RM, "  return y != ignore_index && (y < 0 || y >= K);", "  return y != ignore_index && (y < 0 || y > K);",
+           "target == K accepted"),
+    # --- operator schemas and shared checks (csrc/ops.cpp) ---
+    Mutant(OPS, "at::where(denom.eq(0), at::full({}, NAN, total.options()), total.div(denom));",
+           "total.div(denom);", "mean with a zero weight sum and eps > 0: inf instead of NaN"),
+    Mutant(OPS, "  if (reduction == kNone) return grad.mul(per_row_view(grad_output, grad));",
+           "  if (reduction == kNone) return grad.mul(grad_output.mean());", "ce_backward 'none': scalar instead of per row"),
+    Mutant(OPS, "  return grad.mul(grad_output.reshape({}));\n}", "  return grad.clone();\n}", "ce_backward ignores the incoming gradient"),
+    Mutant(OPS, "  TORCH_CHECK_VALUE(eps >= 0.0 && eps <= 1.0, fn, \": label_smoothing must be in [0, 1], got \", eps);\n  TORCH_CHECK_VALUE(mode ==",
+           "  TORCH_CHECK_VALUE(eps >= 0.0, fn, \": label_smoothing must be in [0, 1], got \", eps);\n  TORCH_CHECK_VALUE(mode ==",
+           "C++ check: label_smoothing > 1 accepted"),
+    Mutant(OPS, "  if (t.size(1) <= 1 || t.stride(1) == 1) return t;", "  return t;", "class stride != 1 not made contiguous"),
+    # --- Python argument handling ---
+    Mutant(FN, "    if size_average and reduce:\n        return \"mean\"", "    if size_average or reduce:\n        return \"mean\"",
+           "legacy: size_average or reduce -> mean"),
+    Mutant(FN, "    size_average = True if size_average is None else size_average", "    size_average = False if size_average is None else size_average",
+           "legacy: size_average=None means False"),
+    Mutant(FN, "    if not 0.0 <= eps <= 1.0:", "    if not 0.0 <= eps <= 1.5:", "label_smoothing up to 1.5 accepted (C++ check then raises)"),
+    Mutant(FN, "    one_row = input.dim() == 1 and tuple(target.shape) == (1,)", "    one_row = False",
+           "(C,) input with a (1,) target rejected"),
+    Mutant(FN, "    need_grad = input.requires_grad and torch.is_grad_enabled()\n\n    if target.is_floating_point():",
+           "    need_grad = input.requires_grad\n\n    if target.is_floating_point():", "gradient computed under no_grad"),
+    Mutant(FN, "        return reference.cross_entropy(input, target, weight, reduction=reduction,\n                                       label_smoothing=eps, smoothing_mode=smoothing_mode)",
+           "        return reference.cross_entropy(input, target, weight, reduction=reduction,\n                                       label_smoothing=eps)",
+           "soft targets with a gradient ignore smoothing_mode"),
+    Mutant(FN, "    return t.movedim(1, -1).reshape(-1, t.shape[1])", "    return t.reshape(-1, t.shape[1])",
+           "probability targets K-dim: rows without moving the class dim"),
+    Mutant(FN, "    if all(padded[j] == shape[j] for j in range(k, len(shape))):", "    if True:",
+           "bce: non-periodic weight layouts not expanded"),
+    Mutant(PO, "        if reduction != REDUCTIONS[\"none\"] and float(grad_output) == 1.0 and not _graph_kept():",
+           "        if float(grad_output.reshape(-1)[0]) == 1.0 and not _graph_kept():", "'none': first incoming gradient 1 skips the scaling"),
+    Mutant(PO, "    return True if keep is None else bool(keep())", "    return False",
+           "retain_graph=True hands out the saved gradient"),
+    Mutant(PO, "        grad_output = grad_output.reshape(-1)\n", "        grad_output = grad_output.reshape(-1).flip(0)\n",
+           "'none': incoming gradients in reverse row order"),
+    Mutant(MOD, "                               reduction=self.reduction, label_smoothing=self.label_smoothing,\n                               smoothing_mode=self.smoothing_mode)",
+           "                               reduction=self.reduction, label_smoothing=self.label_smoothing)",
+           "module ignores smoothing_mode"),
+    Mutant(MOD, "        return F.cross_entropy(input, target, weight=self.weight, ignore_index=self.ignore_index,",
+           "        return F.cross_entropy(input, target, weight=self.weight,", "module ignores ignore_index"),
+]
+
+# Commands for builds other than the CPU one (the CUDA emulation, when it lands).
+EXTRA_BUILDS = {}
+
+# The files that test values, the direct ones first (with -x a caught mutant stops at its first
+# failing test); the slow, value-free ones (build, demo, calibration) are left out.
+DEFAULT_TESTS = ("tests/test_operators.py tests/test_regressions.py tests/test_matrix.py "
+                 "tests/test_kernel_boundaries.py tests/test_parity.py tests/test_edge_cases.py "
+                 "tests/test_autograd.py tests/test_errors.py tests/test_binary.py tests/test_fuzz.py")
+
+
+def _ids(specs, n):
+    out = set()
+    for s in specs:
+        a, _, b = s.partition("-")
+        out.update(range(int(a), int(b or a) + 1))
+    return sorted(i for i in out if 0 <= i < n)
+
+
+def _copy_tree(work):
+    if work.exists():
+        shutil.rmtree(work)
+    files = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
+    for f in files:
+        dst = work / f
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        if (ROOT / f).is_file():
+            shutil.copy2(ROOT / f, dst)
+
+
+def _lower_optimisation(work, level):
+    """The scratch copy compiles at -O{level} (default 1: about twice as fast to build as -O3;
+    the same code paths, so the same mutants are caught)."""
+    setup = work / "setup.py"
+    text = setup.read_text()
+    if '"-O3"' in text:
+        setup.write_text(text.replace('"-O3"', f'"-O{level}"', 1))
+
+
+def _build(work, log):
+    env = dict(os.environ, LABELSMOOTH_EXT_CPU_ONLY="1", MAX_JOBS=os.environ.get("MAX_JOBS", "2"))
+    r = subprocess.run([sys.executable, "setup.py", "build_ext", "--inplace"], cwd=work, env=env,
+                       stdout=log, stderr=subprocess.STDOUT)
+    return r.returncode == 0
+
+
+def _run_tests(work, tests, log, timeout):
+    env = dict(os.environ)
+    env.pop("PYTHONPATH", None)
+    cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *tests.split()]
+    try:
+        r = subprocess.run(cmd, cwd=work, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                           text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return "timeout", "timeout"
+    log.write(r.stdout[-3000:])
+    lines = [ln for ln in r.stdout.splitlines() if ln.startswith("FAILED") or ln.startswith("ERROR")]
+    last = r.stdout.strip().splitlines()[-1] if r.stdout.strip() else ""
+    if r.returncode == 0:
+        return "passed", last
+    if r.returncode in (1, 2) and lines:
+        return "failed", lines[0]
+    return f"exit {r.returncode}", (lines[0] if lines else last)  # a crash also catches it
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--list", action="store_true")
+    ap.add_argument("--only", nargs="*", default=None)
+    ap.add_argument("--workdir", default="/tmp/labelsmooth_mutation")
+    ap.add_argument("--tests", default=os.environ.get("LSE_MUTATION_TESTS", DEFAULT_TESTS))
+    ap.add_argument("--report", default=str(ROOT / "docs" / "mutation_report.md"))
+    ap.add_argument("--timeout", type=float, default=1800)
+    ap.add_argument("--opt", default="1", help="C++ optimisation level of the scratch build")
+    ap.add_argument("--skip-baseline", action="store_true",
+                    help="do not run the unmutated suite first (when it was just run)")
+    args = ap.parse_args()
+
+    if args.list:
+        for i, m in enumerate(MUTANTS):
+            print(f"{i:3d}  {m.path:32s} {m.build:6s} {m.what}")
+        return 0
+    problems = [(i, m) for i, m in enumerate(MUTANTS)
+                if (ROOT / m.path).read_text().count(m.old) != 1]
+    for i, m in problems:
+        print(f"mutant {i} ({m.path}: {m.what}): its text occurs "
+              f"{(ROOT / m.path).read_text().count(m.old)} times (must be once)", file=sys.stderr)
+    if problems:
+        return 2
+    ids = _ids(args.only, len(MUTANTS)) if args.only else list(range(len(MUTANTS)))
+    tests = " ".join(t for t in args.tests.split() if (ROOT / t.split("::")[0]).exists())
+    work = Path(args.workdir)
+    _copy_tree(work)
+    _lower_optimisation(work, args.opt)
+    log = open(work / "mutation.log", "w")
+    t0 = time.time()
+    if not _build(work, log):
+        print("the unmutated copy does not build; see", work / "mutation.log", file=sys.stderr)
+        return 2
+    if not args.skip_baseline:
+        status, detail = _run_tests(work, tests, log, args.timeout)
+        if status != "passed":
+            print("the unmutated suite does not pass:", detail, file=sys.stderr)
+            return 2
+    results = []
+    # Python first (no rebuild), then grouped by file (fewer rebuilds)
+    for i in sorted(ids, key=lambda i: (MUTANTS[i].path.startswith("csrc/"), MUTANTS[i].path, i)):
+        m = MUTANTS[i]
+        if m.build != "cpu" and m.build not in EXTRA_BUILDS:
+            results.append((i, m, "not run", f"no {m.build} build yet", 0.0))
+            continue
+        path = work / m.path
+        original = path.read_text()
+        path.write_text(original.replace(m.old, m.new))
+        t = time.time()
+        try:
+            if m.path.startswith("csrc/") and not _build(work, log):
+                status, detail = "caught", "build failed"
+            else:
+                status, detail = _run_tests(work, tests, log, args.timeout)
+                status = "survived" if status == "passed" else "caught"
+        finally:
+            path.write_text(original)
+        results.append((i, m, status, detail, time.time() - t))
+        print(f"[{len(results)}/{len(ids)}] {i:3d} {status:8s} {time.time() - t:6.0f}s  {m.path}: {m.what}"
+              f"  -- {detail}", flush=True)
+        _write_report(args.report, results, tests, time.time() - t0, pending=len(ids) - len(results))
+    _build(work, log)  # leave the copy unmutated
+    _write_report(args.report, results, tests, time.time() - t0)
+    caught = sum(r[2] == "caught" for r in results)
+    run = sum(r[2] in ("caught", "survived") for r in results)
+    print(f"caught {caught} of {run} ({100.0 * caught / max(run, 1):.1f}%); report: {args.report}")
+    return 0
+
+
+def _write_report(path, results, tests, seconds, pending=0):
+    per_file = collections.OrderedDict()
+    for i, m, status, detail, _ in sorted(results, key=lambda r: r[0]):
+        per_file.setdefault(m.path, collections.Counter())[status] += 1
+    caught = sum(r[2] == "caught" for r in results)
+    run = sum(r[2] in ("caught", "survived") for r in results)
+    lines = [
+        "# Mutation testing report", "",
+        "Generated by `python tools/mutation.py` (one textual mutant at a time, CPU-only build, "
+        "the suite with `-x`).", "",
+        f"Tests run per mutant: `{tests}`", "",
+        f"**Caught {caught} of {run} mutants ({100.0 * caught / max(run, 1):.1f}%)**, "
+        f"{seconds / 60:.0f} min in all." + (f" **{pending} mutants still to run.**" if pending else ""), "",
+        "| file | caught | survived | not run |", "|---|---|---|---|",
+    ]
+    for f, c in per_file.items():
+        lines.append(f"| `{f}` | {c['caught']} | {c['survived']} | {c['not run']} |")
+    lines += ["", "| id | file | mutant | result | first failing test |", "|---|---|---|---|---|"]
+    for i, m, status, detail, secs in sorted(results, key=lambda r: r[0]):
+        if status == "survived" and m.what in EQUIVALENT:
+            status = "survived (equivalent: " + EQUIVALENT[m.what] + ")"
+        lines.append(f"| {i} | `{m.path}` | {m.what} | {status} | {detail.replace('|', '/')[:140]} |")
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
