@@ -356,8 +356,12 @@ def _vmap_by_loop(op, tensor_args):
     return rule
 
 
-torch.library.register_vmap("labelsmooth_ext::ce_backward", _vmap_by_loop(ops.ce_backward, (0, 1)))
-torch.library.register_vmap("labelsmooth_ext::ce_grad", _vmap_by_loop(ops.ce_grad, (0, 1, 2, 3, 4)))
+# torch.library.register_vmap arrived in torch 2.5: on 2.4, jacrev through the fused loss is
+# not available (vmap over the backward ops has no rule there).
+HAS_VMAP_RULES = hasattr(torch.library, "register_vmap")
+if HAS_VMAP_RULES:
+    torch.library.register_vmap("labelsmooth_ext::ce_backward", _vmap_by_loop(ops.ce_backward, (0, 1)))
+    torch.library.register_vmap("labelsmooth_ext::ce_grad", _vmap_by_loop(ops.ce_grad, (0, 1, 2, 3, 4)))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -64,7 +64,9 @@ def test_matches_reference(device, dtype, mode, weighted, reduction, opts, inpla
     out, g = run(x, target, weight, grad_out, device, **kw)
     assert out.dtype == dtype
     assert_close_to(out, ref_out, dtype, "loss")
-    assert_close_to(g, ref_g, dtype, "grad")
+    # 2 ULP: softcap's tanh from one vector exp (about cap * 2e-7 absolute) and the z term add
+    # float32 error before the one rounding to 16 bits
+    assert_close_to(g, ref_g, dtype, "grad", ulps=2)
 
 
 @pytest.mark.parametrize("device", DEVICES)

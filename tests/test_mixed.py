@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import labelsmooth_ext as L
-from conftest import DEVICES, REAL_DEVICES, assert_close_to
+from conftest import TOL, DEVICES, REAL_DEVICES, assert_close_to
 
 SIXTEEN = [torch.float16, torch.bfloat16]
 
@@ -209,7 +209,9 @@ def test_autocast_matches_pytorch(device, dtype, reduction, weighted, prob, api)
     assert zo.dtype == zt.dtype == dtype
     assert_close_to(lo, lt, torch.float32, "loss")
     assert_close_to(zo, zt, dtype, "logits' gradient")
-    assert_close_to(wo, wt, dtype, "linear weight gradient")
+    # a GEMM of two 16-bit operands under autocast, ours against PyTorch's (both rounded), not
+    # against float64: the whole-tensor bound this test was written with
+    assert_close_to(wo, wt, dtype, "linear weight gradient", ulps=0, atol_rel=TOL[dtype])
 
 
 @pytest.mark.parametrize("device", REAL_DEVICES)  # the emulated ops have no fake kernels
@@ -277,6 +279,8 @@ def test_torch_func_grad(dtype, weighted, reduction):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("reduction", ["none", "mean"])
 @pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.skipif(not L._ops.HAS_VMAP_RULES,
+                    reason=f"jacrev needs torch.library.register_vmap (torch >= 2.5; this is {torch.__version__})")
 def test_torch_func_jacrev(dtype, reduction, weighted):
     x, t, w = _func_case(dtype, weighted, torch.Generator().manual_seed(8))
     kw = dict(weight=w, reduction=reduction, label_smoothing=0.1)
