@@ -61,3 +61,53 @@ def test_copy_floor(benchmark, case):
     benchmark.pedantic(timed, rounds=10, iterations=1, warmup_rounds=1)
     benchmark.extra_info["gbps"] = 2 * x.numel() * x.element_size() / statistics.median(
         benchmark.stats.stats.data) / 1e9
+
+
+# Mixed precision at the language-model shape: float16 logits with a loss scaler (the float16
+# backward recomputes the gradient, one more read of the logits), and bfloat16 logits under
+# torch.autocast (PyTorch upcasts them to a float32 copy; ours reads them as they are).
+MIXED_CASES = [B.Case(name, 4096, 32000, (), dtype, d)
+               for d in DEVICES
+               for name, dtype in (("language-model float16+scaler", "float16"),
+                                   ("language-model autocast", "bfloat16"))]
+_MIXED_FNS = {"labelsmooth_ext": lambda x, t: B.cross_entropy(x, t, label_smoothing=B.EPS),
+              "torch": lambda x, t: torch.nn.functional.cross_entropy(x, t, label_smoothing=B.EPS),
+              "torch.compile": B._torch_compile}
+SCALE = 2.0 ** 12
+
+
+def _mixed_step(case, impl, x, t):
+    fn = _MIXED_FNS[impl]
+    autocast = "autocast" in case.name
+
+    def step():
+        xx = x.detach().requires_grad_()
+        with torch.autocast(case.device, dtype=torch.bfloat16, enabled=autocast):
+            loss = fn(xx, t)
+        (loss if autocast else loss * SCALE).backward()
+        return xx.grad
+    return step
+
+
+@pytest.mark.parametrize("case", MIXED_CASES, ids=_id)
+@pytest.mark.parametrize("impl", list(_MIXED_FNS))
+def test_mixed_precision(benchmark, record, case, impl):
+    x, t = inputs_for(case)
+    fl = floors_for(case)
+    step = _mixed_step(case, impl, x, t)
+
+    def timed():
+        step()
+        B.sync(case.device)
+
+    benchmark.group = f"{case.label} {case.dtype} {case.device} forward+backward"
+    benchmark.pedantic(timed, rounds=5, iterations=1, warmup_rounds=2)
+    median = benchmark.stats.stats.median
+    moved = B.bytes_moved(case, "forward+backward")
+    peak = B.peak_extra_bytes(step, case.device)
+    benchmark.extra_info.update({"bytes_moved": moved, "gbps": moved / median / 1e9,
+                                 "copy_floor_s": fl["copy"], "ratio_to_copy_floor": median / fl["copy"],
+                                 "peak_extra_bytes": peak})
+    if "exp" in fl:
+        benchmark.extra_info.update({"exp_floor_s": fl["exp"], "ratio_to_exp_floor": median / fl["exp"]})
+    record(B.Result(case, "forward+backward", impl, median, fl, moved, peak))

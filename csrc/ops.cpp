@@ -3,6 +3,8 @@
 #include "ops.h"
 
 #include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/mul.h>
 #include <torch/library.h>
 
 #include <cmath>
@@ -49,8 +51,12 @@ static void check_common(const char* fn, const at::Tensor& input,
     const auto& w = *weight;
     TORCH_CHECK_VALUE(w.dim() == 1 && w.size(0) == K, fn, ": weight must have shape (", K,
                       ",) for ", K, " classes, got ", w.sizes());
-    TORCH_CHECK_TYPE(w.scalar_type() == dt, fn, ": weight dtype ", dtype_name(w.scalar_type()),
-                     " must match the input dtype ", dtype_name(dt));
+    // float32 class weights with 16-bit input: what autocast passes (PyTorch runs the loss in
+    // float32 there); the Python layer allows them only under autocast.
+    const bool acc_weight = w.scalar_type() == at::kFloat && (dt == at::kHalf || dt == at::kBFloat16);
+    TORCH_CHECK_TYPE(w.scalar_type() == dt || acc_weight, fn, ": weight dtype ",
+                     dtype_name(w.scalar_type()), " must match the input dtype ", dtype_name(dt),
+                     " (or be float32 for a float16 / bfloat16 input)");
     TORCH_CHECK_VALUE(w.device() == input.device(), fn, ": weight is on ", w.device(),
                       " but input is on ", input.device());
   }
@@ -75,10 +81,12 @@ void check_prob_args(const at::Tensor& input, const at::Tensor& target,
                      const std::optional<at::Tensor>& weight, double eps, int64_t mode,
                      int64_t reduction) {
   check_common("labelsmooth_ext::ce_prob_forward", input, weight, eps, mode, reduction);
-  TORCH_CHECK_TYPE(target.scalar_type() == input.scalar_type(),
+  const auto dt = input.scalar_type();
+  const bool acc_target = target.scalar_type() == at::kFloat && (dt == at::kHalf || dt == at::kBFloat16);
+  TORCH_CHECK_TYPE(target.scalar_type() == dt || acc_target,
                    "labelsmooth_ext::ce_prob_forward: probability target dtype ",
-                   dtype_name(target.scalar_type()), " must match the input dtype ",
-                   dtype_name(input.scalar_type()));
+                   dtype_name(target.scalar_type()), " must match the input dtype ", dtype_name(dt),
+                   " (or be float32 for a float16 / bfloat16 input)");
   TORCH_CHECK_VALUE(target.sizes() == input.sizes(),
                     "labelsmooth_ext::ce_prob_forward: probability target shape ", target.sizes(),
                     " must equal the input shape ", input.sizes());
@@ -117,12 +125,11 @@ at::Tensor rows_with_unit_class_stride(const at::Tensor& t) {
 
 at::ScalarType acc_type_of(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
-at::Tensor finish_loss(const at::Tensor& rows, const at::Tensor& denom, int64_t reduction,
-                       at::ScalarType out_dtype) {
-  if (reduction == kNone) return rows.to(out_dtype);
+at::Tensor finish_loss(const at::Tensor& rows, const at::Tensor& denom, int64_t reduction) {
+  if (reduction == kNone) return rows;
   at::Tensor total = rows.sum();
   if (reduction == kMean) total = total.div(denom);
-  return total.to(out_dtype);
+  return total;
 }
 
 // Multiplies the gradient the forward saved by the incoming gradient (one scalar for
@@ -135,9 +142,12 @@ at::Tensor per_row_view(const at::Tensor& grad_output, const at::Tensor& grad) {
   return grad_output.reshape(shape);
 }
 
+// The result keeps grad's dtype (grad_output is float32 for a 16-bit input, as the loss is):
+// multiplied in float32 and written in grad's dtype in one pass.
 static at::Tensor ce_backward(const at::Tensor& grad, const at::Tensor& grad_output, int64_t reduction) {
-  if (reduction == kNone) return grad.mul(per_row_view(grad_output, grad));
-  return grad.mul(grad_output.reshape({}));
+  at::Tensor out = at::empty_like(grad);
+  if (reduction == kNone) return at::mul_out(out, grad, per_row_view(grad_output, grad));
+  return at::mul_out(out, grad, grad_output.reshape({}));
 }
 
 static std::string build_info() {
@@ -159,10 +169,12 @@ static std::string build_info() {
 }
 
 TORCH_LIBRARY(labelsmooth_ext, m) {
-  // Class-index targets. Returns (loss, grad): loss in the input dtype, shaped (N,) for
-  // reduction none and () otherwise; grad (N, K) in the input dtype, already divided by the
-  // mean denominator, or an empty (0,) tensor when compute_grad is false. The CPU also takes
-  // a (N, K, S) input (classes along dim 1, target (N*S,)), whose grad is (N, K, S).
+  // Class-index targets. Returns (loss, grad): loss in the accumulation dtype (float32;
+  // float64 for float64 input; the Python layer casts it to the input dtype outside autocast),
+  // shaped (N,) for reduction none and () otherwise; grad (N, K) in the input dtype, already
+  // divided by the mean denominator, or an empty (0,) tensor when compute_grad is false. The
+  // CPU also takes a (N, K, S) input (classes along dim 1, target (N*S,)), whose grad is
+  // (N, K, S). weight: the input's dtype, or float32 for a 16-bit input (autocast).
   m.def(
       "ce_forward(Tensor input, Tensor target, Tensor? weight, int ignore_index, "
       "float label_smoothing, int smoothing_mode, int reduction, bool compute_grad) "
@@ -178,6 +190,20 @@ TORCH_LIBRARY(labelsmooth_ext, m) {
       "bce_forward(Tensor input, Tensor target, Tensor? weight, Tensor? pos_weight, "
       "float label_smoothing, int reduction, bool compute_grad) -> (Tensor, Tensor)");
   m.def("ce_backward(Tensor grad, Tensor grad_output, int reduction) -> Tensor");
+  // The gradient of ce_forward's loss times grad_output (one scalar, or one value per row for
+  // reduction none), recomputed from the logits with grad_output and 1/D applied in the
+  // accumulation type before the one rounding to the input dtype (so float16 does not
+  // underflow before a loss scaler's factor arrives, and nothing is rounded twice). `grad`
+  // (optional) is the gradient ce_forward saved: where multiplying it by grad_output is exact
+  // (row_math.h exact_multiplier) it is used instead of recomputing.
+  m.def(
+      "ce_grad(Tensor input, Tensor target, Tensor? weight, Tensor grad_output, Tensor? grad, "
+      "int ignore_index, float label_smoothing, int smoothing_mode, int reduction) -> Tensor");
+  // ce_grad into the saved gradient, in place (the CUDA eager backward): rows whose incoming
+  // gradient is exactly 1 are not touched, decided on the device (no host sync).
+  m.def(
+      "ce_grad_(Tensor(a!) grad, Tensor input, Tensor target, Tensor? weight, Tensor grad_output, "
+      "int ignore_index, float label_smoothing, int smoothing_mode, int reduction) -> ()");
   // In place; skips the pass when the incoming gradient is exactly 1 (decided on the device).
   m.def("ce_scale_(Tensor(a!) grad, Tensor grad_output, int reduction) -> ()");
   m.def("build_info() -> str", &build_info);

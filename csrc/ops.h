@@ -30,9 +30,8 @@ at::Tensor rows_with_unit_class_stride(const at::Tensor& t);
 // float for half/bfloat16/float input, double for double.
 at::ScalarType acc_type_of(at::ScalarType t);
 
-// Per-row losses (acc dtype) -> the op's loss output in the input dtype.
+// Per-row losses (acc dtype) -> the op's loss output (acc dtype: the Python layer casts).
 // `denom` is the 0-dim mean denominator (ignored unless reduction is mean).
-at::Tensor finish_loss(const at::Tensor& rows, const at::Tensor& denom, int64_t reduction,
-                       at::ScalarType out_dtype);
+at::Tensor finish_loss(const at::Tensor& rows, const at::Tensor& denom, int64_t reduction);
 
 }  // namespace labelsmooth_ext

@@ -9,6 +9,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 
 #if defined(__CUDACC__) || defined(__HIPCC__)
 #define LSE_HD __host__ __device__ __forceinline__
@@ -137,6 +138,29 @@ LSE_HD void bce_elem(acc_t x, acc_t t, acc_t w, acc_t p, acc_t a, acc_t& loss, a
   const acc_t inv = acc_t(1) / (acc_t(1) + e);
   const acc_t sig = x >= acc_t(0) ? inv : e * inv;
   grad = w * (L * sig - p * ts);
+}
+
+// Whether a gradient already rounded to its 16-bit (or float32) dtype, multiplied by the
+// incoming gradient `go`, equals one rounding of the exact product: go = 0 or +-2^k with
+// k >= 0 (a power-of-two factor changes only the exponent, and k >= 0 makes no new subnormals).
+// float16 only for go == 1: its saved gradient may already have underflowed before go arrived.
+template <typename acc_t>
+LSE_HD bool exact_multiplier(acc_t go, bool is_half) {
+  if (go == acc_t(1)) return true;
+  if (is_half) return false;
+  if (go == acc_t(0)) return true;
+  const acc_t a = go < acc_t(0) ? -go : go;
+  if (!(a >= acc_t(1)) || a == acc_t(INFINITY)) return false;  // also NaN
+  // a normal power of two: all mantissa bits zero
+  if constexpr (sizeof(acc_t) == 4) {
+    uint32_t b;
+    memcpy(&b, &a, 4);
+    return (b & 0x7FFFFFu) == 0;
+  } else {
+    uint64_t b;
+    memcpy(&b, &a, 8);
+    return (b & 0xFFFFFFFFFFFFFull) == 0;
+  }
 }
 
 // True for a target that is neither ignored nor a valid class.

@@ -64,9 +64,14 @@ REDUCTIONS = {"none": 0, "mean": 1, "sum": 2}
 SMOOTHING_MODES = {"uniform": 0, "off_target": 1}
 
 
+def _acc_dtype(dtype):
+    """The operators' loss dtype: float32, float64 for float64 input."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def _fake_forward(input, reduction, compute_grad):
     n, k = input.shape
-    loss = input.new_empty((n,) if reduction == REDUCTIONS["none"] else ())
+    loss = input.new_empty((n,) if reduction == REDUCTIONS["none"] else (), dtype=_acc_dtype(input.dtype))
     grad = input.new_empty((n, k) if compute_grad else (0,))
     return loss, grad
 
@@ -74,9 +79,15 @@ def _fake_forward(input, reduction, compute_grad):
 @torch.library.register_fake("labelsmooth_ext::ce_forward")
 def _(input, target, weight, ignore_index, label_smoothing, smoothing_mode, reduction, compute_grad):
     if input.dim() == 3:  # (N, K, S): one row per position, gradient shaped like the input
-        loss = input.new_empty((target.shape[0],) if reduction == REDUCTIONS["none"] else ())
+        loss = input.new_empty((target.shape[0],) if reduction == REDUCTIONS["none"] else (),
+                               dtype=_acc_dtype(input.dtype))
         return loss, input.new_empty(input.shape if compute_grad else (0,))
     return _fake_forward(input, reduction, compute_grad)
+
+
+@torch.library.register_fake("labelsmooth_ext::ce_grad")
+def _(input, target, weight, grad_output, grad, ignore_index, label_smoothing, smoothing_mode, reduction):
+    return torch.empty_like(input, memory_format=torch.contiguous_format)
 
 
 @torch.library.register_fake("labelsmooth_ext::ce_prob_forward")
@@ -87,9 +98,14 @@ def _(input, target, weight, label_smoothing, smoothing_mode, reduction, compute
 @torch.library.register_fake("labelsmooth_ext::bce_forward")
 def _(input, target, weight, pos_weight, label_smoothing, reduction, compute_grad):
     n = input.numel()
-    loss = input.new_empty((n,) if reduction == REDUCTIONS["none"] else ())
+    loss = input.new_empty((n,) if reduction == REDUCTIONS["none"] else (), dtype=_acc_dtype(input.dtype))
     grad = input.new_empty((n,) if compute_grad else (0,))
     return loss, grad
+
+
+@torch.library.register_fake("labelsmooth_ext::ce_grad_")
+def _(grad, input, target, weight, grad_output, ignore_index, label_smoothing, smoothing_mode, reduction):
+    return None
 
 
 @torch.library.register_fake("labelsmooth_ext::ce_scale_")
@@ -117,19 +133,37 @@ def _is_plain(t):
     return type(t) in (torch.Tensor, torch.nn.Parameter)
 
 
-def _scaled_gradient(ctx, grad, grad_output, reduction):
-    """The gradient the forward computed, times the incoming gradient."""
-    if reduction == REDUCTIONS["none"]:
-        grad_output = grad_output.reshape(-1)
-    ops = ctx.ops
-    if torch.compiler.is_compiling() or not (_is_plain(grad) and _is_plain(grad_output)):
-        return ops.ce_backward(grad, grad_output, reduction)  # traced: functional
+def functorch_transforms():
+    """The torch.func transforms (grad, vjp, vmap...) active around this call, innermost last."""
+    if torch.compiler.is_compiling():
+        return ()
+    stack = torch._C._functorch.get_interpreter_stack()
+    return tuple(i.key() for i in stack) if stack else ()
+
+
+def _traced(*tensors):
+    """Under torch.compile, a tensor subclass or a torch.func transform: functional ops only."""
+    return (torch.compiler.is_compiling() or not all(_is_plain(t) for t in tensors)
+            or bool(functorch_transforms()))
+
+
+def _check_no_double_backward():
     if torch.is_grad_enabled():
         raise RuntimeError(
             "labelsmooth_ext: double backward (create_graph=True) through the fused loss is not "
             "supported; use torch.nn.functional.cross_entropy or labelsmooth_ext.reference for "
             "higher-order gradients"
         )
+
+
+def _scaled_gradient(ctx, grad, grad_output, reduction):
+    """The gradient the forward computed, times the incoming gradient."""
+    if reduction == REDUCTIONS["none"]:
+        grad_output = grad_output.reshape(-1)
+    ops = ctx.ops
+    if _traced(grad, grad_output):
+        return _functional(ops.ce_backward, grad, grad_output, reduction)  # traced: functional
+    _check_no_double_backward()
     if not ctx.cuda_path:
         # Host-side check costs nothing here; the saved gradient is returned as is (no copy:
         # autograd takes it over as .grad) or multiplied out of place, so graphs can be reused.
@@ -144,15 +178,47 @@ def _scaled_gradient(ctx, grad, grad_output, reduction):
     return grad
 
 
-def _setup_context(ctx, inputs, output):
+def _setup_context(ctx, inputs, output, *extra):
     _, grad = output
     ctx.reduction = inputs[-2]
     ctx.had_grad = inputs[-1]
     ctx.consumed = False
+    ctx.recompute = bool(extra)
     ctx.ops, ctx.cuda_path = ops, takes_cuda_path(grad)
     ctx.set_materialize_grads(False)
     ctx.mark_non_differentiable(grad)
-    ctx.save_for_backward(grad)
+    ctx.save_for_backward(grad, *extra)
+
+
+_SIXTEEN_BIT = (torch.float16, torch.bfloat16)
+
+
+def _exact_gradient(ctx, grad_loss):
+    """16-bit class-index gradient times the incoming gradient, rounded once: the saved
+    gradient where that is exact (incoming gradient 1; for bfloat16 also 0 or +-2^k, k >= 0),
+    else recomputed from the logits (ce_grad). float16 saves no gradient at all (its 1/D
+    could underflow before a loss scaler's factor arrives), so it always recomputes."""
+    grad, input, target, weight = ctx.saved_tensors
+    red = ctx.reduction
+    go = grad_loss.reshape(-1) if red == REDUCTIONS["none"] else grad_loss
+    saved = grad if grad.numel() else None
+    args = (ctx.ignore_index, ctx.label_smoothing, ctx.smoothing_mode, red)
+    ops = ctx.ops
+    if _traced(input, go):
+        return _functional(ops.ce_grad, input, target, weight, go, saved, *args)
+    _check_no_double_backward()
+    if not ctx.cuda_path:
+        if saved is not None and red != REDUCTIONS["none"] and float(go) == 1.0:
+            return saved  # no copy: autograd takes it over as .grad (the CPU never mutates it)
+        return ops.ce_grad(input, target, weight, go, saved, *args)
+    if saved is None or not _inplace_cuda_backward:
+        return ops.ce_grad(input, target, weight, go, saved, *args)
+    # CUDA, in place: rows whose incoming gradient is 1 are left as they are, exactly
+    # scalable ones scaled, the others recomputed, all decided on the device (no host sync).
+    ctx.consumed = True
+    ops.ce_grad_(saved, input, target, weight, go, *args)
+    torch.autograd.graph.increment_version(saved)
+    return saved
 
 
 def _backward(ctx, grad_loss, _unused):
@@ -162,9 +228,11 @@ def _backward(ctx, grad_loss, _unused):
             "gradcheck, jacobian); the first CUDA backward scaled the saved gradient in place. "
             "Call labelsmooth_ext.set_inplace_backward(False) before the forward to allow this."
         )
-    (grad,) = ctx.saved_tensors
     if grad_loss is None:
         return (None,) * ctx.n_inputs
+    if ctx.recompute:
+        return (_exact_gradient(ctx, grad_loss),) + (None,) * (ctx.n_inputs - 1)
+    (grad,) = ctx.saved_tensors
     if not ctx.had_grad:
         raise RuntimeError("labelsmooth_ext: the forward ran without compute_grad; no gradient was saved")
     g = _scaled_gradient(ctx, grad, grad_loss, ctx.reduction)
@@ -173,7 +241,13 @@ def _backward(ctx, grad_loss, _unused):
 
 def _setup_ce(ctx, inputs, output):
     ctx.n_inputs = 8
-    _setup_context(ctx, inputs, output)
+    input, target, weight, ctx.ignore_index, ctx.label_smoothing, ctx.smoothing_mode = inputs[:6]
+    if input.dtype in _SIXTEEN_BIT:
+        # References, not copies: the logits are kept so that the backward can recompute the
+        # gradient when the saved one (if any) cannot be scaled exactly.
+        _setup_context(ctx, inputs, output, input, target, weight)
+    else:
+        _setup_context(ctx, inputs, output)
 
 
 def _setup_prob(ctx, inputs, output):
@@ -205,3 +279,74 @@ def _setup_nothing(ctx, inputs, output):
 torch.library.register_autograd(
     "labelsmooth_ext::ce_backward", _no_double_backward, setup_context=_setup_nothing
 )
+torch.library.register_autograd(
+    "labelsmooth_ext::ce_grad", _no_double_backward, setup_context=_setup_nothing
+)
+
+
+class _FirstOrderOnly(torch.autograd.Function):
+    """A backward operator called inside a torch.func transform, which differentiates its
+    backward (create_graph): first-order results as usual, a clear error if differentiated."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(op, *args):
+        return op(*args)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, *grads):
+        _no_double_backward(ctx, None)
+
+
+def _functional(op, *args):
+    if functorch_transforms():
+        return _FirstOrderOnly.apply(op, *args)
+    return op(*args)
+
+
+class CeFunction(torch.autograd.Function):
+    """ce_forward with the same backward, as an autograd.Function with setup_context: the
+    form torch.func transforms (grad, vjp, jacrev) accept; register_autograd's is not."""
+
+    @staticmethod
+    def forward(*inputs):
+        return ops.ce_forward(*inputs)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _setup_ce(ctx, inputs, output)
+
+    @staticmethod
+    def backward(ctx, grad_loss, grad_unused):
+        return _backward(ctx, grad_loss, grad_unused)
+
+
+def _batched(t, dim, size):
+    """t with its vmap dimension first (expanded when t is not batched)."""
+    if t is None:
+        return None
+    if dim is None:
+        return t.unsqueeze(0).expand(size, *t.shape)
+    return t.movedim(dim, 0)
+
+
+def _vmap_by_loop(op, tensor_args):
+    """A vmap rule that calls the operator once per batch entry (the backward ops under
+    jacrev: the batch is the number of loss elements)."""
+    def rule(info, in_dims, *args):
+        args = list(args)
+        for i in tensor_args:
+            args[i] = _batched(args[i], in_dims[i], info.batch_size)
+        outs = [op(*[a[b] if i in tensor_args and a is not None else a for i, a in enumerate(args)])
+                for b in range(info.batch_size)]
+        return torch.stack(outs), 0
+    return rule
+
+
+torch.library.register_vmap("labelsmooth_ext::ce_backward", _vmap_by_loop(ops.ce_backward, (0, 1)))
+torch.library.register_vmap("labelsmooth_ext::ce_grad", _vmap_by_loop(ops.ce_grad, (0, 1, 2, 3, 4)))

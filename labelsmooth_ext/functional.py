@@ -72,7 +72,15 @@ def _check_input(input):
         raise ValueError("input must have at least 1 dimension (classes), got a 0-d tensor")
 
 
-def _check_weight(weight, input, num_classes):
+def _autocast_to_float32(input):
+    """True when PyTorch would run this loss in float32 (inside torch.autocast, as for
+    torch.nn.functional.cross_entropy): then the loss is float32 and float32 class weights and
+    soft targets are used as they are, while the logits are read in their own 16-bit dtype
+    (accumulated in float32; no float32 copy) and their gradient is in that dtype."""
+    return input.dtype in (torch.float16, torch.bfloat16) and torch.is_autocast_enabled(input.device.type)
+
+
+def _check_weight(weight, input, num_classes, autocast=False):
     if weight is None:
         return None
     if not isinstance(weight, torch.Tensor):
@@ -82,7 +90,9 @@ def _check_weight(weight, input, num_classes):
             f"weight must be a 1-d tensor with one entry per class ({num_classes}), got shape "
             f"{tuple(weight.shape)}"
         )
-    if weight.dtype != input.dtype:
+    if autocast and weight.dtype in (torch.float32, torch.float16, torch.bfloat16):
+        weight = weight.float()  # autocast runs the loss in float32, weights included
+    elif weight.dtype != input.dtype:
         raise TypeError(f"weight dtype {weight.dtype} must match the input dtype {input.dtype}")
     if weight.device != input.device:
         raise ValueError(f"weight is on {weight.device} but input is on {input.device}")
@@ -145,7 +155,8 @@ def cross_entropy(
     if target.device != input.device:
         raise ValueError(f"target is on {target.device} but input is on {input.device}")
     num_classes = input.shape[0] if input.dim() == 1 else input.shape[1]
-    weight = _check_weight(weight, input, num_classes)
+    autocast = _autocast_to_float32(input)
+    weight = _check_weight(weight, input, num_classes, autocast)
     if mode == SMOOTHING_MODES["off_target"] and num_classes == 1 and eps > 0:
         raise ValueError(
             f"smoothing_mode='off_target' needs at least 2 classes when label_smoothing > 0 "
@@ -154,7 +165,8 @@ def cross_entropy(
     need_grad = input.requires_grad and torch.is_grad_enabled()
 
     if target.is_floating_point():
-        return _prob_cross_entropy(input, target, weight, reduction, smoothing_mode, eps, need_grad)
+        return _prob_cross_entropy(input, target, weight, reduction, smoothing_mode, eps, need_grad,
+                                   autocast)
 
     if target.dtype not in _INT_DTYPES:
         raise TypeError(f"target must hold class indices (an integer dtype) or probabilities "
@@ -175,33 +187,62 @@ def cross_entropy(
     tgt = target.reshape(-1).long()
     if _ops.takes_cuda_path(input) and _validate_cuda_targets and not torch.compiler.is_compiling():
         _validate_targets_on_host(tgt, num_classes, ignore_index)
-    loss, _ = _ops.ops.ce_forward(rows, tgt, weight, ignore_index, eps, mode, red, need_grad)
+    transforms = _ops.functorch_transforms()
+    if transforms and transforms != (torch._C._functorch.TransformType.Grad,):
+        # vmap (per-sample gradients), jvp, nested grad (higher order): the composite path,
+        # pure PyTorch ops that every transform handles. One grad / vjp / jacrev level: fused.
+        from . import reference
+
+        loss = reference.cross_entropy(_composite_input(input), target, weight,
+                                       ignore_index=ignore_index, reduction=reduction,
+                                       label_smoothing=eps, smoothing_mode=smoothing_mode)
+        return _loss_dtype(loss, input, autocast)
+    # float16 stores no gradient in the forward: its backward recomputes it with the incoming
+    # gradient (a loss scaler's factor) applied before the one rounding, which cannot underflow
+    # the way a stored p / D can.
+    store_grad = need_grad and input.dtype != torch.float16
+    forward = _ops.CeFunction.apply if transforms else _ops.ops.ce_forward
+    loss, _ = forward(rows, tgt, weight, ignore_index, eps, mode, red, store_grad)
     if red == REDUCTIONS["none"]:
         loss = loss.reshape(target.shape)
-    return loss
+    return _loss_dtype(loss, input, autocast)
 
 
-def _prob_cross_entropy(input, target, weight, reduction, smoothing_mode, eps, need_grad):
+def _composite_input(input):
+    """The composite (pure PyTorch) path accumulates 16-bit input in float32 too."""
+    return input.float() if input.dtype in (torch.float16, torch.bfloat16) else input
+
+
+def _loss_dtype(loss, input, autocast):
+    """The operators return the loss in float32 (float64 for float64): PyTorch's dtype is the
+    input's, or float32 under autocast."""
+    return loss if autocast or loss.dtype == input.dtype else loss.to(input.dtype)
+
+
+def _prob_cross_entropy(input, target, weight, reduction, smoothing_mode, eps, need_grad, autocast=False):
     if tuple(target.shape) != tuple(input.shape):
         raise ValueError(
             f"probability target shape {tuple(target.shape)} must equal the input shape "
             f"{tuple(input.shape)}"
         )
-    if target.requires_grad and torch.is_grad_enabled():
-        # A gradient for the target (e.g. distillation through soft labels): the
-        # pure-PyTorch formula, differentiable in both arguments.
+    if (target.requires_grad and torch.is_grad_enabled()) or _ops.functorch_transforms():
+        # A gradient for the target (e.g. distillation through soft labels), or a torch.func
+        # transform: the pure-PyTorch formula, differentiable in both arguments.
         from . import reference
 
-        return reference.cross_entropy(input, target, weight, reduction=reduction,
-                                       label_smoothing=eps, smoothing_mode=smoothing_mode)
-    target = target.to(input.dtype)
+        loss = reference.cross_entropy(_composite_input(input) if autocast else input, target, weight,
+                                       reduction=reduction, label_smoothing=eps,
+                                       smoothing_mode=smoothing_mode)
+        return _loss_dtype(loss, input, autocast)
+    # under autocast the soft targets stay float32, as PyTorch's float32 loss uses them
+    target = target.float() if autocast else target.to(input.dtype)
     rows = _to_rows(input, input.dim())
     trows = _to_rows(target, target.dim())
     red, mode = REDUCTIONS[reduction], SMOOTHING_MODES[smoothing_mode]
     loss, _ = _ops.ops.ce_prob_forward(rows, trows, weight, eps, mode, red, need_grad)
     if red == REDUCTIONS["none"]:
         loss = loss.reshape(_expected_target_shape(input))
-    return loss
+    return _loss_dtype(loss, input, autocast)
 
 
 def _periodic_weight(w, shape, dtype, name):
@@ -268,4 +309,4 @@ def binary_cross_entropy_with_logits(
                                    red, need_grad)
     if red == REDUCTIONS["none"]:
         loss = loss.reshape(shape)
-    return loss
+    return _loss_dtype(loss, input, False)

@@ -45,8 +45,9 @@ def load():
     for name, setup in (("ce_forward", _ops._setup_ce), ("bce_forward", _ops._setup_bce),
                         ("ce_prob_forward", _ops._setup_prob)):
         torch.library.register_autograd(f"labelsmooth_simt::{name}", _ops._backward, setup_context=setup)
-    torch.library.register_autograd("labelsmooth_simt::ce_backward", _ops._no_double_backward,
-                                    setup_context=_ops._setup_nothing)
+    for name in ("ce_backward", "ce_grad"):
+        torch.library.register_autograd(f"labelsmooth_simt::{name}", _ops._no_double_backward,
+                                        setup_context=_ops._setup_nothing)
     _ops_ns = ns
     return ns
 

@@ -17,21 +17,25 @@ struct CeRowsArgs {
   int64_t in_row_stride;  // elements (S == 1 only)
   int64_t S;              // positions per sample
   const int64_t* target;  // (N,), validated
-  const void* weight;     // (K,) input dtype, or nullptr
+  const void* weight;     // (K,) accumulation type (float; double for double input), or nullptr
   void* grad;             // shaped and laid out like the input (contiguous), or nullptr
   void* loss_rows;        // (N,) float (double for double input)
   int64_t N, K, ignore_index, mode;
   double eps;
   double scale;  // multiplies the gradient (1/D for "mean")
   double W;      // sum of the weights
+  // (N,) per-row multipliers of the gradient (incoming gradient / D), used instead of scale
+  // when not null: they are applied in the accumulation type, before the one rounding.
+  const double* row_scale;
 };
 
 struct ProbRowsArgs {
   const void* input;
   int64_t in_row_stride;
-  const void* target;  // same dtype as input
+  const void* target;  // the input's dtype, or the accumulation type when target_is_acc
   int64_t t_row_stride;
-  const void* weight;
+  bool target_is_acc;  // float32 soft targets with 16-bit input (autocast)
+  const void* weight;  // accumulation type, or nullptr
   void* grad;
   void* loss_rows;
   int64_t N, K, mode;

@@ -196,11 +196,11 @@ void to_acc(const scalar_t* src, acc_t* dst, int64_t n) {
   }
 }
 
-// The class weights in the accumulation type (empty when unweighted).
-template <typename scalar_t, typename acc_t = acc_for<scalar_t>>
+// The class weights (passed in the accumulation type) as a vector (empty when unweighted).
+template <typename acc_t>
 std::vector<acc_t> weights_in_acc(const void* weight, int64_t K) {
   std::vector<acc_t> w(weight ? K : 0);
-  if (weight) to_acc(static_cast<const scalar_t*>(weight), w.data(), K);
+  if (weight) to_acc(static_cast<const acc_t*>(weight), w.data(), K);
   return w;
 }
 
@@ -219,7 +219,7 @@ void ce_rows(const CeRowsArgs& A) {
   scalar_t* grad = static_cast<scalar_t*>(A.grad);
   acc_t* loss = static_cast<acc_t*>(A.loss_rows);
   const bool weighted = A.weight != nullptr;
-  const std::vector<acc_t> wacc = weights_in_acc<scalar_t>(A.weight, K);
+  const std::vector<acc_t> wacc = weights_in_acc<acc_t>(A.weight, K);
   const acc_t* w = weighted ? wacc.data() : nullptr;
   const acc_t W = weighted ? acc_t(A.W) : acc_t(K);
   const acc_t scale = acc_t(A.scale);
@@ -256,7 +256,8 @@ void ce_rows(const CeRowsArgs& A) {
       const acc_t log_s = lse_log(acc_t(s));
       loss[r] = ce_row_loss<acc_t>(log_s, zy - m, acc_t(S), sm, wy, W);
       if (!grow) continue;
-      const auto gc = ce_grad_coefs<acc_t>(acc_t(1) / acc_t(s), sm, scale, weighted, wy, W);
+      const acc_t sc = A.row_scale ? acc_t(A.row_scale[r]) : scale;
+      const auto gc = ce_grad_coefs<acc_t>(acc_t(1) / acc_t(s), sm, sc, weighted, wy, W);
       for (int64_t b0 = 0; b0 < K; b0 += kStoreBlock) {  // L1-sized blocks: compute, then stream out
         const int64_t n = std::min<int64_t>(kStoreBlock, K - b0);
         grad_pass<acc_t>(buf + b0, w ? w + b0 : nullptr, n, gc.kp, gc.kw);
@@ -318,7 +319,7 @@ void ce_spatial(const CeRowsArgs& A) {
   scalar_t* grad = static_cast<scalar_t*>(A.grad);
   acc_t* loss = static_cast<acc_t*>(A.loss_rows);
   const bool weighted = A.weight != nullptr;
-  const std::vector<acc_t> wacc = weights_in_acc<scalar_t>(A.weight, C);
+  const std::vector<acc_t> wacc = weights_in_acc<acc_t>(A.weight, C);
   const acc_t W = weighted ? acc_t(A.W) : acc_t(C);
   const acc_t scale = acc_t(A.scale);
   const acc_t ninf = -std::numeric_limits<acc_t>::infinity();
@@ -377,7 +378,8 @@ void ce_spatial(const CeRowsArgs& A) {
         const acc_t wy = weighted ? wacc[y] : acc_t(1);
         const acc_t log_s = lse_log(lane_s[l]);
         loss[n * S + s0 + l] = ce_row_loss<acc_t>(log_s, zy - m, lane_S[l], sm, wy, W);
-        const auto gc = ce_grad_coefs<acc_t>(acc_t(1) / lane_s[l], sm, scale, weighted, wy, W);
+        const acc_t sc = A.row_scale ? acc_t(A.row_scale[n * S + s0 + l]) : scale;
+        const auto gc = ce_grad_coefs<acc_t>(acc_t(1) / lane_s[l], sm, sc, weighted, wy, W);
         kp[l] = gc.kp;
         kw[l] = gc.kw;
         ky[l] = gc.ky;
@@ -410,10 +412,11 @@ void prob_rows(const ProbRowsArgs& A) {
   const auto sm = smoothing_coefs<acc_t>(A.eps, K, A.mode);
   const scalar_t* in = static_cast<const scalar_t*>(A.input);
   const scalar_t* tg = static_cast<const scalar_t*>(A.target);
+  const acc_t* tg_acc = static_cast<const acc_t*>(A.target);  // when A.target_is_acc
   scalar_t* grad = static_cast<scalar_t*>(A.grad);
   acc_t* loss = static_cast<acc_t*>(A.loss_rows);
   const bool weighted = A.weight != nullptr;
-  const std::vector<acc_t> wacc = weights_in_acc<scalar_t>(A.weight, K);
+  const std::vector<acc_t> wacc = weights_in_acc<acc_t>(A.weight, K);
   const acc_t scale = acc_t(A.scale);
   const Vec va(sm.a), vb(sm.b);
 
@@ -422,7 +425,11 @@ void prob_rows(const ProbRowsArgs& A) {
     std::vector<acc_t> zbuf(K), wq(K);
     for (int64_t r = begin; r < end; ++r) {
       to_acc(in + r * A.in_row_stride, zbuf.data(), K);
-      to_acc(tg + r * A.t_row_stride, wq.data(), K);
+      if (A.target_is_acc) {
+        to_acc(tg_acc + r * A.t_row_stride, wq.data(), K);
+      } else {
+        to_acc(tg + r * A.t_row_stride, wq.data(), K);
+      }
       int64_t c = 0;
       for (; c + V <= K; c += V) {
         Vec q = at::vec::fmadd(vb, Vec::loadu(wq.data() + c), va);

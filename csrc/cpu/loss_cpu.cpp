@@ -129,20 +129,9 @@ std::vector<double> weights_as_double(const std::optional<at::Tensor>& weight) {
   return w;
 }
 
-std::tuple<at::Tensor, at::Tensor> ce_forward_cpu(const at::Tensor& input, const at::Tensor& target,
-                                                  const std::optional<at::Tensor>& weight,
-                                                  int64_t ignore_index, double eps, int64_t mode,
-                                                  int64_t reduction, bool compute_grad) {
-  check_ce_args(input, target, weight, eps, mode, reduction, /*allow_3d=*/true);
-  const bool spatial = input.dim() == 3;
-  const at::Tensor in = spatial ? input.contiguous() : rows_with_unit_class_stride(input);
-  const at::Tensor tgt = target.contiguous();
-  const int64_t N = tgt.size(0), K = in.size(1);  // N: rows (positions for a spatial input)
-  const int64_t* t = tgt.data_ptr<int64_t>();
-  const std::vector<double> w = weights_as_double(weight);
-  const bool weighted = weight.has_value() && weight->defined();
-
-  // Validate every target before any kernel runs, and sum the mean denominator.
+// The mean denominator D, after checking every target (before any kernel runs).
+double ce_denominator(const int64_t* t, int64_t N, int64_t K, int64_t ignore_index,
+                      const std::vector<double>& w) {
   double D = 0;
   for (int64_t r = 0; r < N; ++r) {
     const int64_t y = t[r];
@@ -150,39 +139,116 @@ std::tuple<at::Tensor, at::Tensor> ce_forward_cpu(const at::Tensor& input, const
     TORCH_CHECK_INDEX(!target_out_of_range(y, K, ignore_index), "labelsmooth_ext.cross_entropy: target ", y,
                       " (at row ", r, ") is out of range for ", K, " classes; valid targets are 0..",
                       K - 1, " or ignore_index=", ignore_index);
-    D += weighted ? w[y] : 1.0;
+    D += w.empty() ? 1.0 : w[y];
   }
+  return D;
+}
+
+// Runs the class-index row kernel: per-row losses into `rows`, the gradient into `grad` (when
+// defined), multiplied by row_scale[r] (when not null) or by 1/D for the mean.
+void run_ce_rows(const at::Tensor& in, const at::Tensor& tgt, const std::optional<at::Tensor>& weight,
+                 int64_t ignore_index, double eps, int64_t mode, int64_t reduction, double D,
+                 const std::vector<double>& w, at::Tensor& rows, at::Tensor* grad, const double* row_scale) {
+  const bool spatial = in.dim() == 3;
+  const int64_t N = tgt.size(0), K = in.size(1);
+  if (N == 0) return;
+  const bool weighted = weight.has_value() && weight->defined();
   double W = 0;
   for (double v : w) W += v;
+  // The kernels read the weights in the accumulation type (exact for a 16-bit weight).
+  const at::Tensor wc = weighted ? weight->to(acc_type_of(in.scalar_type())).contiguous() : at::Tensor();
+  CeRowsArgs a{};
+  a.input = in.data_ptr();
+  a.in_row_stride = spatial ? 0 : in.stride(0);
+  a.S = spatial ? in.size(2) : 1;
+  a.target = tgt.data_ptr<int64_t>();
+  a.weight = weighted ? wc.data_ptr() : nullptr;
+  a.grad = grad ? grad->data_ptr() : nullptr;
+  a.loss_rows = rows.data_ptr();
+  a.N = N;
+  a.K = K;
+  a.ignore_index = ignore_index;
+  a.mode = mode;
+  a.eps = eps;
+  a.scale = reduction == kMean ? 1.0 / D : 1.0;
+  a.W = W;
+  a.row_scale = row_scale;
+  const ScalarKind k = kind_of(in.scalar_type());
+  if (spatial) {
+    LSE_RUN_BEST(ce_spatial_AVX2, ce_spatial_DEFAULT, k, a);
+  } else {
+    LSE_RUN_BEST(ce_rows_AVX2, ce_rows_DEFAULT, k, a);
+  }
+}
 
-  const auto acc = acc_type_of(in.scalar_type());
-  at::Tensor rows = at::empty({N}, in.options().dtype(acc));
+at::Tensor ce_input_rows(const at::Tensor& input) {
+  return input.dim() == 3 ? input.contiguous() : rows_with_unit_class_stride(input);
+}
+
+std::tuple<at::Tensor, at::Tensor> ce_forward_cpu(const at::Tensor& input, const at::Tensor& target,
+                                                  const std::optional<at::Tensor>& weight,
+                                                  int64_t ignore_index, double eps, int64_t mode,
+                                                  int64_t reduction, bool compute_grad) {
+  check_ce_args(input, target, weight, eps, mode, reduction, /*allow_3d=*/true);
+  const at::Tensor in = ce_input_rows(input);
+  const at::Tensor tgt = target.contiguous();
+  const int64_t N = tgt.size(0), K = in.size(1);  // N: rows (positions for a spatial input)
+  const std::vector<double> w = weights_as_double(weight);
+  const double D = ce_denominator(tgt.data_ptr<int64_t>(), N, K, ignore_index, w);
+  at::Tensor rows = at::empty({N}, in.options().dtype(acc_type_of(in.scalar_type())));
   at::Tensor grad = compute_grad ? empty_rows(N, K, in.options()).view(in.sizes()) : at::empty({0}, in.options());
-  at::Tensor wc = weighted ? weight->contiguous() : at::Tensor();
-  if (N > 0) {
-    CeRowsArgs a{};
-    a.input = in.data_ptr();
-    a.in_row_stride = spatial ? 0 : in.stride(0);
-    a.S = spatial ? in.size(2) : 1;
-    a.target = t;
-    a.weight = weighted ? wc.data_ptr() : nullptr;
-    a.grad = compute_grad ? grad.data_ptr() : nullptr;
-    a.loss_rows = rows.data_ptr();
-    a.N = N;
-    a.K = K;
-    a.ignore_index = ignore_index;
-    a.mode = mode;
-    a.eps = eps;
-    a.scale = reduction == kMean ? 1.0 / D : 1.0;
-    a.W = W;
-    const ScalarKind k = kind_of(in.scalar_type());
-    if (spatial) {
-      LSE_RUN_BEST(ce_spatial_AVX2, ce_spatial_DEFAULT, k, a);
-    } else {
-      LSE_RUN_BEST(ce_rows_AVX2, ce_rows_DEFAULT, k, a);
+  run_ce_rows(in, tgt, weight, ignore_index, eps, mode, reduction, D, w, rows, compute_grad ? &grad : nullptr,
+              nullptr);
+  return {finish_loss(rows, at::scalar_tensor(D, rows.options()), reduction), grad};
+}
+
+// The gradient times the incoming gradient, rounded once (see ops.cpp). The incoming gradient
+// is on the host here: the saved gradient is reused when every factor is exact, otherwise
+// every row is recomputed with its factor (incoming gradient / D) in the accumulation type.
+at::Tensor ce_grad_cpu(const at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& weight,
+                       const at::Tensor& grad_output, const std::optional<at::Tensor>& saved,
+                       int64_t ignore_index, double eps, int64_t mode, int64_t reduction) {
+  check_ce_args(input, target, weight, eps, mode, reduction, /*allow_3d=*/true);
+  const at::Tensor in = ce_input_rows(input);
+  const at::Tensor tgt = target.contiguous();
+  const int64_t N = tgt.size(0), K = in.size(1);
+  const at::Tensor go = grad_output.to(at::kDouble).contiguous();
+  const bool per_row = reduction == kNone;
+  TORCH_CHECK_VALUE(go.numel() == (per_row ? N : 1), "labelsmooth_ext::ce_grad: grad_output has ",
+                    go.numel(), " elements, expected ", per_row ? N : 1);
+  const double* g = go.data_ptr<double>();
+  if (saved.has_value() && saved->defined() && saved->numel() > 0) {
+    TORCH_CHECK_VALUE(saved->sizes() == input.sizes() && saved->scalar_type() == input.scalar_type(),
+                      "labelsmooth_ext::ce_grad: the saved grad must have the input's shape and dtype");
+    const bool is_half = in.scalar_type() == at::kHalf;
+    bool exact = true;
+    for (int64_t i = 0; i < go.numel() && exact; ++i) exact = exact_multiplier<double>(g[i], is_half);
+    if (exact) {
+      // the factors are powers of two (or 1 for float16): exact in the gradient's dtype
+      const at::Tensor f = grad_output.to(saved->scalar_type());
+      return per_row ? saved->mul(per_row_view(f, *saved)) : saved->mul(f.reshape({}));
     }
   }
-  return {finish_loss(rows, at::scalar_tensor(D, rows.options()), reduction, in.scalar_type()), grad};
+  const std::vector<double> w = weights_as_double(weight);
+  const double D = ce_denominator(tgt.data_ptr<int64_t>(), N, K, ignore_index, w);
+  std::vector<double> row_scale(N);
+  for (int64_t r = 0; r < N; ++r) {
+    const double f = g[per_row ? r : 0];
+    row_scale[r] = reduction == kMean ? f / D : f;
+  }
+  at::Tensor rows = at::empty({N}, in.options().dtype(acc_type_of(in.scalar_type())));
+  at::Tensor grad = empty_rows(N, K, in.options()).view(in.sizes());
+  run_ce_rows(in, tgt, weight, ignore_index, eps, mode, reduction, D, w, rows, &grad, row_scale.data());
+  return grad;
+}
+
+// In place (the CUDA backward's form; on the CPU the Python layer uses ce_grad): same values.
+void ce_grad_cpu_(at::Tensor& grad, const at::Tensor& input, const at::Tensor& target,
+                  const std::optional<at::Tensor>& weight, const at::Tensor& grad_output, int64_t ignore_index,
+                  double eps, int64_t mode, int64_t reduction) {
+  TORCH_CHECK_VALUE(grad.sizes() == input.sizes() && grad.scalar_type() == input.scalar_type(),
+                    "labelsmooth_ext::ce_grad_: grad must have the input's shape and dtype");
+  grad.copy_(ce_grad_cpu(input, target, weight, grad_output, grad, ignore_index, eps, mode, reduction));
 }
 
 std::tuple<at::Tensor, at::Tensor> ce_prob_forward_cpu(const at::Tensor& input, const at::Tensor& target,
@@ -197,13 +263,14 @@ std::tuple<at::Tensor, at::Tensor> ce_prob_forward_cpu(const at::Tensor& input, 
   const auto acc = acc_type_of(in.scalar_type());
   at::Tensor rows = at::empty({N}, in.options().dtype(acc));
   at::Tensor grad = compute_grad ? empty_rows(N, K, in.options()) : at::empty({0}, in.options());
-  at::Tensor wc = weighted ? weight->contiguous() : at::Tensor();
+  at::Tensor wc = weighted ? weight->to(acc).contiguous() : at::Tensor();
   if (N > 0 && K > 0) {
     ProbRowsArgs a{};
     a.input = in.data_ptr();
     a.in_row_stride = in.stride(0);
     a.target = tg.data_ptr();
     a.t_row_stride = tg.stride(0);
+    a.target_is_acc = tg.scalar_type() != in.scalar_type();
     a.weight = weighted ? wc.data_ptr() : nullptr;
     a.grad = compute_grad ? grad.data_ptr() : nullptr;
     a.loss_rows = rows.data_ptr();
@@ -216,8 +283,7 @@ std::tuple<at::Tensor, at::Tensor> ce_prob_forward_cpu(const at::Tensor& input, 
   } else if (N > 0) {
     rows.zero_();
   }
-  return {finish_loss(rows, at::scalar_tensor(double(N), rows.options()), reduction, in.scalar_type()),
-          grad};
+  return {finish_loss(rows, at::scalar_tensor(double(N), rows.options()), reduction), grad};
 }
 
 template <typename scalar_t>
@@ -262,7 +328,7 @@ std::tuple<at::Tensor, at::Tensor> bce_forward_cpu(const at::Tensor& input, cons
     case at::kHalf: bce_elements<c10::Half>(x, t, w, pw, eps, scale, rows, grad); break;
     default: TORCH_INTERNAL_ASSERT(false);
   }
-  return {finish_loss(rows, at::scalar_tensor(double(n), rows.options()), reduction, x.scalar_type()), grad};
+  return {finish_loss(rows, at::scalar_tensor(double(n), rows.options()), reduction), grad};
 }
 
 // The incoming gradient is on the host here, so "is it exactly 1" costs nothing.
@@ -281,6 +347,8 @@ void ce_scale_cpu_(at::Tensor& grad, const at::Tensor& grad_output, int64_t redu
 TORCH_LIBRARY_IMPL(labelsmooth_ext, CPU, m) {
   m.impl("ce_forward", &ce_forward_cpu);
   m.impl("ce_prob_forward", &ce_prob_forward_cpu);
+  m.impl("ce_grad", &ce_grad_cpu);
+  m.impl("ce_grad_", &ce_grad_cpu_);
   m.impl("ce_scale_", &ce_scale_cpu_);
   m.impl("bce_forward", &bce_forward_cpu);
 }

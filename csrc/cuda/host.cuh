@@ -14,33 +14,28 @@
 namespace labelsmooth_ext {
 namespace cuda {
 
-inline std::tuple<at::Tensor, at::Tensor> ce_forward_cuda(const at::Tensor& input, const at::Tensor& target,
-                                                   const std::optional<at::Tensor>& weight,
-                                                   int64_t ignore_index, double eps, int64_t mode,
-                                                   int64_t reduction, bool compute_grad) {
-  check_ce_args(input, target, weight, eps, mode, reduction);
-  const DeviceGuard guard(input.device());
-  const at::Tensor in = rows_with_unit_class_stride(input);
-  const at::Tensor tgt = target.contiguous();
+// Runs the class-index kernel over 2-d rows: per-row losses into `rows`, the gradient into
+// `grad` (undefined: none). Backward (ce_grad): `go` (acc dtype, 1 or N values) multiplies the
+// gradient before its rounding, and rows that can reuse `saved` (may alias grad) do so.
+// Returns the mean denominator (0-dim, on the device: never copied to the host).
+inline at::Tensor run_ce_kernel(const at::Tensor& in, const at::Tensor& tgt, const std::optional<at::Tensor>& weight,
+                                int64_t ignore_index, double eps, int64_t mode, int64_t reduction,
+                                at::Tensor& rows, const at::Tensor& grad, const at::Tensor& go,
+                                const at::Tensor& saved) {
   const int64_t N = in.size(0), K = in.size(1);
   const auto acc = acc_type_of(in.scalar_type());
   const bool weighted = weight.has_value() && weight->defined();
-  const at::Tensor w = weighted ? weight->contiguous() : at::Tensor();
-
-  // Mean denominator and weight sum on the device: never copied to the host.
+  // the kernel reads the weights in the accumulation type (exact for 16-bit weights)
+  const at::Tensor w = weighted ? weight->to(acc).contiguous() : at::Tensor();
   const at::Tensor valid = tgt.ne(ignore_index);
   at::Tensor denom;
   if (weighted) {
-    denom = w.to(acc).index_select(0, tgt.clamp(0, std::max<int64_t>(K - 1, 0))).mul(valid).sum();
+    denom = w.index_select(0, tgt.clamp(0, std::max<int64_t>(K - 1, 0))).mul(valid).sum();
   } else {
     denom = valid.sum(acc);
   }
   const at::Tensor inv_denom = reduction == kMean ? denom.reciprocal() : at::Tensor();
-  const at::Tensor wsum = weighted ? w.sum(acc) : at::Tensor();
-
-  at::Tensor rows = at::empty({N}, in.options().dtype(acc));
-  at::Tensor grad = at::empty(compute_grad ? std::vector<int64_t>{N, K} : std::vector<int64_t>{0},
-                              in.options());
+  const at::Tensor wsum = weighted ? w.sum() : at::Tensor();
   if (N > 0) {
     const stream_t stream = current_stream();
     dispatch_dtype(in.scalar_type(), [&](auto tag) {
@@ -50,19 +45,91 @@ inline std::tuple<at::Tensor, at::Tensor> ce_forward_cuda(const at::Tensor& inpu
       p.in = static_cast<const scalar_t*>(in.data_ptr());
       p.in_row_stride = in.stride(0);
       p.target = tgt.data_ptr<int64_t>();
-      p.weight = weighted ? static_cast<const scalar_t*>(w.data_ptr()) : nullptr;
+      p.weight = weighted ? static_cast<const acc_t*>(w.data_ptr()) : nullptr;
       p.weight_sum = weighted ? static_cast<const acc_t*>(wsum.data_ptr()) : nullptr;
       p.inv_denom = reduction == kMean ? static_cast<const acc_t*>(inv_denom.data_ptr()) : nullptr;
-      p.grad = compute_grad ? static_cast<scalar_t*>(grad.data_ptr()) : nullptr;
+      p.grad = grad.defined() ? static_cast<scalar_t*>(grad.data_ptr()) : nullptr;
       p.loss_rows = static_cast<acc_t*>(rows.data_ptr());
       p.N = N;
       p.K = K;
       p.ignore_index = ignore_index;
       p.sm = smoothing_coefs<acc_t>(eps, K, mode);
+      p.go = go.defined() ? static_cast<const acc_t*>(go.data_ptr()) : nullptr;
+      p.go_per_row = go.defined() && reduction == kNone;
+      p.saved = saved.defined() ? static_cast<const scalar_t*>(saved.data_ptr()) : nullptr;
       dispatch_forward<scalar_t>(p, stream);
     });
   }
-  return {finish_loss(rows, denom, reduction, in.scalar_type()), grad};
+  return denom;
+}
+
+inline std::tuple<at::Tensor, at::Tensor> ce_forward_cuda(const at::Tensor& input, const at::Tensor& target,
+                                                   const std::optional<at::Tensor>& weight,
+                                                   int64_t ignore_index, double eps, int64_t mode,
+                                                   int64_t reduction, bool compute_grad) {
+  check_ce_args(input, target, weight, eps, mode, reduction);
+  const DeviceGuard guard(input.device());
+  const at::Tensor in = rows_with_unit_class_stride(input);
+  const at::Tensor tgt = target.contiguous();
+  const int64_t N = in.size(0), K = in.size(1);
+  at::Tensor rows = at::empty({N}, in.options().dtype(acc_type_of(in.scalar_type())));
+  at::Tensor grad = at::empty(compute_grad ? std::vector<int64_t>{N, K} : std::vector<int64_t>{0},
+                              in.options());
+  const at::Tensor denom = run_ce_kernel(in, tgt, weight, ignore_index, eps, mode, reduction, rows,
+                                         compute_grad ? grad : at::Tensor(), at::Tensor(), at::Tensor());
+  return {finish_loss(rows, denom, reduction), grad};
+}
+
+// The incoming gradient in the accumulation type, checked against the rows.
+inline at::Tensor incoming_gradient(const at::Tensor& grad_output, at::ScalarType dt, int64_t N,
+                                    int64_t reduction) {
+  const at::Tensor go = grad_output.to(acc_type_of(dt)).contiguous();
+  const int64_t want = reduction == kNone ? N : 1;
+  TORCH_CHECK_VALUE(go.numel() == want, "labelsmooth_ext::ce_grad: grad_output has ", go.numel(),
+                    " elements, expected ", want);
+  return go;
+}
+
+// ce_grad (ops.cpp): out of place; every decision (reuse the saved gradient or recompute a
+// row) is taken per row on the device.
+inline at::Tensor ce_grad_cuda(const at::Tensor& input, const at::Tensor& target,
+                               const std::optional<at::Tensor>& weight, const at::Tensor& grad_output,
+                               const std::optional<at::Tensor>& saved, int64_t ignore_index, double eps,
+                               int64_t mode, int64_t reduction) {
+  check_ce_args(input, target, weight, eps, mode, reduction);
+  const DeviceGuard guard(input.device());
+  const at::Tensor in = rows_with_unit_class_stride(input);
+  const at::Tensor tgt = target.contiguous();
+  const int64_t N = in.size(0), K = in.size(1);
+  const at::Tensor go = incoming_gradient(grad_output, in.scalar_type(), N, reduction);
+  at::Tensor s;
+  if (saved.has_value() && saved->defined() && saved->numel() > 0) {
+    TORCH_CHECK_VALUE(saved->sizes() == input.sizes() && saved->scalar_type() == input.scalar_type(),
+                      "labelsmooth_ext::ce_grad: the saved grad must have the input's shape and dtype");
+    s = saved->contiguous();
+  }
+  at::Tensor rows = at::empty({N}, in.options().dtype(acc_type_of(in.scalar_type())));
+  at::Tensor grad = at::empty({N, K}, in.options());
+  run_ce_kernel(in, tgt, weight, ignore_index, eps, mode, reduction, rows, grad, go, s);
+  return grad;
+}
+
+// In place on the saved gradient: rows whose incoming gradient is 1 are not touched at all,
+// exactly scalable rows are scaled, the others recomputed from the logits.
+inline void ce_grad_cuda_(at::Tensor& grad, const at::Tensor& input, const at::Tensor& target,
+                          const std::optional<at::Tensor>& weight, const at::Tensor& grad_output,
+                          int64_t ignore_index, double eps, int64_t mode, int64_t reduction) {
+  check_ce_args(input, target, weight, eps, mode, reduction);
+  TORCH_CHECK_VALUE(grad.sizes() == input.sizes() && grad.scalar_type() == input.scalar_type() &&
+                        grad.is_contiguous(),
+                    "labelsmooth_ext::ce_grad_: grad must be contiguous, with the input's shape and dtype");
+  const DeviceGuard guard(input.device());
+  const at::Tensor in = rows_with_unit_class_stride(input);
+  const at::Tensor tgt = target.contiguous();
+  const int64_t N = in.size(0);
+  const at::Tensor go = incoming_gradient(grad_output, in.scalar_type(), N, reduction);
+  at::Tensor rows = at::empty({N}, in.options().dtype(acc_type_of(in.scalar_type())));
+  run_ce_kernel(in, tgt, weight, ignore_index, eps, mode, reduction, rows, grad, go, grad);
 }
 
 // Probability targets: the composite path (several passes, fp32 math), correct everywhere.
@@ -86,7 +153,7 @@ inline std::tuple<at::Tensor, at::Tensor> ce_prob_forward_cuda(const at::Tensor&
     grad = logp.exp().mul(wq.sum(1, true)).sub(wq).mul(scale).to(input.scalar_type());
   }
   const at::Tensor denom = at::empty({}, rows.options()).fill_(double(N));
-  return {finish_loss(rows, denom, reduction, input.scalar_type()), grad};
+  return {finish_loss(rows, denom, reduction), grad};
 }
 
 inline std::tuple<at::Tensor, at::Tensor> bce_forward_cuda(const at::Tensor& input, const at::Tensor& target,
@@ -121,7 +188,7 @@ inline std::tuple<at::Tensor, at::Tensor> bce_forward_cuda(const at::Tensor& inp
           sms, stream);
     });
   }
-  return {finish_loss(rows, denom, reduction, x.scalar_type()), grad};
+  return {finish_loss(rows, denom, reduction), grad};
 }
 
 inline void ce_scale_cuda_(at::Tensor& grad, const at::Tensor& grad_output, int64_t reduction) {

@@ -9,6 +9,8 @@
 // gradient.
 #pragma once
 
+#include <c10/util/Half.h>
+
 #include <cstdint>
 #include <type_traits>
 
@@ -28,13 +30,20 @@ struct CeParams {
   const scalar_t* in;
   int64_t in_row_stride;
   const int64_t* target;
-  const scalar_t* weight;     // nullptr: unweighted
+  const acc_t* weight;        // nullptr: unweighted (in the accumulation type)
   const acc_t* weight_sum;    // device scalar, weighted only
   const acc_t* inv_denom;     // device scalar 1/D for mean; nullptr otherwise
   scalar_t* grad;             // nullptr: no gradient wanted
   acc_t* loss_rows;
   int64_t N, K, ignore_index;
   Smoothing<acc_t> sm;
+  // Backward (ce_grad): the incoming gradient (one value, or one per row when go_per_row),
+  // applied in acc_t before the one rounding; nullptr in the forward.
+  const acc_t* go;
+  bool go_per_row;
+  // The gradient the forward saved (may alias grad: in place). Rows whose incoming gradient
+  // scales it exactly (exact_multiplier) reuse it; in place with a factor of 1 they are skipped.
+  const scalar_t* saved;
 };
 
 template <typename scalar_t, int ROW_THREADS>
@@ -50,7 +59,7 @@ struct RowAccum {
   static constexpr int VEC = Pack<scalar_t>::kSize;
   RowState<acc_t> st;
   acc_t ref;
-  const scalar_t* weight;  // nullptr: unweighted
+  const acc_t* weight;  // nullptr: unweighted
 
   __device__ __forceinline__ void linear(acc_t x, int64_t c) {
     st.T += x - ref;
@@ -96,6 +105,16 @@ __global__ void __launch_bounds__(ROW_THREADS * ROWS_PER_BLOCK, 1)
   const int tid = threadIdx.x;
   const int64_t K = p.K;
   scalar_t* grow = p.grad ? p.grad + row * K : nullptr;
+  if (p.saved) {  // backward: scale the saved row when that is exact
+    const acc_t f = p.go[p.go_per_row ? row : 0];
+    if (exact_multiplier<acc_t>(f, std::is_same_v<scalar_t, c10::Half>)) {
+      const scalar_t* srow = p.saved + row * K;
+      if (srow == grow && f == acc_t(1)) return;
+      for (int64_t c = tid; c < K; c += ROW_THREADS)
+        grow[c] = static_cast<scalar_t>(static_cast<acc_t>(srow[c]) * f);
+      return;
+    }
+  }
   const int64_t y = p.target[row];
   if (y == p.ignore_index) {
     if (tid == 0) p.loss_rows[row] = acc_t(0);
@@ -154,7 +173,8 @@ __global__ void __launch_bounds__(ROW_THREADS * ROWS_PER_BLOCK, 1)
   if (tid == 0) p.loss_rows[row] = ce_row_loss<acc_t>(log_s, zy - m, S, p.sm, wy, W);
   if (!grow) return;
 
-  const acc_t scale = p.inv_denom ? *p.inv_denom : acc_t(1);
+  acc_t scale = p.inv_denom ? *p.inv_denom : acc_t(1);
+  if (p.go) scale *= p.go[p.go_per_row ? row : 0];  // backward: before the one rounding
   const GradCoefs<acc_t> gc = ce_grad_coefs<acc_t>(acc_t(1) / st.s, p.sm, scale, weighted, wy, W);
   auto grad_of = [&](acc_t zc, int64_t c) -> scalar_t {
     acc_t g = fast_exp(zc - m) * gc.kp - gc.kw * (weighted ? static_cast<acc_t>(p.weight[c]) : acc_t(1));

@@ -22,6 +22,8 @@ TORCH_LIBRARY_IMPL(labelsmooth_ext, CUDA, m) {
   m.impl("ce_forward", &ce_forward_cuda);
   m.impl("ce_prob_forward", &ce_prob_forward_cuda);
   m.impl("ce_scale_", &ce_scale_cuda_);
+  m.impl("ce_grad", &ce_grad_cuda);
+  m.impl("ce_grad_", &ce_grad_cuda_);
   m.impl("bce_forward", &bce_forward_cuda);
 }
 

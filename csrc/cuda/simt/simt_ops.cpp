@@ -9,7 +9,9 @@
 // made while an operator runs (outputs, device-side denominators) comes from it, 0xFF-filled
 // (NaN) until written; guards are checked after each launch.
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty_like.h>
 #include <ATen/ops/from_blob.h>
+#include <ATen/ops/mul.h>
 #include <c10/core/CPUAllocator.h>
 #include <torch/library.h>
 
@@ -99,9 +101,28 @@ void ce_scale_(Tensor& grad, const Tensor& grad_output, int64_t reduction) {
   if (!g.is_same(grad)) grad.copy_(g);
 }
 
+Tensor ce_grad(const Tensor& input, const Tensor& target, const std::optional<Tensor>& weight,
+               const Tensor& grad_output, const std::optional<Tensor>& saved, int64_t ignore_index,
+               double eps, int64_t mode, int64_t reduction) {
+  GuardedScope scope;
+  return cuda::ce_grad_cuda(guarded(input), guarded(target), guarded(weight), guarded(grad_output),
+                            guarded(saved), ignore_index, eps, mode, reduction);
+}
+
+void ce_grad_(Tensor& grad, const Tensor& input, const Tensor& target, const std::optional<Tensor>& weight,
+              const Tensor& grad_output, int64_t ignore_index, double eps, int64_t mode, int64_t reduction) {
+  GuardedScope scope;
+  Tensor g = guarded(grad);
+  cuda::ce_grad_cuda_(g, guarded(input), guarded(target), guarded(weight), guarded(grad_output),
+                      ignore_index, eps, mode, reduction);
+  if (!g.is_same(grad)) grad.copy_(g);
+}
+
+// As labelsmooth_ext::ce_backward (ops.cpp): the result keeps grad's dtype.
 Tensor ce_backward(const Tensor& grad, const Tensor& grad_output, int64_t reduction) {
-  if (reduction == kNone) return grad.mul(per_row_view(grad_output, grad));
-  return grad.mul(grad_output.reshape({}));
+  Tensor out = at::empty_like(grad);
+  if (reduction == kNone) return at::mul_out(out, grad, per_row_view(grad_output, grad));
+  return at::mul_out(out, grad, grad_output.reshape({}));
 }
 
 // Runs one of the emulator's deliberately broken kernels (simt_selftest.h) by name.
@@ -120,6 +141,12 @@ TORCH_LIBRARY(labelsmooth_simt, m) {
       "float label_smoothing, int reduction, bool compute_grad) -> (Tensor, Tensor)");
   m.def("ce_backward(Tensor grad, Tensor grad_output, int reduction) -> Tensor");
   m.def("ce_scale_(Tensor(a!) grad, Tensor grad_output, int reduction) -> ()");
+  m.def(
+      "ce_grad(Tensor input, Tensor target, Tensor? weight, Tensor grad_output, Tensor? grad, "
+      "int ignore_index, float label_smoothing, int smoothing_mode, int reduction) -> Tensor");
+  m.def(
+      "ce_grad_(Tensor(a!) grad, Tensor input, Tensor target, Tensor? weight, Tensor grad_output, "
+      "int ignore_index, float label_smoothing, int smoothing_mode, int reduction) -> ()");
   m.def("selftest(str name) -> str", &selftest);
 }
 
@@ -128,6 +155,8 @@ TORCH_LIBRARY_IMPL(labelsmooth_simt, CPU, m) {
   m.impl("ce_prob_forward", &ce_prob_forward);
   m.impl("bce_forward", &bce_forward);
   m.impl("ce_scale_", &ce_scale_);
+  m.impl("ce_grad", &ce_grad);
+  m.impl("ce_grad_", &ce_grad_);
 }
 
 TORCH_LIBRARY_IMPL(labelsmooth_simt, CompositeExplicitAutograd, m) {
