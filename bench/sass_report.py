@@ -26,10 +26,12 @@ MODEL (stated, not measured; every figure it prints is a prediction):
     pass 2: gradient stores at the store rate (taken as peak: stores do not wait for a reply),
             re-read of the uncached packs from L2 at the pass-2 loop depth with an L2 latency of
             0.30 us (as Little's law; L2 bandwidth taken as unlimited);
+    between rows, with one block per SM: the SM reads nothing while a row reduces and the next
+            block starts and waits for its first loads: one latency + 0.30 us (reduction,
+            barrier, block launch) per row; with two or more blocks per SM the others cover it;
   fraction of the floor = (bytes read + bytes written) / peak / predicted time.
-  Not modelled: latency of the reduction and barrier between the passes (hidden only when
-  another block of the SM is in its loads: see "blocks/SM"), instruction issue limits, DRAM
-  page effects, L2 capacity (fp32 at K = 128256 overflows it: issue 10 item 3).
+  Not modelled: instruction issue limits, DRAM page effects, L2 capacity (fp32 at K = 128256
+  overflows it: issue 10 item 3), the pass-2 L2 re-read overlapping the stores.
   Blocks per SM: 65536 registers per SM, allocated per warp in units of 256; at most 64 warps,
   32 blocks and 2048 threads per SM; shared memory 164 KB (sm_80) / 228 KB (sm_90).
 """
@@ -51,11 +53,12 @@ GPUS = {  # name: (arch, SMs, peak bytes/s, latency s under load, shared bytes p
     "A100": ("sm_80", 108, 2.039e12, 0.60e-6, 164 * 1024),
 }
 L2_LATENCY = 0.30e-6
+ROW_GAP = 0.30e-6  # reduction + barrier + block launch between two rows of one SM (plus one latency)
 REGS_PER_SM, REG_UNIT, MAX_WARPS, MAX_BLOCKS, MAX_THREADS = 65536, 256, 64, 32, 2048
 
 # Shapes the prediction is printed for: (label, dtype bytes, K).
-SHAPES = [("bf16 K=128256", 2, 128256), ("fp32 K=32000", 4, 32000), ("bf16 K=32000", 2, 32000),
-          ("fp32 K=1000", 4, 1000), ("bf16 K=100", 2, 100)]
+SHAPES = [("bf16 K=128256", 2, 128256), ("fp32 K=128256", 4, 128256), ("fp32 K=32000", 4, 32000),
+          ("bf16 K=32000", 2, 32000), ("fp32 K=1000", 4, 1000), ("bf16 K=100", 2, 100), ("fp32 K=10", 4, 10)]
 
 
 def find_cuobjdump():
@@ -293,7 +296,6 @@ def predict_row(gpu, elem, K, row_threads, cache, threads, blocks, p1, p2):
         return min(peak, sms * inflight / latency) if inflight else peak * 1e-3
 
     row_bytes = K * elem
-    del rows_per_block
     # per row, all SMs share the traffic: time for one row-wave, normalised per byte
     # a thread cannot have more loads in flight than it has packs of the row
     per_thread = -(-cached // row_threads)
@@ -302,6 +304,8 @@ def predict_row(gpu, elem, K, row_threads, cache, threads, blocks, p1, p2):
     t += row_bytes / peak  # gradient stores
     if uncached:
         t += (uncached * 16) / bw(max(p2.loop, 1), L2_LATENCY)
+    if blocks == 1:  # each SM handles its rows one after the other: the gap between them is exposed
+        t += (lat + ROW_GAP) / (sms * rows_per_block)
     return (2 * row_bytes / peak) / t
 
 
@@ -364,17 +368,19 @@ def report(rows, archs=None):
     return "\n".join(lines)
 
 
+# dispatch_forward (csrc/cuda/dispatch.cuh): the row kernel's threads per row by row bytes.
+# Mirrored here by hand: keep in step with the thresholds there.
+DISPATCH = [(8 * 16 * 4, 8), (32 * 16 * 4, 32), (128 * 16 * 8, 128), (256 * 16 * 6 * 4, 256), (float("inf"), 512)]
+
+
 def pick_forward(rows, arch, elem, K):
-    """The ce_forward_kernel instance dispatch_forward (csrc/cuda/dispatch.cuh) runs for this row."""
+    """The ce_forward_kernel instance dispatch_forward runs for this row (None if not in the library)."""
     cands = [r for r in rows if r["arch"] == arch and "ce_forward_kernel" in r["name"]
              and dtype_bytes(r["dtype"]) == elem and (elem != 2 or "BFloat16" in r["dtype"])]
-    row_bytes = K * elem
-    best = None
-    for r in sorted(cands, key=lambda r: r["row_threads"] * r["cache"]):
-        best = r
-        if row_bytes <= r["row_threads"] * r["cache"] * 16:  # a row fits the register cache
-            return r
-    return best
+    row_threads = next(t for limit, t in DISPATCH if K * elem <= limit)
+    # an older library without that instance: the next larger one (as its dispatch did)
+    match = sorted((r for r in cands if r["row_threads"] >= row_threads), key=lambda r: r["row_threads"])
+    return match[0] if match else None
 
 
 def main(argv=None):

@@ -35,9 +35,11 @@ void dispatch_forward(const CeParams<scalar_t>& p, stream_t stream) {
   } else if (bytes <= 128 * 16 * 8) {
     launch_forward<scalar_t, 128, 1, 8>(p, stream);
   } else {
-    // Up to 64 KiB of the row in registers; the rest is read again in pass 2 (from L2).
+    // Up to 48 KiB of the row in registers; the rest is read again in pass 2 (from L2). Six
+    // packs, not eight: with pass 1's four-pack load buffer, eight spill under the 128-register
+    // cap of a 512-thread block (bfloat16, double on sm_90).
     // (1024 threads x 4 packs holds the same but spills under its 64-register cap.)
-    launch_forward<scalar_t, 512, 1, 8>(p, stream);
+    launch_forward<scalar_t, 512, 1, 6>(p, stream);
   }
 }
 

@@ -94,6 +94,9 @@ struct RowAccum {
   }
 };
 
+// 16-byte loads issued back to back in the loops over the packs beyond the register cache.
+constexpr int kUnroll = 4;
+
 template <typename scalar_t, int ROW_THREADS, int ROWS_PER_BLOCK, int CACHE>
 __global__ void __launch_bounds__(ROW_THREADS * ROWS_PER_BLOCK, 1)
     ce_forward_kernel(const CeParams<scalar_t> p) {
@@ -115,21 +118,8 @@ __global__ void __launch_bounds__(ROW_THREADS * ROWS_PER_BLOCK, 1)
       return;
     }
   }
-  const int64_t y = p.target[row];
-  if (y == p.ignore_index) {
-    if (tid == 0) p.loss_rows[row] = acc_t(0);
-    if (grow) fill_row<scalar_t, ROW_THREADS>(grow, K, 0.f);
-    return;
-  }
-  if (y < 0 || y >= K) {  // no host check on this path: poison the row, never read out of bounds
-    if (tid == 0) p.loss_rows[row] = acc_t(NAN);
-    if (grow) fill_row<scalar_t, ROW_THREADS>(grow, K, NAN);
-    return;
-  }
-  const scalar_t* z = p.in + row * p.in_row_stride;
+  const scalar_t* __restrict__ z = p.in + row * p.in_row_stride;
   const bool weighted = p.weight != nullptr;
-  const acc_t zy = static_cast<acc_t>(z[y]);
-  const acc_t ref = (zy > acc_t(-INFINITY) && zy < acc_t(INFINITY)) ? zy : acc_t(0);
 
   // Scalar head up to 16-byte alignment, packs, scalar tail. If the gradient row is aligned
   // differently from the input row (an odd-offset view), the whole row takes the scalar path.
@@ -140,22 +130,53 @@ __global__ void __launch_bounds__(ROW_THREADS * ROWS_PER_BLOCK, 1)
   const int64_t nvec = (K - head) / VEC;
   const int64_t tail = head + nvec * VEC;
 
+  // Loads in flight (Little's law): the register cache's CACHE loads are all issued, together
+  // with the target's, before any of them is used; a row whose target turns out to be ignored
+  // or out of range drops them (they read inside the row, never out of bounds).
+  const int64_t y = p.target[row];
+  P cache[CACHE];
+#pragma unroll
+  for (int i = 0; i < CACHE; ++i) {
+    const int64_t v = tid + int64_t(i) * ROW_THREADS;
+    if (v < nvec) cache[i] = load_pack(z + head + v * VEC);
+  }
+  if (y == p.ignore_index) {
+    if (tid == 0) p.loss_rows[row] = acc_t(0);
+    if (grow) fill_row<scalar_t, ROW_THREADS>(grow, K, 0.f);
+    return;
+  }
+  if (y < 0 || y >= K) {  // no host check on this path: poison the row, never read out of bounds
+    if (tid == 0) p.loss_rows[row] = acc_t(NAN);
+    if (grow) fill_row<scalar_t, ROW_THREADS>(grow, K, NAN);
+    return;
+  }
+  const acc_t zy = static_cast<acc_t>(z[y]);
+  const acc_t ref = (zy > acc_t(-INFINITY) && zy < acc_t(INFINITY)) ? zy : acc_t(0);
+
   RowAccum<scalar_t> acc{{acc_t(-INFINITY), acc_t(0), acc_t(0), acc_t(0)}, ref, p.weight};
   auto absorb_scalar = [&](int64_t c) { acc.add(static_cast<acc_t>(z[c]), c); };
   auto absorb_pack = [&](const P& pk, int64_t c0) { acc.add_pack(pk, c0); };
 
-  P cache[CACHE];
   for (int64_t c = tid; c < head; c += ROW_THREADS) absorb_scalar(c);
 #pragma unroll
   for (int i = 0; i < CACHE; ++i) {
     const int64_t v = tid + int64_t(i) * ROW_THREADS;
-    if (v < nvec) {
-      cache[i] = load_pack(z + head + v * VEC);
-      absorb_pack(cache[i], head + v * VEC);
+    if (v < nvec) absorb_pack(cache[i], head + v * VEC);
+  }
+  // Beyond the cache: kUnroll loads issued back to back per iteration, then folded.
+  for (int64_t v0 = tid + int64_t(CACHE) * ROW_THREADS; v0 < nvec; v0 += int64_t(kUnroll) * ROW_THREADS) {
+    P buf[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t v = v0 + int64_t(u) * ROW_THREADS;
+      if (v < nvec) buf[u] = load_pack(z + head + v * VEC);
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t v = v0 + int64_t(u) * ROW_THREADS;
+      if (v < nvec) absorb_pack(buf[u], head + v * VEC);
     }
   }
-  for (int64_t v = tid + int64_t(CACHE) * ROW_THREADS; v < nvec; v += ROW_THREADS)
-    absorb_pack(load_pack(z + head + v * VEC), head + v * VEC);
   for (int64_t c = tail + tid; c < K; c += ROW_THREADS) absorb_scalar(c);
 
   const RowState<acc_t> st = row_reduce<acc_t, ROW_THREADS>(acc.st);
@@ -172,30 +193,44 @@ __global__ void __launch_bounds__(ROW_THREADS * ROWS_PER_BLOCK, 1)
   const acc_t S = weighted ? st.Tw + W * (ref - m) : st.T + acc_t(K) * (ref - m);
   if (tid == 0) p.loss_rows[row] = ce_row_loss<acc_t>(log_s, zy - m, S, p.sm, wy, W);
   if (!grow) return;
+  scalar_t* __restrict__ g = grow;  // the input and the gradient never overlap
 
   acc_t scale = p.inv_denom ? *p.inv_denom : acc_t(1);
   if (p.go) scale *= p.go[p.go_per_row ? row : 0];  // backward: before the one rounding
   const GradCoefs<acc_t> gc = ce_grad_coefs<acc_t>(acc_t(1) / st.s, p.sm, scale, weighted, wy, W);
   auto grad_of = [&](acc_t zc, int64_t c) -> scalar_t {
-    acc_t g = fast_exp(zc - m) * gc.kp - gc.kw * (weighted ? static_cast<acc_t>(p.weight[c]) : acc_t(1));
-    if (c == y) g -= gc.ky;
-    return static_cast<scalar_t>(g);  // computed in acc_t, rounded once
+    acc_t gv = fast_exp(zc - m) * gc.kp - gc.kw * (weighted ? static_cast<acc_t>(p.weight[c]) : acc_t(1));
+    if (c == y) gv -= gc.ky;
+    return static_cast<scalar_t>(gv);  // computed in acc_t, rounded once
   };
   auto emit_pack = [&](const P& pk, int64_t c0) {
     P out;
 #pragma unroll
     for (int i = 0; i < VEC; ++i) out.v[i] = grad_of(static_cast<acc_t>(pk.v[i]), c0 + i);
-    store_pack(grow + c0, out);
+    store_pack(g + c0, out);
   };
-  for (int64_t c = tid; c < head; c += ROW_THREADS) grow[c] = grad_of(static_cast<acc_t>(z[c]), c);
+  for (int64_t c = tid; c < head; c += ROW_THREADS) g[c] = grad_of(static_cast<acc_t>(z[c]), c);
 #pragma unroll
   for (int i = 0; i < CACHE; ++i) {
     const int64_t v = tid + int64_t(i) * ROW_THREADS;
     if (v < nvec) emit_pack(cache[i], head + v * VEC);
   }
-  for (int64_t v = tid + int64_t(CACHE) * ROW_THREADS; v < nvec; v += ROW_THREADS)
-    emit_pack(load_pack(z + head + v * VEC), head + v * VEC);
-  for (int64_t c = tail + tid; c < K; c += ROW_THREADS) grow[c] = grad_of(static_cast<acc_t>(z[c]), c);
+  // Re-read beyond the cache (from L2): kUnroll loads back to back, then their stores (z and g
+  // are __restrict__: the reloads need not wait for the stores).
+  for (int64_t v0 = tid + int64_t(CACHE) * ROW_THREADS; v0 < nvec; v0 += int64_t(kUnroll) * ROW_THREADS) {
+    P buf[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t v = v0 + int64_t(u) * ROW_THREADS;
+      if (v < nvec) buf[u] = load_pack(z + head + v * VEC);
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t v = v0 + int64_t(u) * ROW_THREADS;
+      if (v < nvec) emit_pack(buf[u], head + v * VEC);
+    }
+  }
+  for (int64_t c = tail + tid; c < K; c += ROW_THREADS) g[c] = grad_of(static_cast<acc_t>(z[c]), c);
 }
 
 template <typename scalar_t>
