@@ -370,14 +370,19 @@ def report(rows, archs=None):
 
 # dispatch_forward (csrc/cuda/dispatch.cuh): the row kernel's threads per row by row bytes.
 # Mirrored here by hand: keep in step with the thresholds there.
-DISPATCH = [(8 * 16 * 4, 8), (32 * 16 * 4, 32), (128 * 16 * 8, 128), (256 * 16 * 6 * 4, 256), (float("inf"), 512)]
+def dispatch(dtype, row_bytes):
+    big = 4 if dtype.strip() in ("BFloat16", "double") else 6  # big_row_cache<scalar_t>()
+    limits = [(8 * 16 * 4, 8), (32 * 16 * 4, 32), (128 * 16 * 8, 128), (256 * 16 * big * 4, 256)]
+    return next((t for limit, t in limits if row_bytes <= limit), 512)
 
 
 def pick_forward(rows, arch, elem, K):
     """The ce_forward_kernel instance dispatch_forward runs for this row (None if not in the library)."""
     cands = [r for r in rows if r["arch"] == arch and "ce_forward_kernel" in r["name"]
              and dtype_bytes(r["dtype"]) == elem and (elem != 2 or "BFloat16" in r["dtype"])]
-    row_threads = next(t for limit, t in DISPATCH if K * elem <= limit)
+    if not cands:
+        return None
+    row_threads = dispatch(cands[0]["dtype"], K * elem)
     # an older library without that instance: the next larger one (as its dispatch did)
     match = sorted((r for r in cands if r["row_threads"] >= row_threads), key=lambda r: r["row_threads"])
     return match[0] if match else None

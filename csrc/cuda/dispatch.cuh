@@ -58,8 +58,10 @@ void launch_bce(const scalar_t* x, const scalar_t* t, const scalar_t* w, int64_t
 template <typename scalar_t>
 void launch_scale(scalar_t* g, const acc_of<scalar_t>* go, int64_t N, int64_t K, bool per_row, int sms,
                   stream_t stream) {
+  // per row: one block per row up to 8 blocks per multiprocessor; scalar: 8 blocks per multiprocessor
+  const int64_t blocks = per_row ? std::min<int64_t>(N, int64_t(sms) * 8) : int64_t(sms) * 8;
   auto* kernel = &scale_kernel<scalar_t>;
-  LSE_LAUNCH(kernel, unsigned(sms * 4), 256, 0, stream)(g, go, N, K, per_row);
+  LSE_LAUNCH(kernel, unsigned(std::max<int64_t>(blocks, 1)), 256, 0, stream)(g, go, N, K, per_row);
   LSE_LAUNCH_CHECK();
 }
 

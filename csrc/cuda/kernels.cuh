@@ -11,6 +11,7 @@
 
 #include <c10/util/Half.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <type_traits>
 
@@ -251,34 +252,69 @@ __global__ void bce_kernel(const scalar_t* x, const scalar_t* t, const scalar_t*
   }
 }
 
-// grad *= grad_output in place; returns at once where grad_output is exactly 1.
-// per_row: grad_output has one value per row ("none"); else one scalar.
+// grad *= grad_output in place, multiplied in the accumulation type.
+// Scalar grad_output: a grid-stride loop over 16-byte packs (kUnroll in flight per thread); the
+// whole grid returns at once where it is exactly 1.
+// per_row ("none": one value per row): grid-stride over rows, one block per row; the factor is
+// read once per row (no division by K per element) and a row whose factor is exactly 1 is
+// skipped (reduction="none" followed by .sum() touches nothing).
 template <typename scalar_t>
-__global__ void scale_kernel(scalar_t* g, const acc_of<scalar_t>* go, int64_t N, int64_t K, bool per_row) {
+__global__ void scale_kernel(scalar_t* __restrict__ g, const acc_of<scalar_t>* __restrict__ go, int64_t N,
+                             int64_t K, bool per_row) {
   using acc_t = acc_of<scalar_t>;
   using P = Pack<scalar_t>;
   constexpr int VEC = P::kSize;
+  auto scale_pack = [](P& pk, acc_t f) {
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) pk.v[i] = static_cast<scalar_t>(static_cast<acc_t>(pk.v[i]) * f);
+  };
   if (!per_row) {
     const acc_t f = go[0];
     if (f == acc_t(1)) return;
     const int64_t n = N * K;
     const int64_t nvec = (reinterpret_cast<uintptr_t>(g) % 16 == 0) ? n / VEC : 0;
     const int64_t stride = int64_t(gridDim.x) * blockDim.x;
-    for (int64_t v = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; v < nvec; v += stride) {
-      P pk = load_pack(g + v * VEC);
+    for (int64_t v0 = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; v0 < nvec; v0 += kUnroll * stride) {
+      P buf[kUnroll];
 #pragma unroll
-      for (int i = 0; i < VEC; ++i) pk.v[i] = static_cast<scalar_t>(static_cast<acc_t>(pk.v[i]) * f);
-      store_pack(g + v * VEC, pk);
+      for (int u = 0; u < kUnroll; ++u)
+        if (v0 + u * stride < nvec) buf[u] = load_pack(g + (v0 + u * stride) * VEC);
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        if (v0 + u * stride < nvec) {
+          scale_pack(buf[u], f);
+          store_pack(g + (v0 + u * stride) * VEC, buf[u]);
+        }
+      }
     }
     for (int64_t c = nvec * VEC + int64_t(blockIdx.x) * blockDim.x + threadIdx.x; c < n; c += stride)
       g[c] = static_cast<scalar_t>(static_cast<acc_t>(g[c]) * f);
     return;
   }
-  const int64_t n = N * K;
-  const int64_t stride = int64_t(gridDim.x) * blockDim.x;
-  for (int64_t c = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; c < n; c += stride) {
-    const acc_t f = go[c / K];
-    if (f != acc_t(1)) g[c] = static_cast<scalar_t>(static_cast<acc_t>(g[c]) * f);
+  const int tid = threadIdx.x, nt = blockDim.x;
+  for (int64_t row = blockIdx.x; row < N; row += gridDim.x) {
+    const acc_t f = go[row];
+    if (f == acc_t(1)) continue;  // uniform over the block
+    scalar_t* r = g + row * K;
+    const int mis = int((reinterpret_cast<uintptr_t>(r) % 16) / sizeof(scalar_t));
+    const int64_t head = mis ? std::min<int64_t>(VEC - mis, K) : 0;
+    const int64_t nvec = (K - head) / VEC;
+    for (int64_t c = tid; c < head; c += nt) r[c] = static_cast<scalar_t>(static_cast<acc_t>(r[c]) * f);
+    for (int64_t v0 = tid; v0 < nvec; v0 += int64_t(kUnroll) * nt) {
+      P buf[kUnroll];
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u)
+        if (v0 + u * nt < nvec) buf[u] = load_pack(r + head + (v0 + u * nt) * VEC);
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        if (v0 + u * nt < nvec) {
+          scale_pack(buf[u], f);
+          store_pack(r + head + (v0 + u * nt) * VEC, buf[u]);
+        }
+      }
+    }
+    for (int64_t c = head + nvec * VEC + tid; c < K; c += nt)
+      r[c] = static_cast<scalar_t>(static_cast<acc_t>(r[c]) * f);
   }
 }
 
