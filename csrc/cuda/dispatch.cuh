@@ -30,7 +30,11 @@ void launch_forward(const CeParams<scalar_t>& p, stream_t stream) {
 template <typename scalar_t>
 void dispatch_forward(const CeParams<scalar_t>& p, stream_t stream) {
   const int64_t bytes = p.K * int64_t(sizeof(scalar_t));
-  if (bytes <= 32 * 16 * 4) {
+  if (bytes <= 8 * 16 * 4) {
+    // small rows (fp32 K <= 128, 16-bit K <= 256): 8 lanes per row, 16 rows per block, 3
+    // shuffle levels instead of 5 and no lane without a pack for K >= 8 x pack size
+    launch_forward<scalar_t, 8, 16, 4>(p, stream);
+  } else if (bytes <= 32 * 16 * 4) {
     launch_forward<scalar_t, 32, 4, 4>(p, stream);
   } else if (bytes <= 128 * 16 * 8) {
     launch_forward<scalar_t, 128, 1, 8>(p, stream);

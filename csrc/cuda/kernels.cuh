@@ -104,19 +104,23 @@ __global__ void __launch_bounds__(ROW_THREADS * ROWS_PER_BLOCK, 1)
   using acc_t = acc_of<scalar_t>;
   using P = Pack<scalar_t>;
   constexpr int VEC = P::kSize;
-  const int64_t row = int64_t(blockIdx.x) * ROWS_PER_BLOCK + threadIdx.y;
-  if (row >= p.N) return;  // uniform over the row's threads
+  // A row with nothing (more) to compute clears `live` instead of returning: rows of fewer than
+  // 32 threads share a warp, and every lane of it must reach row_reduce's full-mask shuffles.
+  // Such a row loads nothing more and reduces a neutral state; it returns after the reduction.
+  const int64_t row_id = int64_t(blockIdx.x) * ROWS_PER_BLOCK + threadIdx.y;
+  bool live = row_id < p.N;
+  const int64_t row = live ? row_id : 0;  // addresses stay inside the tensors
   const int tid = threadIdx.x;
   const int64_t K = p.K;
   scalar_t* grow = p.grad ? p.grad + row * K : nullptr;
-  if (p.saved) {  // backward: scale the saved row when that is exact
+  if (live && p.saved) {  // backward: scale the saved row when that is exact
     const acc_t f = p.go[p.go_per_row ? row : 0];
     if (exact_multiplier<acc_t>(f, std::is_same_v<scalar_t, c10::Half>)) {
       const scalar_t* srow = p.saved + row * K;
-      if (srow == grow && f == acc_t(1)) return;
-      for (int64_t c = tid; c < K; c += ROW_THREADS)
-        grow[c] = static_cast<scalar_t>(static_cast<acc_t>(srow[c]) * f);
-      return;
+      if (!(srow == grow && f == acc_t(1)))
+        for (int64_t c = tid; c < K; c += ROW_THREADS)
+          grow[c] = static_cast<scalar_t>(static_cast<acc_t>(srow[c]) * f);
+      live = false;
     }
   }
   const scalar_t* __restrict__ z = p.in + row * p.in_row_stride;
@@ -128,59 +132,63 @@ __global__ void __launch_bounds__(ROW_THREADS * ROWS_PER_BLOCK, 1)
   int64_t head = mis ? VEC - mis : 0;
   if (grow && int((reinterpret_cast<uintptr_t>(grow) % 16) / sizeof(scalar_t)) != mis) head = K;
   if (head > K) head = K;
-  const int64_t nvec = (K - head) / VEC;
+  if (!live) head = 0;
+  const int64_t nvec = live ? (K - head) / VEC : 0;
   const int64_t tail = head + nvec * VEC;
 
   // Loads in flight (Little's law): the register cache's CACHE loads are all issued, together
   // with the target's, before any of them is used; a row whose target turns out to be ignored
   // or out of range drops them (they read inside the row, never out of bounds).
-  const int64_t y = p.target[row];
+  const int64_t y = live ? p.target[row] : 0;
   P cache[CACHE];
 #pragma unroll
   for (int i = 0; i < CACHE; ++i) {
     const int64_t v = tid + int64_t(i) * ROW_THREADS;
     if (v < nvec) cache[i] = load_pack(z + head + v * VEC);
   }
-  if (y == p.ignore_index) {
+  if (live && y == p.ignore_index) {
     if (tid == 0) p.loss_rows[row] = acc_t(0);
     if (grow) fill_row<scalar_t, ROW_THREADS>(grow, K, 0.f);
-    return;
+    live = false;
   }
-  if (y < 0 || y >= K) {  // no host check on this path: poison the row, never read out of bounds
+  if (live && (y < 0 || y >= K)) {  // no host check on this path: poison the row, never read out of bounds
     if (tid == 0) p.loss_rows[row] = acc_t(NAN);
     if (grow) fill_row<scalar_t, ROW_THREADS>(grow, K, NAN);
-    return;
+    live = false;
   }
-  const acc_t zy = static_cast<acc_t>(z[y]);
+  // from here a row that is not live loads nothing (its loops are empty)
+  const int64_t nv = live ? nvec : 0, hd = live ? head : 0, Kl = live ? K : 0;
+  const acc_t zy = live ? static_cast<acc_t>(z[y]) : acc_t(0);
   const acc_t ref = (zy > acc_t(-INFINITY) && zy < acc_t(INFINITY)) ? zy : acc_t(0);
 
   RowAccum<scalar_t> acc{{acc_t(-INFINITY), acc_t(0), acc_t(0), acc_t(0)}, ref, p.weight};
   auto absorb_scalar = [&](int64_t c) { acc.add(static_cast<acc_t>(z[c]), c); };
   auto absorb_pack = [&](const P& pk, int64_t c0) { acc.add_pack(pk, c0); };
 
-  for (int64_t c = tid; c < head; c += ROW_THREADS) absorb_scalar(c);
+  for (int64_t c = tid; c < hd; c += ROW_THREADS) absorb_scalar(c);
 #pragma unroll
   for (int i = 0; i < CACHE; ++i) {
     const int64_t v = tid + int64_t(i) * ROW_THREADS;
-    if (v < nvec) absorb_pack(cache[i], head + v * VEC);
+    if (v < nv) absorb_pack(cache[i], head + v * VEC);
   }
   // Beyond the cache: kUnroll loads issued back to back per iteration, then folded.
-  for (int64_t v0 = tid + int64_t(CACHE) * ROW_THREADS; v0 < nvec; v0 += int64_t(kUnroll) * ROW_THREADS) {
+  for (int64_t v0 = tid + int64_t(CACHE) * ROW_THREADS; v0 < nv; v0 += int64_t(kUnroll) * ROW_THREADS) {
     P buf[kUnroll];
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       const int64_t v = v0 + int64_t(u) * ROW_THREADS;
-      if (v < nvec) buf[u] = load_pack(z + head + v * VEC);
+      if (v < nv) buf[u] = load_pack(z + head + v * VEC);
     }
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       const int64_t v = v0 + int64_t(u) * ROW_THREADS;
-      if (v < nvec) absorb_pack(buf[u], head + v * VEC);
+      if (v < nv) absorb_pack(buf[u], head + v * VEC);
     }
   }
-  for (int64_t c = tail + tid; c < K; c += ROW_THREADS) absorb_scalar(c);
+  for (int64_t c = tail + tid; c < Kl; c += ROW_THREADS) absorb_scalar(c);
 
   const RowState<acc_t> st = row_reduce<acc_t, ROW_THREADS>(acc.st);
+  if (!live) return;  // after the row's last collective
   const acc_t m = st.m;
   const acc_t wy = weighted ? static_cast<acc_t>(p.weight[y]) : acc_t(1);
   const acc_t W = weighted ? *p.weight_sum : acc_t(K);
