@@ -98,8 +98,14 @@ struct RowAccum {
 // 16-byte loads issued back to back in the loops over the packs beyond the register cache.
 constexpr int kUnroll = 4;
 
+// Resident blocks per SM asked of ptxas: two for the 256-thread row kernel (so one block's
+// reduction and exit overlap the other's loads), one otherwise (the 512-thread kernel needs
+// its 128 registers; the smaller blocks reach several per SM anyway).
+template <int THREADS>
+constexpr int min_blocks_of() { return THREADS == 256 ? 2 : 1; }
+
 template <typename scalar_t, int ROW_THREADS, int ROWS_PER_BLOCK, int CACHE>
-__global__ void __launch_bounds__(ROW_THREADS * ROWS_PER_BLOCK, 1)
+__global__ void __launch_bounds__(ROW_THREADS * ROWS_PER_BLOCK, min_blocks_of<ROW_THREADS * ROWS_PER_BLOCK>())
     ce_forward_kernel(const CeParams<scalar_t> p) {
   using acc_t = acc_of<scalar_t>;
   using P = Pack<scalar_t>;
