@@ -177,19 +177,37 @@ __global__ void __launch_bounds__(ROW_THREADS * ROWS_PER_BLOCK, min_blocks_of<RO
     const int64_t v = tid + int64_t(i) * ROW_THREADS;
     if (v < nv) absorb_pack(cache[i], head + v * VEC);
   }
-  // Beyond the cache: kUnroll loads issued back to back per iteration, then folded.
-  for (int64_t v0 = tid + int64_t(CACHE) * ROW_THREADS; v0 < nv; v0 += int64_t(kUnroll) * ROW_THREADS) {
-    P buf[kUnroll];
+  // Beyond the cache: kUnroll loads issued back to back per iteration, then folded. When a
+  // gradient is written these packs are read again in pass 2: ask the L2 to keep them (item 3
+  // of issue 10: fp32 rows of 128k classes x 132 rows in flight are more than the L2). One loop
+  // per case (no branch per load).
+  auto beyond_cache = [&](auto keep) {
+    for (int64_t v0 = tid + int64_t(CACHE) * ROW_THREADS; v0 < nv; v0 += int64_t(kUnroll) * ROW_THREADS) {
+      P buf[kUnroll];
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      const int64_t v = v0 + int64_t(u) * ROW_THREADS;
-      if (v < nv) buf[u] = load_pack(z + head + v * VEC);
-    }
+      for (int u = 0; u < kUnroll; ++u) {
+        const int64_t v = v0 + int64_t(u) * ROW_THREADS;
+        if (v < nv) {
+          if constexpr (decltype(keep)::value) {
+            buf[u] = load_pack_keep(z + head + v * VEC);
+          } else {
+            buf[u] = load_pack(z + head + v * VEC);
+          }
+        }
+      }
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      const int64_t v = v0 + int64_t(u) * ROW_THREADS;
-      if (v < nv) absorb_pack(buf[u], head + v * VEC);
+      for (int u = 0; u < kUnroll; ++u) {
+        const int64_t v = v0 + int64_t(u) * ROW_THREADS;
+        if (v < nv) absorb_pack(buf[u], head + v * VEC);
+      }
     }
+  };
+  if constexpr (std::is_same_v<scalar_t, double>) {
+    beyond_cache(std::false_type{});  // two copies of the loop spill double on sm_90
+  } else if (grow) {
+    beyond_cache(std::true_type{});
+  } else {
+    beyond_cache(std::false_type{});
   }
   for (int64_t c = tail + tid; c < Kl; c += ROW_THREADS) absorb_scalar(c);
 
@@ -222,7 +240,7 @@ __global__ void __launch_bounds__(ROW_THREADS * ROWS_PER_BLOCK, min_blocks_of<RO
     P out;
 #pragma unroll
     for (int i = 0; i < VEC; ++i) out.v[i] = grad_of(static_cast<acc_t>(pk.v[i]), c0 + i);
-    store_pack(g + c0, out);
+    store_pack_stream(g + c0, out);
   };
   for (int64_t c = tid; c < head; c += ROW_THREADS) g[c] = grad_of(static_cast<acc_t>(z[c]), c);
 #pragma unroll
@@ -237,7 +255,7 @@ __global__ void __launch_bounds__(ROW_THREADS * ROWS_PER_BLOCK, min_blocks_of<RO
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       const int64_t v = v0 + int64_t(u) * ROW_THREADS;
-      if (v < nvec) buf[u] = load_pack(z + head + v * VEC);
+      if (v < nvec) buf[u] = load_pack_last(z + head + v * VEC);
     }
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
