@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from labelsmooth_ext import benchmark as B
-from conftest import CASES, floors_for, inputs_for
+from conftest import CASES, DEVICES, floors_for, inputs_for
 
 
 def _id(case):

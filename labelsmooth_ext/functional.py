@@ -77,7 +77,8 @@ def _autocast_to_float32(input):
     torch.nn.functional.cross_entropy): then the loss is float32 and float32 class weights and
     soft targets are used as they are, while the logits are read in their own 16-bit dtype
     (accumulated in float32; no float32 copy) and their gradient is in that dtype."""
-    return input.dtype in (torch.float16, torch.bfloat16) and torch.is_autocast_enabled(input.device.type)
+    return (input.dtype in (torch.float16, torch.bfloat16, torch.float32)
+            and torch.is_autocast_enabled(input.device.type))
 
 
 def _check_weight(weight, input, num_classes, autocast=False):

@@ -111,6 +111,7 @@ def test_sixteen_bit_gradient_rounded_once(device, dtype, reduction, go_kind, we
         go = (torch.rand(n, generator=g, dtype=torch.float64) + 0.25).to(device)
     else:
         go = torch.tensor(go_kind, dtype=torch.float64, device=device)
+    go = go.to(dtype).double()  # the loss is in `dtype`, so is its incoming gradient
     kw = dict(weight=w, reduction=reduction, label_smoothing=0.1)
     ref = input_grad(F.cross_entropy, x.double(), t, go, **{**kw, "weight": None if w is None else w.double()})
     ours = input_grad(L.cross_entropy, x, t, go.float(), **kw).double().cpu()
@@ -236,6 +237,11 @@ def test_mixed_weight_dtype_outside_autocast_is_an_error():
     x = torch.randn(4, 5).bfloat16()
     with pytest.raises(TypeError, match="weight dtype torch.float32 must match the input dtype torch.bfloat16"):
         L.cross_entropy(x, torch.tensor([0, 1, 2, 3]), weight=torch.rand(5))
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # float32 logits: 16-bit weights upcast, as PyTorch
+        x32 = torch.randn(4, 5)
+        w16 = torch.rand(5).bfloat16()
+        torch.testing.assert_close(L.cross_entropy(x32, torch.tensor([0, 1, 2, 3]), weight=w16),
+                                   F.cross_entropy(x32, torch.tensor([0, 1, 2, 3]), weight=w16))
     with torch.autocast("cpu", dtype=torch.bfloat16):  # float64 weights are not autocast's
         with pytest.raises(TypeError, match="weight dtype torch.float64"):
             L.cross_entropy(x, torch.tensor([0, 1, 2, 3]), weight=torch.rand(5, dtype=torch.float64))
