@@ -108,3 +108,69 @@ def test_import_without_a_compiled_library_says_what_to_run(monkeypatch):
                         lambda name, *a: None if name == "labelsmooth_ext._C" else real(name, *a))
     with pytest.raises(ImportError, match=r"compiled library \(_C\) is missing; build it .*pip install"):
         _ops._load_library()
+
+
+def _sass_report():
+    """bench/sass_report.py (the SASS reader) as a module."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "sass_report.py"
+    spec = importlib.util.spec_from_file_location("sass_report", path)
+    mod = importlib.util.module_from_spec(spec)
+    import sys
+
+    sys.modules["sass_report"] = mod  # dataclasses look their module up there
+    spec.loader.exec_module(mod)
+    return mod
+
+
+_SERIAL = """arch = sm_90
+\t\tFunction : _Z1kv
+        /*0000*/                   LDG.E.128 R4, desc[UR4][R2.64] ;
+        /*0010*/                   FADD R8, R4, R5 ;
+        /*0020*/                   LDG.E.128 R12, desc[UR4][R2.64+0x10] ;
+        /*0030*/                   FADD R8, R12, R8 ;
+        /*0040*/                   SHFL.BFLY PT, R9, R8, 0x1, 0x1f ;
+        /*0050*/                   STG.E.128 desc[UR4][R2.64], R4 ;
+"""
+_BACK_TO_BACK = """arch = sm_90
+\t\tFunction : _Z1jv
+        /*0000*/                   LDG.E.128 R4, desc[UR4][R2.64] ;
+        /*0010*/                   LDG.E.128 R8, desc[UR4][R2.64+0x10] ;
+        /*0020*/                   LDG.E.128 R12, desc[UR4][R2.64+0x20] ;
+        /*0030*/                   LDG.E.128 R16, desc[UR4][R2.64+0x30] ;
+        /*0040*/                   FADD R20, R4, R8 ;
+        /*0050*/                   FADD R20, R12, R16 ;
+        /*0060*/                   LDG.E.128 R4, desc[UR4][R2.64+0x40] ;
+        /*0070*/                   FADD R20, R4, R20 ;
+        /*0080*/                   ISETP.GE.AND P0, PT, R20, 0x4, PT ;
+        /*0090*/               @P0 BRA 0x60 ;
+        /*00a0*/                   BAR.SYNC.DEFER_BLOCKING 0x0 ;
+"""
+
+
+def test_sass_load_counter():
+    S = _sass_report()
+    (serial,) = S.parse_sass(_SERIAL)
+    p1, _ = S.split_passes(serial.insns)
+    assert S.pass_stats(p1).straight == 1
+    (b2b,) = S.parse_sass(_BACK_TO_BACK)
+    p1, p2 = S.split_passes(b2b.insns)
+    st = S.pass_stats(p1)
+    assert (st.loads, st.straight, st.loop) == (5, 4, 1) and p2 == []
+
+
+def test_forward_kernels_issue_pass1_loads_back_to_back():
+    """Pass 1 of every ce_forward_kernel issues at least four 16-byte loads before it uses the first
+    (issue 10 item 1: one load consumed before the next is issued leaves HBM mostly idle)."""
+    info = L.build_info()
+    if not info["cuda"]:
+        pytest.skip("labelsmooth_ext was built without CUDA kernels (no nvcc at build time)")
+    S = _sass_report()
+    tool = _find_cuobjdump()
+    assert tool, "cuobjdump not found: install the CUDA toolkit or `pip install nvidia-cuda-cuobjdump`"
+    rows, _ = S.collect(_library_path(), tool)
+    fwd = [r for r in rows if "ce_forward_kernel" in r["name"]]
+    assert fwd, "no ce_forward_kernel in the library's SASS"
+    serial = [f"{r['arch']} {r['name']}: {r['p1'].straight}" for r in fwd if r["p1"].straight < 4]
+    assert not serial, "pass-1 16-byte loads serialized (in flight before first use < 4): " + "; ".join(serial)

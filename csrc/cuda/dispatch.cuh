@@ -9,6 +9,7 @@
 
 #include <algorithm>
 #include <climits>
+#include <type_traits>
 
 #include "kernels.cuh"
 #include "platform.cuh"
@@ -26,18 +27,39 @@ void launch_forward(const CeParams<scalar_t>& p, stream_t stream) {
   LSE_LAUNCH_CHECK();
 }
 
+// Register-cache packs of the 256- and 512-thread kernels (128-register cap): 6 for float and
+// half; bfloat16 (software rounding) and double spill with 6 on sm_90 next to pass 1's
+// four-pack load buffer, so 4.
+template <typename scalar_t>
+constexpr int big_row_cache() {
+  return (std::is_same_v<scalar_t, c10::BFloat16> || std::is_same_v<scalar_t, double>) ? 4 : 6;
+}
+
 // Threads per row from the row's size in bytes: keep up to CACHE 16-byte packs per thread.
 template <typename scalar_t>
 void dispatch_forward(const CeParams<scalar_t>& p, stream_t stream) {
+  constexpr int kBig = big_row_cache<scalar_t>();
   const int64_t bytes = p.K * int64_t(sizeof(scalar_t));
-  if (bytes <= 32 * 16 * 4) {
+  if (bytes <= 8 * 16 * 4) {
+    // small rows (fp32 K <= 128, 16-bit K <= 256): 8 lanes per row, 16 rows per block, 3
+    // shuffle levels instead of 5 and no lane without a pack for K >= 8 x pack size
+    launch_forward<scalar_t, 8, 16, 4>(p, stream);
+  } else if (bytes <= 32 * 16 * 4) {
     launch_forward<scalar_t, 32, 4, 4>(p, stream);
   } else if (bytes <= 128 * 16 * 8) {
     launch_forward<scalar_t, 128, 1, 8>(p, stream);
+  } else if (bytes <= 256 * 16 * kBig * 4) {
+    // Rows up to 96 KiB (bfloat16, double: 64 KiB): 256 threads per row and two blocks per SM (__launch_bounds__ min 2:
+    // the same 128-register cap), so one block's reduction, barrier and exit overlap the other's
+    // loads. Rows in flight x uncached part stays far below the L2 (at most 264 x 72 KiB).
+    launch_forward<scalar_t, 256, 1, kBig>(p, stream);
   } else {
-    // Up to 64 KiB of the row in registers; the rest is read again in pass 2 (from L2).
-    // (1024 threads x 4 packs holds the same but spills under its 64-register cap.)
-    launch_forward<scalar_t, 512, 1, 8>(p, stream);
+    // Larger rows: one 512-thread block per SM (two blocks of 256 would double the rows in
+    // flight: bfloat16 K = 128256 would hold 264 x 226 KiB in L2, more than its 50 MB).
+    // Up to 48 KiB of the row in registers (32 KiB: bfloat16, double); the rest is read again
+    // in pass 2 (from L2). Not eight packs: with pass 1's four-pack load buffer they spill under
+    // the 128-register cap of a 512-thread block. (1024 threads x 4 packs spills under 64.)
+    launch_forward<scalar_t, 512, 1, kBig>(p, stream);
   }
 }
 
@@ -56,8 +78,10 @@ void launch_bce(const scalar_t* x, const scalar_t* t, const scalar_t* w, int64_t
 template <typename scalar_t>
 void launch_scale(scalar_t* g, const acc_of<scalar_t>* go, int64_t N, int64_t K, bool per_row, int sms,
                   stream_t stream) {
+  // per row: one block per row up to 8 blocks per multiprocessor; scalar: 8 blocks per multiprocessor
+  const int64_t blocks = per_row ? std::min<int64_t>(N, int64_t(sms) * 8) : int64_t(sms) * 8;
   auto* kernel = &scale_kernel<scalar_t>;
-  LSE_LAUNCH(kernel, unsigned(sms * 4), 256, 0, stream)(g, go, N, K, per_row);
+  LSE_LAUNCH(kernel, unsigned(std::max<int64_t>(blocks, 1)), 256, 0, stream)(g, go, N, K, per_row);
   LSE_LAUNCH_CHECK();
 }
 

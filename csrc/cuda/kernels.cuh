@@ -11,6 +11,7 @@
 
 #include <c10/util/Half.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <type_traits>
 
@@ -104,45 +105,43 @@ struct RowAccum {
   }
 };
 
+// 16-byte loads issued back to back in the loops over the packs beyond the register cache.
+constexpr int kUnroll = 4;
+
+// Resident blocks per SM asked of ptxas: two for the 256-thread row kernel (so one block's
+// reduction and exit overlap the other's loads), one otherwise (the 512-thread kernel needs
+// its 128 registers; the smaller blocks reach several per SM anyway).
+template <int THREADS>
+constexpr int min_blocks_of() { return THREADS == 256 ? 2 : 1; }
+
 template <typename scalar_t, int ROW_THREADS, int ROWS_PER_BLOCK, int CACHE>
-__global__ void __launch_bounds__(ROW_THREADS * ROWS_PER_BLOCK, 1)
+__global__ void __launch_bounds__(ROW_THREADS * ROWS_PER_BLOCK, min_blocks_of<ROW_THREADS * ROWS_PER_BLOCK>())
     ce_forward_kernel(const CeParams<scalar_t> p) {
   using acc_t = acc_of<scalar_t>;
   using P = Pack<scalar_t>;
   constexpr int VEC = P::kSize;
-  const int64_t row = int64_t(blockIdx.x) * ROWS_PER_BLOCK + threadIdx.y;
-  if (row >= p.N) return;  // uniform over the row's threads
+  // A row with nothing (more) to compute clears `live` instead of returning: rows of fewer than
+  // 32 threads share a warp, and every lane of it must reach row_reduce's full-mask shuffles.
+  // Such a row loads nothing more and reduces a neutral state; it returns after the reduction.
+  const int64_t row_id = int64_t(blockIdx.x) * ROWS_PER_BLOCK + threadIdx.y;
+  bool live = row_id < p.N;
+  const int64_t row = live ? row_id : 0;  // addresses stay inside the tensors
   const int tid = threadIdx.x;
   const int64_t K = p.K;
   scalar_t* grow = p.grad ? p.grad + row * K : nullptr;
-  if (p.saved) {  // backward: scale the saved row when that is exact
+  if (live && p.saved) {  // backward: scale the saved row when that is exact
     const acc_t f = p.go[p.go_per_row ? row : 0];
     if (exact_multiplier<acc_t>(f, std::is_same_v<scalar_t, c10::Half>)) {
       const scalar_t* srow = p.saved + row * K;
-      if (srow == grow && f == acc_t(1)) return;
-      for (int64_t c = tid; c < K; c += ROW_THREADS)
-        grow[c] = static_cast<scalar_t>(static_cast<acc_t>(srow[c]) * f);
-      return;
+      if (!(srow == grow && f == acc_t(1)))
+        for (int64_t c = tid; c < K; c += ROW_THREADS)
+          grow[c] = static_cast<scalar_t>(static_cast<acc_t>(srow[c]) * f);
+      live = false;
     }
   }
-  const int64_t y = p.target[row];
-  if (y == p.ignore_index) {
-    if (tid == 0) p.loss_rows[row] = acc_t(0);
-    if (tid == 0 && p.lse_rows) p.lse_rows[row] = acc_t(0);
-    if (grow) fill_row<scalar_t, ROW_THREADS>(grow, K, 0.f);
-    return;
-  }
-  if (y < 0 || y >= K) {  // no host check on this path: poison the row, never read out of bounds
-    if (tid == 0) p.loss_rows[row] = acc_t(NAN);
-    if (tid == 0 && p.lse_rows) p.lse_rows[row] = acc_t(NAN);
-    if (grow) fill_row<scalar_t, ROW_THREADS>(grow, K, NAN);
-    return;
-  }
-  const scalar_t* z = p.in + row * p.in_row_stride;
+  const scalar_t* __restrict__ z = p.in + row * p.in_row_stride;
   const bool weighted = p.weight != nullptr;
   const acc_t cap = p.softcap;
-  const acc_t zy = cap > acc_t(0) ? softcap_apply<acc_t>(static_cast<acc_t>(z[y]), cap) : static_cast<acc_t>(z[y]);
-  const acc_t ref = (zy > acc_t(-INFINITY) && zy < acc_t(INFINITY)) ? zy : acc_t(0);
 
   // Scalar head up to 16-byte alignment, packs, scalar tail. If the gradient row is aligned
   // differently from the input row (an odd-offset view), the whole row takes the scalar path.
@@ -150,28 +149,85 @@ __global__ void __launch_bounds__(ROW_THREADS * ROWS_PER_BLOCK, 1)
   int64_t head = mis ? VEC - mis : 0;
   if (grow && int((reinterpret_cast<uintptr_t>(grow) % 16) / sizeof(scalar_t)) != mis) head = K;
   if (head > K) head = K;
-  const int64_t nvec = (K - head) / VEC;
+  if (!live) head = 0;
+  const int64_t nvec = live ? (K - head) / VEC : 0;
   const int64_t tail = head + nvec * VEC;
+
+  // Loads in flight (Little's law): the register cache's CACHE loads are all issued, together
+  // with the target's, before any of them is used; a row whose target turns out to be ignored
+  // or out of range drops them (they read inside the row, never out of bounds).
+  const int64_t y = live ? p.target[row] : 0;
+  P cache[CACHE];
+#pragma unroll
+  for (int i = 0; i < CACHE; ++i) {
+    const int64_t v = tid + int64_t(i) * ROW_THREADS;
+    if (v < nvec) cache[i] = load_pack(z + head + v * VEC);
+  }
+  if (live && y == p.ignore_index) {
+    if (tid == 0) p.loss_rows[row] = acc_t(0);
+    if (tid == 0 && p.lse_rows) p.lse_rows[row] = acc_t(0);
+    if (grow) fill_row<scalar_t, ROW_THREADS>(grow, K, 0.f);
+    live = false;
+  }
+  if (live && (y < 0 || y >= K)) {  // no host check on this path: poison the row, never read out of bounds
+    if (tid == 0) p.loss_rows[row] = acc_t(NAN);
+    if (tid == 0 && p.lse_rows) p.lse_rows[row] = acc_t(NAN);
+    if (grow) fill_row<scalar_t, ROW_THREADS>(grow, K, NAN);
+    live = false;
+  }
+  // from here a row that is not live loads nothing (its loops are empty)
+  const int64_t nv = live ? nvec : 0, hd = live ? head : 0, Kl = live ? K : 0;
+  const acc_t zy = !live ? acc_t(0)
+                   : cap > acc_t(0) ? softcap_apply<acc_t>(static_cast<acc_t>(z[y]), cap)
+                                    : static_cast<acc_t>(z[y]);
+  const acc_t ref = (zy > acc_t(-INFINITY) && zy < acc_t(INFINITY)) ? zy : acc_t(0);
 
   RowAccum<scalar_t> acc{{acc_t(-INFINITY), acc_t(0), acc_t(0), acc_t(0)}, ref, p.weight, cap};
   auto absorb_scalar = [&](int64_t c) { acc.add(acc.capped(static_cast<acc_t>(z[c])), c); };
   auto absorb_pack = [&](const P& pk, int64_t c0) { acc.add_pack(pk, c0); };
 
-  P cache[CACHE];
-  for (int64_t c = tid; c < head; c += ROW_THREADS) absorb_scalar(c);
+  for (int64_t c = tid; c < hd; c += ROW_THREADS) absorb_scalar(c);
 #pragma unroll
   for (int i = 0; i < CACHE; ++i) {
     const int64_t v = tid + int64_t(i) * ROW_THREADS;
-    if (v < nvec) {
-      cache[i] = load_pack(z + head + v * VEC);
-      absorb_pack(cache[i], head + v * VEC);
-    }
+    if (v < nv) absorb_pack(cache[i], head + v * VEC);
   }
-  for (int64_t v = tid + int64_t(CACHE) * ROW_THREADS; v < nvec; v += ROW_THREADS)
-    absorb_pack(load_pack(z + head + v * VEC), head + v * VEC);
-  for (int64_t c = tail + tid; c < K; c += ROW_THREADS) absorb_scalar(c);
+  // Beyond the cache: kUnroll loads issued back to back per iteration, then folded. When a
+  // gradient is written these packs are read again in pass 2: ask the L2 to keep them (item 3
+  // of issue 10: fp32 rows of 128k classes x 132 rows in flight are more than the L2). One loop
+  // per case (no branch per load).
+  auto beyond_cache = [&](auto keep) {
+    for (int64_t v0 = tid + int64_t(CACHE) * ROW_THREADS; v0 < nv; v0 += int64_t(kUnroll) * ROW_THREADS) {
+      P buf[kUnroll];
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        const int64_t v = v0 + int64_t(u) * ROW_THREADS;
+        if (v < nv) {
+          if constexpr (decltype(keep)::value) {
+            buf[u] = load_pack_keep(z + head + v * VEC);
+          } else {
+            buf[u] = load_pack(z + head + v * VEC);
+          }
+        }
+      }
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        const int64_t v = v0 + int64_t(u) * ROW_THREADS;
+        if (v < nv) absorb_pack(buf[u], head + v * VEC);
+      }
+    }
+  };
+  if constexpr (std::is_same_v<scalar_t, double>) {
+    beyond_cache(std::false_type{});  // two copies of the loop spill double on sm_90
+  } else if (grow) {
+    beyond_cache(std::true_type{});
+  } else {
+    beyond_cache(std::false_type{});
+  }
+  for (int64_t c = tail + tid; c < Kl; c += ROW_THREADS) absorb_scalar(c);
 
   const RowState<acc_t> st = row_reduce<acc_t, ROW_THREADS>(acc.st);
+  if (!live) return;  // after the row's last collective
   const acc_t m = st.m;
   const acc_t wy = weighted ? static_cast<acc_t>(p.weight[y]) : acc_t(1);
   const acc_t W = weighted ? *p.weight_sum : acc_t(K);
@@ -190,6 +246,10 @@ __global__ void __launch_bounds__(ROW_THREADS * ROWS_PER_BLOCK, 1)
     if (p.lse_rows) p.lse_rows[row] = lse;
   }
   if (!grow) return;
+  // The in-place backward (ce_grad_ext_) writes the gradient over the input: every element is
+  // read by the thread that writes it, before it writes it, so what __restrict__ lets the
+  // compiler reorder cannot change a result.
+  scalar_t* __restrict__ g = grow;
 
   acc_t scale = p.inv_denom ? *p.inv_denom : acc_t(1);
   if (p.go) scale *= p.go[p.go_per_row ? row : 0];  // backward: before the one rounding
@@ -198,26 +258,39 @@ __global__ void __launch_bounds__(ROW_THREADS * ROWS_PER_BLOCK, 1)
   gc.kp += z_loss_kp<acc_t>(lse, inv_s, p.z_loss, scale);
   auto grad_of = [&](acc_t xc, int64_t c) -> scalar_t {
     const acc_t zc = acc.capped(xc);
-    acc_t g = fast_exp(zc - m) * gc.kp - gc.kw * (weighted ? static_cast<acc_t>(p.weight[c]) : acc_t(1));
-    if (c == y) g -= gc.ky;
-    if (cap > acc_t(0)) g *= softcap_dz_dx<acc_t>(zc, cap);
-    return static_cast<scalar_t>(g);  // computed in acc_t, rounded once
+    acc_t gv = fast_exp(zc - m) * gc.kp - gc.kw * (weighted ? static_cast<acc_t>(p.weight[c]) : acc_t(1));
+    if (c == y) gv -= gc.ky;
+    if (cap > acc_t(0)) gv *= softcap_dz_dx<acc_t>(zc, cap);
+    return static_cast<scalar_t>(gv);  // computed in acc_t, rounded once
   };
   auto emit_pack = [&](const P& pk, int64_t c0) {
     P out;
 #pragma unroll
     for (int i = 0; i < VEC; ++i) out.v[i] = grad_of(static_cast<acc_t>(pk.v[i]), c0 + i);
-    store_pack(grow + c0, out);
+    store_pack_stream(g + c0, out);
   };
-  for (int64_t c = tid; c < head; c += ROW_THREADS) grow[c] = grad_of(static_cast<acc_t>(z[c]), c);
+  for (int64_t c = tid; c < head; c += ROW_THREADS) g[c] = grad_of(static_cast<acc_t>(z[c]), c);
 #pragma unroll
   for (int i = 0; i < CACHE; ++i) {
     const int64_t v = tid + int64_t(i) * ROW_THREADS;
     if (v < nvec) emit_pack(cache[i], head + v * VEC);
   }
-  for (int64_t v = tid + int64_t(CACHE) * ROW_THREADS; v < nvec; v += ROW_THREADS)
-    emit_pack(load_pack(z + head + v * VEC), head + v * VEC);
-  for (int64_t c = tail + tid; c < K; c += ROW_THREADS) grow[c] = grad_of(static_cast<acc_t>(z[c]), c);
+  // Re-read beyond the cache (from L2): kUnroll loads back to back, then their stores (z and g
+  // are __restrict__: the reloads need not wait for the stores).
+  for (int64_t v0 = tid + int64_t(CACHE) * ROW_THREADS; v0 < nvec; v0 += int64_t(kUnroll) * ROW_THREADS) {
+    P buf[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t v = v0 + int64_t(u) * ROW_THREADS;
+      if (v < nvec) buf[u] = load_pack_last(z + head + v * VEC);
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t v = v0 + int64_t(u) * ROW_THREADS;
+      if (v < nvec) emit_pack(buf[u], head + v * VEC);
+    }
+  }
+  for (int64_t c = tail + tid; c < K; c += ROW_THREADS) g[c] = grad_of(static_cast<acc_t>(z[c]), c);
 }
 
 template <typename scalar_t>
@@ -238,34 +311,69 @@ __global__ void bce_kernel(const scalar_t* x, const scalar_t* t, const scalar_t*
   }
 }
 
-// grad *= grad_output in place; returns at once where grad_output is exactly 1.
-// per_row: grad_output has one value per row ("none"); else one scalar.
+// grad *= grad_output in place, multiplied in the accumulation type.
+// Scalar grad_output: a grid-stride loop over 16-byte packs (kUnroll in flight per thread); the
+// whole grid returns at once where it is exactly 1.
+// per_row ("none": one value per row): grid-stride over rows, one block per row; the factor is
+// read once per row (no division by K per element) and a row whose factor is exactly 1 is
+// skipped (reduction="none" followed by .sum() touches nothing).
 template <typename scalar_t>
-__global__ void scale_kernel(scalar_t* g, const acc_of<scalar_t>* go, int64_t N, int64_t K, bool per_row) {
+__global__ void scale_kernel(scalar_t* __restrict__ g, const acc_of<scalar_t>* __restrict__ go, int64_t N,
+                             int64_t K, bool per_row) {
   using acc_t = acc_of<scalar_t>;
   using P = Pack<scalar_t>;
   constexpr int VEC = P::kSize;
+  auto scale_pack = [](P& pk, acc_t f) {
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) pk.v[i] = static_cast<scalar_t>(static_cast<acc_t>(pk.v[i]) * f);
+  };
   if (!per_row) {
     const acc_t f = go[0];
     if (f == acc_t(1)) return;
     const int64_t n = N * K;
     const int64_t nvec = (reinterpret_cast<uintptr_t>(g) % 16 == 0) ? n / VEC : 0;
     const int64_t stride = int64_t(gridDim.x) * blockDim.x;
-    for (int64_t v = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; v < nvec; v += stride) {
-      P pk = load_pack(g + v * VEC);
+    for (int64_t v0 = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; v0 < nvec; v0 += kUnroll * stride) {
+      P buf[kUnroll];
 #pragma unroll
-      for (int i = 0; i < VEC; ++i) pk.v[i] = static_cast<scalar_t>(static_cast<acc_t>(pk.v[i]) * f);
-      store_pack(g + v * VEC, pk);
+      for (int u = 0; u < kUnroll; ++u)
+        if (v0 + u * stride < nvec) buf[u] = load_pack(g + (v0 + u * stride) * VEC);
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        if (v0 + u * stride < nvec) {
+          scale_pack(buf[u], f);
+          store_pack(g + (v0 + u * stride) * VEC, buf[u]);
+        }
+      }
     }
     for (int64_t c = nvec * VEC + int64_t(blockIdx.x) * blockDim.x + threadIdx.x; c < n; c += stride)
       g[c] = static_cast<scalar_t>(static_cast<acc_t>(g[c]) * f);
     return;
   }
-  const int64_t n = N * K;
-  const int64_t stride = int64_t(gridDim.x) * blockDim.x;
-  for (int64_t c = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; c < n; c += stride) {
-    const acc_t f = go[c / K];
-    if (f != acc_t(1)) g[c] = static_cast<scalar_t>(static_cast<acc_t>(g[c]) * f);
+  const int tid = threadIdx.x, nt = blockDim.x;
+  for (int64_t row = blockIdx.x; row < N; row += gridDim.x) {
+    const acc_t f = go[row];
+    if (f == acc_t(1)) continue;  // uniform over the block
+    scalar_t* r = g + row * K;
+    const int mis = int((reinterpret_cast<uintptr_t>(r) % 16) / sizeof(scalar_t));
+    const int64_t head = mis ? std::min<int64_t>(VEC - mis, K) : 0;
+    const int64_t nvec = (K - head) / VEC;
+    for (int64_t c = tid; c < head; c += nt) r[c] = static_cast<scalar_t>(static_cast<acc_t>(r[c]) * f);
+    for (int64_t v0 = tid; v0 < nvec; v0 += int64_t(kUnroll) * nt) {
+      P buf[kUnroll];
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u)
+        if (v0 + u * nt < nvec) buf[u] = load_pack(r + head + (v0 + u * nt) * VEC);
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        if (v0 + u * nt < nvec) {
+          scale_pack(buf[u], f);
+          store_pack(r + head + (v0 + u * nt) * VEC, buf[u]);
+        }
+      }
+    }
+    for (int64_t c = head + nvec * VEC + tid; c < K; c += nt)
+      r[c] = static_cast<scalar_t>(static_cast<acc_t>(r[c]) * f);
   }
 }
 

@@ -44,6 +44,45 @@ __device__ __forceinline__ V* vec_ptr(T* p) {
   return reinterpret_cast<V*>(p);
 }
 
+// 16-byte accesses with L2 hints (sm_80+), for rows larger than the register cache:
+// load_keep_l2 reads a line that is read again soon (cache policy L2::evict_last), load_last_l2
+// reads it for the last time (L2::evict_first), store_stream writes a line this kernel does not
+// read again (.cs: evict first), so the gradient's stores do not push the logits out of L2.
+// The policies come from createpolicy (a constant: the compiler hoists it out of the loops).
+__device__ __forceinline__ uint64_t l2_policy_evict_last() {
+  uint64_t pol;
+  asm("createpolicy.fractional.L2::evict_last.b64 %0, 1.0;" : "=l"(pol));
+  return pol;
+}
+__device__ __forceinline__ uint64_t l2_policy_evict_first() {
+  uint64_t pol;
+  asm("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(pol));
+  return pol;
+}
+template <typename V>
+__device__ __forceinline__ V load_hinted(const V* p, uint64_t pol) {
+  static_assert(sizeof(V) == 16, "a 16-byte pack");
+  uint4 u;
+  asm("ld.global.L2::cache_hint.v4.u32 {%0, %1, %2, %3}, [%4], %5;"
+      : "=r"(u.x), "=r"(u.y), "=r"(u.z), "=r"(u.w) : "l"(p), "l"(pol));
+  return *reinterpret_cast<const V*>(&u);
+}
+template <typename V>
+__device__ __forceinline__ V load_keep_l2(const V* p) {
+  return load_hinted(p, l2_policy_evict_last());
+}
+template <typename V>
+__device__ __forceinline__ V load_last_l2(const V* p) {
+  return load_hinted(p, l2_policy_evict_first());
+}
+template <typename V>
+__device__ __forceinline__ void store_stream(V* p, const V& v) {
+  static_assert(sizeof(V) == 16, "a 16-byte pack");
+  const uint4 u = *reinterpret_cast<const uint4*>(&v);
+  asm volatile("st.global.cs.v4.u32 [%0], {%1, %2, %3, %4};" ::"l"(p), "r"(u.x), "r"(u.y), "r"(u.z), "r"(u.w)
+               : "memory");
+}
+
 }  // namespace cuda
 }  // namespace labelsmooth_ext
 

@@ -26,6 +26,20 @@ __device__ __forceinline__ void store_pack(T* p, const Pack<T>& x) {
   *vec_ptr<Pack<T>>(p) = x;
 }
 
+// With L2 hints (platform.cuh): read again soon / read for the last time / not read again.
+template <typename T>
+__device__ __forceinline__ Pack<T> load_pack_keep(const T* p) {
+  return load_keep_l2(vec_ptr<const Pack<T>>(p));
+}
+template <typename T>
+__device__ __forceinline__ Pack<T> load_pack_last(const T* p) {
+  return load_last_l2(vec_ptr<const Pack<T>>(p));
+}
+template <typename T>
+__device__ __forceinline__ void store_pack_stream(T* p, const Pack<T>& x) {
+  store_stream(vec_ptr<Pack<T>>(p), x);
+}
+
 // exp(x) for the kernels: float uses the hardware ex2 (relative error ~2^-22), double the
 // full-precision exp. exp(-inf) = 0, exp(NaN) = NaN.
 __device__ __forceinline__ float fast_exp(float x) {

@@ -607,6 +607,15 @@ inline stream_t current_stream() { return 0; }
 // A small emulated GPU: grid-stride loops get several blocks and several iterations each.
 inline int sm_count(int) { return 2; }
 
+// The L2-hinted 16-byte accesses of platform.cuh: plain accesses here (the hints only change
+// which lines the GPU's L2 keeps), through vec_ptr's alignment check by their callers.
+template <typename V>
+inline V load_keep_l2(const V* p) { return *p; }
+template <typename V>
+inline V load_last_l2(const V* p) { return *p; }
+template <typename V>
+inline void store_stream(V* p, const V& v) { *p = v; }
+
 // ex2.approx.f32 on the GPU (relative error ~2^-22); the CPU's exp2f here.
 inline float ex2_approx(float x) { return exp2f(x); }
 
