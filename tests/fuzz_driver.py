@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from hypothesis import HealthCheck, assume, given, note, settings
 from hypothesis import strategies as st
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.append(os.path.dirname(os.path.abspath(__file__)))  # conftest; labelsmooth_ext from PYTHONPATH
 import labelsmooth_ext as L  # noqa: E402
 from conftest import assert_close_to, fused_row_semantics  # noqa: E402
 from labelsmooth_ext import reference  # noqa: E402

@@ -14,7 +14,12 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 @pytest.mark.parametrize("which", ["ce", "module", "bce"])
 def test_differential_fuzz_against_pytorch(which):
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(HERE), env.get("PYTHONPATH", "")])
+    # the labelsmooth_ext this test process imported (a source tree built in place, or the
+    # installed package), not necessarily the tree the tests sit in
+    import labelsmooth_ext
+
+    pkg_root = os.path.dirname(os.path.dirname(os.path.abspath(labelsmooth_ext.__file__)))
+    env["PYTHONPATH"] = os.pathsep.join([pkg_root, env.get("PYTHONPATH", "")])
     r = subprocess.run([sys.executable, os.path.join(HERE, "fuzz_driver.py"), which, PROFILE],
                        capture_output=True, text=True, env=env, timeout=6 * 3600)
     if r.returncode != 0:

@@ -251,7 +251,7 @@ def test_inplace_lowers_peak_memory():
     peak = {}
     for flag in ("0", "1"):
         out = subprocess.run([sys.executable, "-c", script, flag], capture_output=True, text=True, env=env,
-                             cwd=os.path.dirname(os.path.dirname(__file__)), check=True)
+                             cwd=os.path.dirname(os.path.dirname(os.path.abspath(L.__file__))), check=True)
         peak[flag] = int(out.stdout.split()[-1])
     logits_bytes = 2048 * 16384 * 4
     drop = peak["0"] - peak["1"]

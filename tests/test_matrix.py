@@ -41,6 +41,18 @@ def _check(x, target, dtype, go_kind, seed, **kw):
     assert_close_to(xx.grad, xd.grad, dtype, "grad", ulps=1 if go_kind == "one" else 2)
 
 
+
+
+@pytest.fixture(autouse=True)
+def _subnormals_representable():
+    """Hypothesis refuses to draw floats when subnormals are flushed to zero in this process:
+    on torch 2.4, a CPU kernel compiled by an earlier torch.compile test (built with
+    -ffast-math) sets the processor's flush-to-zero mode for the whole process."""
+    tiny = float(os.environ.get("LSE_TEST_TINY", "5e-324"))
+    if tiny * 1.0 == 0.0:
+        pytest.skip(f"subnormal floats are flushed to zero in this process (torch {torch.__version__}: "
+                    "an earlier torch.compile kernel built with -ffast-math)")
+
 @SETTINGS
 @given(
     dtype=st.sampled_from(DTYPES),

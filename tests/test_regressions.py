@@ -57,6 +57,8 @@ def test_retained_graph_never_hands_out_the_saved_gradient(reduction):
     assert_close_to(g2, gt, torch.float32, "second backward")
 
 
+@pytest.mark.skipif(not hasattr(torch._C._autograd, "_get_current_graph_task_keep_graph"),
+                    reason=f"torch {torch.__version__} cannot tell a retained graph: the CPU backward always copies")
 def test_single_backward_keeps_the_no_copy_path():
     """Without retain_graph the saved gradient becomes .grad as is (no copy, no pass)."""
     x = torch.randn(6, 7, requires_grad=True)
@@ -103,6 +105,15 @@ def test_ignore_index_with_probability_targets_is_refused_as_in_pytorch():
     assert_close_to(L.cross_entropy(x, p), F.cross_entropy(x.double(), p.double()), torch.float32, "default")
 
 
+def _torch_takes_unbatched_one_element_target():
+    """Recent PyTorch takes a (C,) input with a (1,) target at eps = 0; torch 2.4 refuses it."""
+    try:
+        F.cross_entropy(torch.zeros(3), torch.tensor([1]))
+        return True
+    except RuntimeError:
+        return False
+
+
 @pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
 @pytest.mark.parametrize("eps", [0.0, 0.2])
 def test_unbatched_input_with_one_element_target(reduction, eps):
@@ -115,7 +126,7 @@ def test_unbatched_input_with_one_element_target(reduction, eps):
     assert ours.shape == ()
     assert_close_to(ours, batched.reshape(()), torch.float64, "loss")
     assert_close_to(g, gb, torch.float64, "grad")
-    if eps == 0.0:
+    if eps == 0.0 and _torch_takes_unbatched_one_element_target():
         theirs = F.cross_entropy(x, t, reduction=reduction)
         assert theirs.shape == ours.shape
         assert_close_to(ours, theirs, torch.float64, "PyTorch")
