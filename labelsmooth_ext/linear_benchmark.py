@@ -28,6 +28,8 @@ import warnings
 import torch
 import torch.nn.functional as F
 
+from .benchmark import _cpu_name
+
 EPS = 0.1
 IGNORE_FRACTION = 0.1
 DEFAULT_SHAPE = (4096, 1024, 32000)
@@ -218,17 +220,6 @@ def table(results, timing):
                          f"(goal <= 0.125); total peak extra: "
                          f"{ours['peak_extra_bytes'] / eager['peak_extra_bytes']:.3f}")
     return "\n".join(lines)
-
-
-def _cpu_name():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "CPU"
 
 
 def add_arguments(p):

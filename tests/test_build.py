@@ -1,7 +1,5 @@
 """The build: what build_info reports, and the CUDA kernels' resource usage (no spills)."""
-import os
-import re
-import shutil
+import functools
 import subprocess
 from pathlib import Path
 
@@ -30,35 +28,13 @@ def _library_path():
 
 
 def _find_cuobjdump():
-    candidates = [shutil.which("cuobjdump")]
-    for home in (os.environ.get("CUDA_HOME"), "/usr/local/cuda"):
-        if home:
-            candidates.append(os.path.join(home, "bin", "cuobjdump"))
-    try:  # triton (a torch dependency on Linux) ships one
-        import triton
-
-        candidates.append(str(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"))
-    except ImportError:
-        pass
-    return next((c for c in candidates if c and os.path.isfile(c) and os.access(c, os.X_OK)), None)
+    return _sass_report().find_cuobjdump()
 
 
 def parse_resource_usage(text):
-    """{(arch, kernel): {"REG": n, "STACK": n, "LOCAL": n, ...}} from cuobjdump --dump-resource-usage."""
-    usage, arch, fn = {}, None, None
-    for line in text.splitlines():
-        m = re.search(r"arch = (sm_\d+)", line)
-        if m:
-            arch = m.group(1)
-            continue
-        m = re.search(r"Function ([^:\s]+):", line)
-        if m:
-            fn = m.group(1)
-            continue
-        if fn and "REG:" in line:
-            usage[(arch, fn)] = {k: int(v) for k, v in re.findall(r"(\w+):(\d+)", line)}
-            fn = None
-    return usage
+    """{(arch, kernel): {"REG": n, "STACK": n, "LOCAL": n, ...}} from cuobjdump --dump-resource-usage
+    (bench/sass_report.py's reader: one parser for the report and the tests)."""
+    return _sass_report().parse_resource_usage(text)
 
 
 def test_parse_resource_usage():
@@ -110,6 +86,7 @@ def test_import_without_a_compiled_library_says_what_to_run(monkeypatch):
         _ops._load_library()
 
 
+@functools.lru_cache(maxsize=None)
 def _sass_report():
     """bench/sass_report.py (the SASS reader) as a module."""
     import importlib.util
