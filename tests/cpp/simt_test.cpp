@@ -98,7 +98,7 @@ static void ce_case(int64_t N, int64_t K, int64_t offset, bool weighted, double 
   const int64_t stride = K + offset + 3;  // odd row strides, rows start `offset` elements in
   Buffer<scalar_t> in{size_t(N * stride + offset + 1)};
   Buffer<int64_t> target{size_t(N)};
-  Buffer<scalar_t> weight{size_t(K)};
+  Buffer<acc_t> weight{size_t(K)};  // the kernels read class weights in the accumulation type
   Buffer<acc_t> wsum(1);
   Buffer<scalar_t> grad{size_t(N * K)};
   Buffer<acc_t> rows{size_t(N)};
@@ -110,7 +110,7 @@ static void ce_case(int64_t N, int64_t K, int64_t offset, bool weighted, double 
   for (size_t i = 0; i < in.n; ++i) in[i] = scalar_t(float(4 * rnd() - 2));
   double ws = 0;
   for (int64_t c = 0; c < K; ++c) {
-    weight[size_t(c)] = scalar_t(float(0.5 + rnd()));
+    weight[size_t(c)] = static_cast<acc_t>(scalar_t(float(0.5 + rnd())));  // a value of the input dtype
     ws += double(static_cast<acc_t>(weight[size_t(c)]));
   }
   wsum[0] = acc_t(ws);
