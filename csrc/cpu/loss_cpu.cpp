@@ -145,6 +145,18 @@ double ce_denominator(const int64_t* t, int64_t N, int64_t K, int64_t ignore_ind
   return D;
 }
 
+// The backward's factor per row: the incoming gradient (one per row for 'none', else one),
+// divided by the mean denominator D for 'mean'.
+std::vector<double> incoming_row_scales(const double* g, bool per_row, int64_t N, int64_t reduction,
+                                        double D) {
+  std::vector<double> row_scale(N);
+  for (int64_t r = 0; r < N; ++r) {
+    const double f = g[per_row ? r : 0];
+    row_scale[r] = reduction == kMean ? f / D : f;
+  }
+  return row_scale;
+}
+
 // Runs the class-index row kernel: per-row losses into `rows`, the gradient into `grad` (when
 // defined), multiplied by row_scale[r] (when not null) or by 1/D for the mean.
 void run_ce_rows(const at::Tensor& in, const at::Tensor& tgt, const std::optional<at::Tensor>& weight,
@@ -238,11 +250,7 @@ at::Tensor ce_grad_cpu(const at::Tensor& input, const at::Tensor& target, const 
   }
   const std::vector<double> w = weights_as_double(weight);
   const double D = ce_denominator(tgt.data_ptr<int64_t>(), N, K, ignore_index, w);
-  std::vector<double> row_scale(N);
-  for (int64_t r = 0; r < N; ++r) {
-    const double f = g[per_row ? r : 0];
-    row_scale[r] = reduction == kMean ? f / D : f;
-  }
+  const std::vector<double> row_scale = incoming_row_scales(g, per_row, N, reduction, D);
   at::Tensor rows = at::empty({N}, in.options().dtype(acc_type_of(in.scalar_type())));
   at::Tensor grad = empty_rows(N, K, in.options()).view(in.sizes());
   run_ce_rows(in, tgt, weight, ignore_index, eps, mode, reduction, D, w, rows, &grad, row_scale.data());
@@ -295,11 +303,7 @@ void ce_grad_ext_into(at::Tensor& out, const at::Tensor& input, const at::Tensor
   const double* g = go.data_ptr<double>();
   const std::vector<double> w = weights_as_double(weight);
   const double D = ce_denominator(tgt.data_ptr<int64_t>(), N, K, ignore_index, w);
-  std::vector<double> row_scale(N);
-  for (int64_t r = 0; r < N; ++r) {
-    const double f = g[per_row ? r : 0];
-    row_scale[r] = reduction == kMean ? f / D : f;
-  }
+  const std::vector<double> row_scale = incoming_row_scales(g, per_row, N, reduction, D);
   at::Tensor rows = at::empty({N}, input.options().dtype(acc_type_of(input.scalar_type())));
   run_ce_rows(input, tgt, weight, ignore_index, eps, mode, reduction, D, w, rows, &out, row_scale.data(),
               z_loss, softcap, nullptr);
