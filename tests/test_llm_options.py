@@ -83,6 +83,30 @@ def test_long_rows(device, dtype, K):
     assert_close_to(g, ref_g, dtype, "grad")
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_softcap_non_finite_logits(device, dtype):
+    """softcap maps +-inf logits to +-cap (finite rows, as the composite gives); a NaN logit
+    makes its row NaN. The CPU kernel takes the row max on the raw logits (tanh is monotonic),
+    so these rows check that it caps the max rather than rejecting an infinite one. Rows are
+    longer than a vector and a store block, with the special values in tails and mid-row."""
+    K = 2061
+    x = _logits(6, K, dtype, 11)
+    x[0, 5] = float("inf")
+    x[1, K - 1] = float("-inf")
+    x[2, :] = float("-inf")
+    x[3, 7] = float("inf")
+    x[3, K - 2] = float("inf")
+    x[4, 1000] = float("nan")
+    target = torch.tensor([5, K - 1, 3, 100, 2, -100])
+    kw = dict(reduction="none", label_smoothing=0.1, z_loss=1e-3, softcap=7.0)
+    ref_out, ref_g, grad_out = _reference(x, target, None, **kw)
+    assert bool(ref_out[:4].isfinite().all()) and bool(ref_out[4].isnan())
+    out, g = _ours(x, target, None, grad_out, device, **kw)
+    assert_close_to(out, ref_out, dtype, "loss")
+    assert_close_to(g, ref_g, dtype, "grad", ulps=2)
+
+
 def test_ignore_index_inside_class_range_and_3d_input():
     x = _logits(4, 6, torch.float64, 3).reshape(2, 2, 6).movedim(2, 1).contiguous()  # (N=2, C=6, d=2)
     target = torch.tensor([[1, 3], [3, 5]])

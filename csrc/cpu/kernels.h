@@ -209,61 +209,105 @@ std::vector<acc_t> weights_in_acc(const void* weight, int64_t K) {
   return w;
 }
 
-// Softcap: z = cap * tanh(x / cap) of a row (src, any input dtype) into the accumulation-type
-// buffer z, returning the max of z (one pass).
-// tanh(u) = 1 - 2 / (exp(2u) + 1): one vector exp (the kernels' exp_u20) instead of the
-// (much slower) vector tanh; absolute error a few ulp of 1 in tanh, i.e. about cap * 2e-7 in z.
-// exp(2u) = inf gives 1, 0 gives -1, NaN stays NaN.
-template <typename scalar_t, typename acc_t>
-acc_t softcap_pass(const scalar_t* src, acc_t* z, int64_t K, acc_t cap) {
+// ---- Softcap rows (softcap > 0; with or without z-loss): ce_rows_softcap below. ----
+//
+// tanh is monotonic, so the max of the capped logits z = cap * tanh(x / cap) is the capped max
+// of the raw logits: pass 1 is the plain kernels' max over x. Pass 2 computes t = tanh(x / cap)
+// once per element, then z - m and e = exp(z - m) from it, and keeps both e and the chain-rule
+// factor dz/dx = 1 - t^2 in L2-resident row buffers; pass 3 (the gradient) only reads them back,
+// so tanh is evaluated once per element in all (not again for the gradient).
+
+// tanh(x / cap) = 1 - 2 / (exp(2 x / cap) + 1): one vector exp (the kernels' exp_u20) and one
+// division. exp_u20 clamps its argument to [ln FLT_MIN, ln FLT_MAX], so +-inf give +-1 (NaN is
+// not propagated: callers detect NaN rows by their max before). two_inv = 2 / cap.
+template <typename acc_t>
+Vectorized<acc_t> tanh_scaled(const Vectorized<acc_t>& x, const Vectorized<acc_t>& two_inv) {
   using Vec = Vectorized<acc_t>;
-  constexpr int64_t V = Vec::size();
-  const Vec vc(cap), v2inv(acc_t(2) / cap), one(1), two(2);
-  Vec vm(-std::numeric_limits<acc_t>::infinity());
-  int64_t c = 0;
-  for (; c + V <= K; c += V) {
-    Vec x;
-    if constexpr (std::is_same_v<scalar_t, acc_t>) {
-      x = Vec::loadu(src + c);
-    } else {
-      at::vec::load_to_float<scalar_t>(src + c, x);
-    }
-    const Vec zc = vc * (one - two / (vexp(x * v2inv) + one));
-    zc.store(z + c);
-    vm = at::vec::maximum(vm, zc);
-  }
-  acc_t m = -std::numeric_limits<acc_t>::infinity();
-  alignas(64) acc_t buf[V];
-  vm.store(buf);
-  for (int64_t i = 0; i < V; ++i) m = nan_max(m, buf[i]);
-  for (; c < K; ++c) {
-    z[c] = softcap_apply<acc_t>(static_cast<acc_t>(src[c]), cap);
-    m = nan_max(m, z[c]);
-  }
-  return m;
+  const Vec one(1), two(2);
+  return one - two / (vexp(x * two_inv) + one);
 }
 
-// Gradient block times dz/dx = 1 - (z / cap)^2 (softcap), in place.
+// cap * tanh(x / cap) of one value, by the vector formula (so the row max and the target's
+// capped logit are bit-identical to the values pass 2 computes).
 template <typename acc_t>
-void softcap_grad_pass(acc_t* g, const acc_t* z, int64_t n, acc_t cap) {
+acc_t softcap_scalar(acc_t x, acc_t cap) {
+  using Vec = Vectorized<acc_t>;
+  alignas(64) acc_t buf[Vec::size()];
+  (Vec(cap) * tanh_scaled<acc_t>(Vec(x), Vec(acc_t(2) / cap))).store(buf);
+  return buf[0];
+}
+
+// Pass 2 of a softcap row: from the raw logits x (accumulation type), with m the capped row max,
+// writes e_c = exp(z_c - m) to e (may alias x) and dz_c = 1 - t_c^2 to dz; returns
+// s = sum e and S = sum w_c (z_c - m) (w = 1 when w == nullptr), folded into double per block
+// as exp_pass does.
+template <typename acc_t>
+void softcap_exp_pass(const acc_t* x, acc_t* e, acc_t* dz, const acc_t* w, int64_t K, acc_t m, acc_t cap,
+                      double& s_out, double& S_out) {
   using Vec = Vectorized<acc_t>;
   constexpr int64_t V = Vec::size();
-  const Vec vinv(acc_t(1) / cap), one(1);
+  const Vec vm(m), vcap(cap), two_inv(acc_t(2) / cap), one(1);
+  double s = 0, S = 0;
+  for (int64_t b0 = 0; b0 < K; b0 += kExpBlock) {
+    const int64_t b1 = std::min<int64_t>(K, b0 + kExpBlock);
+    Vec vs(0), vS(0);
+    int64_t c = b0;
+    for (; c + V <= b1; c += V) {
+      const Vec t = tanh_scaled<acc_t>(Vec::loadu(x + c), two_inv);
+      const Vec d = at::vec::fmsub(vcap, t, vm);  // z - m
+      const Vec ex = vexp(d);
+      vs = vs + ex;
+      vS = w ? at::vec::fmadd(Vec::loadu(w + c), d, vS) : vS + d;
+      ex.store(e + c);
+      at::vec::fnmadd(t, t, one).store(dz + c);
+    }
+    if (c < b1) {
+      const int64_t n = b1 - c;
+      const Vec t = tanh_scaled<acc_t>(Vec::loadu(x + c, n), two_inv);
+      const Vec d = Vec::set(Vec(0), at::vec::fmsub(vcap, t, vm), n);
+      const Vec ex = Vec::set(Vec(0), vexp(d), n);
+      vs = vs + ex;
+      vS = w ? at::vec::fmadd(Vec::loadu(w + c, n), d, vS) : vS + d;
+      ex.store(e + c, n);
+      at::vec::fnmadd(t, t, one).store(dz + c, n);
+    }
+    s += vsum(vs);
+    S += vsum(vS);
+  }
+  s_out = s;
+  S_out = S;
+}
+
+// Pass 3 of a softcap row, one block: g = (e * kp - kw * w_c) * dz in place (w_c = 1 when
+// w == nullptr).
+template <typename acc_t>
+void softcap_grad_pass(acc_t* g, const acc_t* dz, const acc_t* w, int64_t n, acc_t kp, acc_t kw) {
+  using Vec = Vectorized<acc_t>;
+  constexpr int64_t V = Vec::size();
+  const Vec vkp(kp), vkw(kw);
   int64_t c = 0;
   for (; c + V <= n; c += V) {
-    const Vec t = Vec::loadu(z + c) * vinv;
-    (Vec::loadu(g + c) * (one - t * t)).store(g + c);
+    const Vec wc = w ? Vec::loadu(w + c) : Vec(1);
+    ((Vec::loadu(g + c) * vkp - vkw * wc) * Vec::loadu(dz + c)).store(g + c);
   }
-  for (; c < n; ++c) g[c] *= softcap_dz_dx<acc_t>(z[c], cap);
+  if (c < n) {
+    const int64_t r = n - c;
+    const Vec wc = w ? Vec::loadu(w + c, r) : Vec(1);
+    ((Vec::loadu(g + c, r) * vkp - vkw * wc) * Vec::loadu(dz + c, r)).store(g + c, r);
+  }
 }
 
 constexpr int64_t kStoreBlock = 2048;
 
 inline int64_t grain_for(int64_t K) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(K, 1)); }
 
+template <typename scalar_t>
+void ce_rows_softcap(const CeRowsArgs& A);
+
 // Class-index targets.
 template <typename scalar_t>
 void ce_rows(const CeRowsArgs& A) {
+  if (A.softcap > 0) return ce_rows_softcap<scalar_t>(A);
   using acc_t = acc_for<scalar_t>;
   constexpr bool kDirect = std::is_same_v<scalar_t, acc_t>;
   const int64_t K = A.K;
@@ -277,13 +321,11 @@ void ce_rows(const CeRowsArgs& A) {
   const acc_t W = weighted ? acc_t(A.W) : acc_t(K);
   const acc_t scale = acc_t(A.scale);
 
-  const bool capped = A.softcap > 0;
-  const acc_t cap = acc_t(A.softcap), zc = acc_t(A.z_loss);
+  const acc_t zc = acc_t(A.z_loss);
   acc_t* lse_out = static_cast<acc_t*>(A.lse_rows);
 
   at::parallel_for(0, A.N, grain_for(K), [&](int64_t begin, int64_t end) {
     std::vector<acc_t> scratch(K);  // the row's e, then g: stays in L2
-    std::vector<acc_t> capped_row(capped ? K : 0);  // softcap: the capped logits z
     acc_t* buf = scratch.data();
     for (int64_t r = begin; r < end; ++r) {
       const int64_t y = A.target[r];
@@ -296,10 +338,7 @@ void ce_rows(const CeRowsArgs& A) {
       }
       const acc_t* z;
       acc_t m;
-      if (capped) {
-        z = capped_row.data();
-        m = softcap_pass<scalar_t, acc_t>(in + r * A.in_row_stride, capped_row.data(), K, cap);
-      } else if constexpr (kDirect) {
+      if constexpr (kDirect) {
         z = in + r * A.in_row_stride;
         m = row_max(z, K);
       } else {
@@ -330,7 +369,79 @@ void ce_rows(const CeRowsArgs& A) {
         const int64_t n = std::min<int64_t>(kStoreBlock, K - b0);
         grad_pass<acc_t>(buf + b0, w ? w + b0 : nullptr, n, gc.kp, gc.kw);
         if (y >= b0 && y < b0 + n) buf[y] -= gc.ky;  // in acc_t, before the single rounding
-        if (capped) softcap_grad_pass<acc_t>(buf + b0, z + b0, n, cap);
+        store_out<scalar_t, acc_t>(grow + b0, buf + b0, n);
+      }
+    }
+    store_fence();
+  });
+}
+
+// Class-index targets with softcap > 0 (and any z_loss): the three passes described above
+// ce_rows' softcap helpers. 2-d rows only.
+template <typename scalar_t>
+void ce_rows_softcap(const CeRowsArgs& A) {
+  using acc_t = acc_for<scalar_t>;
+  constexpr bool kDirect = std::is_same_v<scalar_t, acc_t>;
+  const int64_t K = A.K;
+  const auto sm = smoothing_coefs<acc_t>(A.eps, K, A.mode);
+  const scalar_t* in = static_cast<const scalar_t*>(A.input);
+  scalar_t* grad = static_cast<scalar_t*>(A.grad);
+  acc_t* loss = static_cast<acc_t*>(A.loss_rows);
+  acc_t* lse_out = static_cast<acc_t*>(A.lse_rows);
+  const bool weighted = A.weight != nullptr;
+  const std::vector<acc_t> wacc = weights_in_acc<acc_t>(A.weight, K);
+  const acc_t* w = weighted ? wacc.data() : nullptr;
+  const acc_t W = weighted ? acc_t(A.W) : acc_t(K);
+  const acc_t scale = acc_t(A.scale);
+  const acc_t cap = acc_t(A.softcap), zc = acc_t(A.z_loss);
+
+  at::parallel_for(0, A.N, grain_for(K), [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> scratch(K), dzbuf(K);  // x (16-bit input), then e, then g; and dz/dx
+    acc_t* buf = scratch.data();
+    acc_t* dz = dzbuf.data();
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t y = A.target[r];
+      scalar_t* grow = grad ? grad + r * K : nullptr;
+      if (y == A.ignore_index) {
+        loss[r] = 0;
+        if (lse_out) lse_out[r] = 0;
+        if (grow) std::fill(grow, grow + K, scalar_t(0));
+        continue;
+      }
+      const acc_t* x;
+      acc_t mx;
+      if constexpr (kDirect) {
+        x = in + r * A.in_row_stride;
+        mx = row_max(x, K);
+      } else {
+        mx = convert_and_max(in + r * A.in_row_stride, buf, K);
+        x = buf;
+      }
+      if (mx != mx) {  // a NaN logit; +-inf logits are capped to +-cap, so finite
+        loss[r] = NAN;
+        if (lse_out) lse_out[r] = NAN;
+        if (grow) std::fill(grow, grow + K, scalar_t(NAN));
+        continue;
+      }
+      const acc_t m = softcap_scalar<acc_t>(mx, cap);
+      const acc_t zy = softcap_scalar<acc_t>(x[y], cap);
+      const acc_t wy = weighted ? w[y] : acc_t(1);
+      double s, S;
+      softcap_exp_pass<acc_t>(x, buf, dz, w, K, m, cap, s, S);  // e may overwrite x (16-bit)
+      const acc_t log_s = lse_log(acc_t(s));
+      const acc_t lse = m + log_s;
+      loss[r] = ce_row_loss<acc_t>(log_s, zy - m, acc_t(S), sm, wy, W);
+      if (zc != acc_t(0)) loss[r] += z_loss_row<acc_t>(lse, zc);
+      if (lse_out) lse_out[r] = lse;
+      if (!grow) continue;
+      const acc_t sc = A.row_scale ? acc_t(A.row_scale[r]) : scale;
+      const acc_t inv_s = acc_t(1) / acc_t(s);
+      auto gc = ce_grad_coefs<acc_t>(inv_s, sm, sc, weighted, wy, W);
+      if (zc != acc_t(0)) gc.kp += z_loss_kp<acc_t>(lse, inv_s, zc, sc);
+      for (int64_t b0 = 0; b0 < K; b0 += kStoreBlock) {
+        const int64_t n = std::min<int64_t>(kStoreBlock, K - b0);
+        softcap_grad_pass<acc_t>(buf + b0, dz + b0, w ? w + b0 : nullptr, n, gc.kp, gc.kw);
+        if (y >= b0 && y < b0 + n) buf[y] -= gc.ky * dz[y];
         store_out<scalar_t, acc_t>(grow + b0, buf + b0, n);
       }
     }
