@@ -241,6 +241,20 @@ TORCH_LIBRARY(labelsmooth_ext, m) {
       "ce_grad_ext_(Tensor(a!) input, Tensor target, Tensor? weight, Tensor grad_output, "
       "int ignore_index, float label_smoothing, int smoothing_mode, int reduction, float z_loss, "
       "float softcap) -> ()");
+  // Probability targets with the large-vocabulary options (z_loss added to every row, softcap,
+  // lse): ce_prob_forward's (loss, grad) and lse (N,) in the loss dtype.
+  m.def(
+      "ce_prob_forward_ext(Tensor input, Tensor target, Tensor? weight, float label_smoothing, "
+      "int smoothing_mode, int reduction, bool compute_grad, float z_loss, float softcap) "
+      "-> (Tensor, Tensor, Tensor)");
+  // Its gradient times grad_output, recomputed from the logits (applied before the one rounding).
+  m.def(
+      "ce_prob_grad_ext(Tensor input, Tensor target, Tensor? weight, Tensor grad_output, "
+      "float label_smoothing, int smoothing_mode, int reduction, float z_loss, float softcap) -> Tensor");
+  // The same gradient written over the logits (inplace_backward=True); input contiguous (N, C).
+  m.def(
+      "ce_prob_grad_ext_(Tensor(a!) input, Tensor target, Tensor? weight, Tensor grad_output, "
+      "float label_smoothing, int smoothing_mode, int reduction, float z_loss, float softcap) -> ()");
   m.def("build_info() -> str", &build_info);
 }
 

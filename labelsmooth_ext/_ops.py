@@ -387,9 +387,21 @@ def _(input, target, weight, grad_output, ignore_index, label_smoothing, smoothi
 
 
 def _setup_ext(ctx, inputs, output):
-    input, target, weight = inputs[:3]
     ctx.args = tuple(inputs[3:7]) + tuple(inputs[8:10])  # ignore_index, eps, mode, red, z, cap
     ctx.reduction = inputs[6]
+    ctx.grad_op, ctx.n_inputs = "ce_grad_ext", 10
+    _setup_ext_common(ctx, inputs, output)
+
+
+def _setup_prob_ext(ctx, inputs, output):
+    ctx.args = tuple(inputs[3:6]) + tuple(inputs[7:9])  # eps, mode, red, z, cap
+    ctx.reduction = inputs[5]
+    ctx.grad_op, ctx.n_inputs = "ce_prob_grad_ext", 9
+    _setup_ext_common(ctx, inputs, output)
+
+
+def _setup_ext_common(ctx, inputs, output):
+    input, target, weight = inputs[:3]
     ctx.ops, ctx.cuda_path = ops, takes_cuda_path(input)
     _, grad, _ = output
     ctx.mark_non_differentiable(grad, output[2])
@@ -401,7 +413,7 @@ def _setup_ext(ctx, inputs, output):
 
 def _backward_ext(ctx, grad_loss, _grad, _lse):
     if grad_loss is None:
-        return (None,) * 10
+        return (None,) * ctx.n_inputs
     red = ctx.reduction
     go = grad_loss.reshape(-1) if red == REDUCTIONS["none"] else grad_loss
     saved = ctx.saved_tensors
@@ -417,20 +429,44 @@ def _backward_ext(ctx, grad_loss, _grad, _lse):
             g = grad if go_is_one and float(go) == 1.0 and not _graph_kept() else ops.ce_backward(grad, go, red)
     else:
         _, input, target, weight = saved
+        grad_op = getattr(ops, ctx.grad_op)
         if _traced(input, go):
-            g = _functional(ops.ce_grad_ext, input, target, weight, go, *ctx.args)
+            g = _functional(grad_op, input, target, weight, go, *ctx.args)
         else:
             _check_no_double_backward()
             if grad.numel() and go_is_one and float(go) == 1.0 and not _graph_kept():
                 g = grad
             else:
-                g = ops.ce_grad_ext(input, target, weight, go, *ctx.args)
-    return (g,) + (None,) * 9
+                g = grad_op(input, target, weight, go, *ctx.args)
+    return (g,) + (None,) * (ctx.n_inputs - 1)
 
 
 torch.library.register_autograd("labelsmooth_ext::ce_forward_ext", _backward_ext, setup_context=_setup_ext)
 torch.library.register_autograd(
     "labelsmooth_ext::ce_grad_ext", _no_double_backward, setup_context=_setup_nothing
+)
+
+
+@torch.library.register_fake("labelsmooth_ext::ce_prob_forward_ext")
+def _(input, target, weight, label_smoothing, smoothing_mode, reduction, compute_grad, z_loss, softcap):
+    loss, grad = _fake_forward(input, reduction, compute_grad)
+    return loss, grad, input.new_empty((input.shape[0],), dtype=_acc_dtype(input.dtype))
+
+
+@torch.library.register_fake("labelsmooth_ext::ce_prob_grad_ext")
+def _(input, target, weight, grad_output, label_smoothing, smoothing_mode, reduction, z_loss, softcap):
+    return torch.empty_like(input, memory_format=torch.contiguous_format)
+
+
+@torch.library.register_fake("labelsmooth_ext::ce_prob_grad_ext_")
+def _(input, target, weight, grad_output, label_smoothing, smoothing_mode, reduction, z_loss, softcap):
+    return None
+
+
+torch.library.register_autograd("labelsmooth_ext::ce_prob_forward_ext", _backward_ext,
+                                setup_context=_setup_prob_ext)
+torch.library.register_autograd(
+    "labelsmooth_ext::ce_prob_grad_ext", _no_double_backward, setup_context=_setup_nothing
 )
 
 
@@ -448,30 +484,55 @@ class InplaceBackwardCe(torch.autograd.Function):
     def forward(ctx, input, target, weight, ignore_index, eps, mode, red, z_loss, softcap):
         loss, _, lse = ops.ce_forward_ext(input, target, weight, ignore_index, eps, mode, red, False,
                                           z_loss, softcap)
-        ctx.save_for_backward(input, target, weight)
-        ctx.args = (ignore_index, eps, mode, red, z_loss, softcap)
-        ctx.ops = ops
-        ctx.done = False
-        ctx.mark_non_differentiable(lse)
-        ctx.set_materialize_grads(False)
+        _setup_inplace(ctx, input, target, weight, (ignore_index, eps, mode, red, z_loss, softcap), red,
+                       "ce_grad_ext_", lse)
         return loss, lse
 
     @staticmethod
     def backward(ctx, grad_loss, _lse):
-        if grad_loss is None:
-            return (None,) * 9
-        if ctx.done:
-            raise RuntimeError(
-                "labelsmooth_ext: backward ran twice through a loss with inplace_backward=True; the "
-                "first backward wrote the gradient over the logits (use inplace_backward=False to "
-                "backpropagate more than once)")
-        _check_no_double_backward()
-        input, target, weight = ctx.saved_tensors  # checks that nothing modified the logits since
-        red = ctx.args[3]
-        go = grad_loss.reshape(-1) if red == REDUCTIONS["none"] else grad_loss
-        ctx.done = True
-        before = input._version
-        ctx.ops.ce_grad_ext_(input, target, weight, go, *ctx.args)
-        if input._version == before:
-            torch.autograd.graph.increment_version(input)
-        return (input,) + (None,) * 8
+        return _inplace_backward(ctx, grad_loss)
+
+
+class InplaceBackwardProb(torch.autograd.Function):
+    """InplaceBackwardCe for probability targets (ce_prob_forward_ext / ce_prob_grad_ext_)."""
+
+    @staticmethod
+    def forward(ctx, input, target, weight, eps, mode, red, z_loss, softcap):
+        loss, _, lse = ops.ce_prob_forward_ext(input, target, weight, eps, mode, red, False, z_loss, softcap)
+        _setup_inplace(ctx, input, target, weight, (eps, mode, red, z_loss, softcap), red,
+                       "ce_prob_grad_ext_", lse)
+        return loss, lse
+
+    @staticmethod
+    def backward(ctx, grad_loss, _lse):
+        return _inplace_backward(ctx, grad_loss)
+
+
+def _setup_inplace(ctx, input, target, weight, args, red, grad_op, lse):
+    ctx.save_for_backward(input, target, weight)
+    ctx.args, ctx.red, ctx.grad_op = args, red, grad_op
+    ctx.n_inputs = 3 + len(args)
+    ctx.ops = ops
+    ctx.done = False
+    ctx.mark_non_differentiable(lse)
+    ctx.set_materialize_grads(False)
+
+
+def _inplace_backward(ctx, grad_loss):
+    """The in-place backward of InplaceBackwardCe / InplaceBackwardProb."""
+    if grad_loss is None:
+        return (None,) * ctx.n_inputs
+    if ctx.done:
+        raise RuntimeError(
+            "labelsmooth_ext: backward ran twice through a loss with inplace_backward=True; the "
+            "first backward wrote the gradient over the logits (use inplace_backward=False to "
+            "backpropagate more than once)")
+    _check_no_double_backward()
+    input, target, weight = ctx.saved_tensors  # checks that nothing modified the logits since
+    go = grad_loss.reshape(-1) if ctx.red == REDUCTIONS["none"] else grad_loss
+    ctx.done = True
+    before = input._version
+    getattr(ctx.ops, ctx.grad_op)(input, target, weight, go, *ctx.args)
+    if input._version == before:
+        torch.autograd.graph.increment_version(input)
+    return (input,) + (None,) * (ctx.n_inputs - 1)

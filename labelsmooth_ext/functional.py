@@ -159,12 +159,15 @@ def cross_entropy(
     smoothing_mode="uniform" is PyTorch's convention (target 1 - eps + eps/K, others eps/K);
     "off_target" gives the target 1 - eps and every other class eps/(K-1).
 
-    Large-vocabulary options (class-index targets; fused, CPU and CUDA):
+    Large-vocabulary options (class-index and probability targets; fused on the CPU, and on CUDA
+    for class-index targets):
     softcap=s > 0: logits become s * tanh(x / s) before anything else.
     z_loss=c >= 0: every non-ignored row's loss gets c * lse**2 (unweighted; under "mean"
-    divided by the cross-entropy's denominator: kept rows, or the sum of their class weights).
-    return_lse=True: returns (loss, lse), lse shaped like the target, float32 (float64 for
-    float64 input), no gradient, 0 for ignored rows.
+    divided by the cross-entropy's denominator: kept rows, or the sum of their class weights;
+    with probability targets every row, and "mean" divides by the number of rows).
+    return_lse=True: returns (loss, lse), lse shaped like the loss with reduction="none"
+    (the target's shape for class indices), float32 (float64 for float64 input), no
+    gradient, 0 for ignored rows.
     inplace_backward=True: the backward writes the gradient over the logits (no logits-sized
     gradient buffer); the logits are unchanged until then. See README.
     """
@@ -203,15 +206,14 @@ def cross_entropy(
                 "inplace_backward=True would write the gradient over a leaf tensor that requires "
                 "grad (or a view of one: a parameter's data); it is meant for the logits computed "
                 "by the model")
-        if target.is_floating_point():
-            raise NotImplementedError(
-                "z_loss, softcap, return_lse and inplace_backward take class-index targets; "
-                "probability targets are not supported with them")
 
     if target.is_floating_point():
         if isinstance(ignore_index, int) and ignore_index >= 0:  # as PyTorch: refused, not dropped
             raise ValueError(f"ignore_index is not supported for probability (floating point) "
                              f"targets, got ignore_index={ignore_index!r}")
+        if llm is not None:
+            return _llm_prob_cross_entropy(input, target, weight, reduction, smoothing_mode, eps, need_grad,
+                                           autocast, *llm, inplace_backward, return_lse)
         return _prob_cross_entropy(input, target, weight, reduction, smoothing_mode, eps, need_grad,
                                    autocast)
 
@@ -330,6 +332,60 @@ def _llm_cross_entropy(input, target, weight, ignore_index, red, eps, smoothing_
     loss = _loss_dtype(loss, input, autocast)
     if return_lse:
         return loss, lse.reshape(target.shape)
+    return loss
+
+
+def _llm_prob_cross_entropy(input, target, weight, reduction, smoothing_mode, eps, need_grad, autocast,
+                            z_loss, softcap, inplace_backward, return_lse):
+    """Probability targets with z_loss / softcap / return_lse / inplace_backward
+    (ce_prob_forward_ext): z_loss is added to every row (none is ignored), lse is shaped like
+    the loss with reduction='none'."""
+    if tuple(target.shape) != tuple(input.shape):
+        raise ValueError(
+            f"probability target shape {tuple(target.shape)} must equal the input shape "
+            f"{tuple(input.shape)}"
+        )
+    out_shape = _expected_target_shape(input)
+    if (target.requires_grad and torch.is_grad_enabled()) or _ops.functorch_transforms():
+        # a gradient for the target, or a torch.func transform: the differentiable composite
+        from . import reference
+
+        z = _composite_input(input)
+        loss = reference.cross_entropy(z, target, weight, reduction=reduction, label_smoothing=eps,
+                                       smoothing_mode=smoothing_mode, z_loss=z_loss, softcap=softcap or None)
+        loss = _loss_dtype(loss, input, autocast)
+        if not return_lse:
+            return loss
+        zr = _to_rows(z, z.dim()).detach()
+        if softcap:
+            zr = softcap * torch.tanh(zr / softcap)
+        return loss, torch.logsumexp(zr, dim=1).to(_ops._acc_dtype(input.dtype)).reshape(out_shape)
+    if inplace_backward and need_grad and input.dim() > 2:
+        raise ValueError(
+            "inplace_backward=True takes (N, C) or (C,) logits (a language model's (B, T, V) logits "
+            f"reshaped to (B*T, V)); got shape {tuple(input.shape)}")
+    red, mode = REDUCTIONS[reduction], SMOOTHING_MODES[smoothing_mode]
+    # under autocast the soft targets stay float32, as PyTorch's float32 loss uses them
+    target = target.float() if autocast else target.to(input.dtype)
+    rows = _to_rows(input, input.dim())
+    trows = _to_rows(target, target.dim())
+    if inplace_backward and need_grad and not _ops._traced(input):
+        if not rows.is_contiguous():
+            raise ValueError(
+                "inplace_backward=True writes the gradient into the logits' storage, so they must be "
+                f"contiguous without overlap; got strides {tuple(input.stride())} for shape "
+                f"{tuple(input.shape)} (call .contiguous() first)")
+        loss, lse = _ops.InplaceBackwardProb.apply(rows, trows, weight, eps, mode, red, z_loss, softcap)
+    else:
+        # Traced (torch.compile) runs inplace_backward out of place: the same values.
+        store_grad = need_grad and input.dtype != torch.float16
+        loss, _, lse = _ops.ops.ce_prob_forward_ext(rows, trows, weight, eps, mode, red, store_grad, z_loss,
+                                                    softcap)
+    if red == REDUCTIONS["none"]:
+        loss = loss.reshape(out_shape)
+    loss = _loss_dtype(loss, input, autocast)
+    if return_lse:
+        return loss, lse.reshape(out_shape)
     return loss
 
 

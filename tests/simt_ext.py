@@ -47,7 +47,9 @@ def load():
         torch.library.register_autograd(f"labelsmooth_simt::{name}", _ops._backward, setup_context=setup)
     torch.library.register_autograd("labelsmooth_simt::ce_forward_ext", _ops._backward_ext,
                                     setup_context=_ops._setup_ext)
-    for name in ("ce_backward", "ce_grad", "ce_grad_ext"):
+    torch.library.register_autograd("labelsmooth_simt::ce_prob_forward_ext", _ops._backward_ext,
+                                    setup_context=_ops._setup_prob_ext)
+    for name in ("ce_backward", "ce_grad", "ce_grad_ext", "ce_prob_grad_ext"):
         torch.library.register_autograd(f"labelsmooth_simt::{name}", _ops._no_double_backward,
                                         setup_context=_ops._setup_nothing)
     _ops_ns = ns

@@ -301,10 +301,152 @@ def test_bad_values_name_the_argument(kw, name):
         L.CrossEntropyLoss(**kw)
 
 
-def test_probability_targets_are_refused():
-    x = _logits(4, 5, torch.float32, 0)
-    with pytest.raises(NotImplementedError, match="class-index"):
-        L.cross_entropy(x, torch.softmax(x, 1), z_loss=1e-3)
+# --- probability (soft) targets ------------------------------------------------------------
+
+def _soft_targets(n, k, dtype, seed):
+    """Soft targets (softmax of random scores), one one-hot row and one all-zero row."""
+    g = torch.Generator().manual_seed(seed)
+    p = torch.softmax(torch.randn(n, k, generator=g, dtype=torch.float64) * 2, 1)
+    p[0] = 0
+    p[0, k - 1] = 1
+    p[1] = 0
+    return p.to(dtype)
+
+
+def _capped_lse(x, softcap):
+    z = x.detach().double()
+    if softcap:
+        z = softcap * torch.tanh(z / softcap)
+    return torch.logsumexp(z, dim=1)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("mode", ["uniform", "off_target"])
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+@pytest.mark.parametrize("opts", [dict(z_loss=1e-3), dict(z_loss=2e-2, softcap=3.0)], ids=["z", "z+cap"])
+@pytest.mark.parametrize("inplace", [False, True], ids=["out", "inplace"])
+def test_probability_targets_match_reference(device, dtype, mode, weighted, reduction, opts, inplace):
+    """Soft targets with z_loss / softcap / return_lse (and inplace_backward): loss, lse and the
+    gradient (incoming gradient not 1) against the float64 composite of reference.py."""
+    N, K = 23, 67
+    seed = hash((str(dtype), mode, weighted, reduction, str(opts), "prob")) % 10_000
+    x = _logits(N, K, dtype, seed)
+    target = _soft_targets(N, K, dtype, seed + 2)
+    weight = torch.rand(K, generator=torch.Generator().manual_seed(seed + 1), dtype=torch.float64) + 0.5
+    weight = weight.to(dtype) if weighted else None
+    kw = dict(reduction=reduction, label_smoothing=0.1, smoothing_mode=mode, **opts)
+    ref_out, ref_g, grad_out = _reference(x, target, weight, **kw)
+    run = _ours_inplace if inplace else _ours
+    (out, lse), g = _run_with_lse(run, x, target, weight, grad_out, device, **kw)
+    assert out.dtype == dtype
+    assert_close_to(out, ref_out, dtype, "loss")
+    assert_close_to(g, ref_g, dtype, "grad", ulps=2)
+    assert lse.shape == (N,) and lse.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert_close_to(lse, _capped_lse(x, opts.get("softcap")), torch.float32 if dtype != torch.float64 else dtype,
+                    "lse")
+
+
+def _run_with_lse(run, x, target, weight, grad_out, device, **kw):
+    """run() with return_lse=True: ((loss, lse), grad), the gradient taken through the loss."""
+    got = {}
+
+    def wrapped(*args, **kwargs):
+        loss, got["lse"] = L_cross_entropy(*args, return_lse=True, **kwargs)
+        return loss
+
+    saved = L.cross_entropy
+    L.cross_entropy = wrapped
+    try:
+        out, g = run(x, target, weight, grad_out, device, **kw)
+    finally:
+        L.cross_entropy = saved
+    return (out, got["lse"]), g
+
+
+L_cross_entropy = L.cross_entropy
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_probability_targets_long_rows_and_non_finite(device, dtype):
+    """Rows longer than a store block, with +-inf logits (capped: finite) and a NaN row."""
+    K = 4099
+    x = _logits(5, K, dtype, 21)
+    x[0, 3] = float("inf")
+    x[1, :] = float("-inf")
+    x[2, K - 1] = float("nan")
+    target = _soft_targets(5, K, dtype, 22)
+    kw = dict(reduction="none", label_smoothing=0.1, z_loss=1e-3, softcap=20.0)
+    ref_out, ref_g, grad_out = _reference(x, target, None, **kw)
+    out, g = _ours(x, target, None, grad_out, device, **kw)
+    assert bool(out[2].isnan()) and bool(out[[0, 1, 3, 4]].isfinite().all())
+    assert_close_to(out, ref_out, dtype, "loss")
+    assert_close_to(g, ref_g, dtype, "grad", ulps=2)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_probability_targets_k_dim_and_1d(device):
+    """(N, C, d) and (C,) inputs with soft targets: loss and lse shaped like the 'none' loss."""
+    x = _logits(2 * 5, 6, torch.float64, 4).reshape(2, 5, 6).movedim(2, 1)  # (N=2, C=6, d=5), strided
+    p = torch.softmax(_logits(2 * 5, 6, torch.float64, 5), 1).reshape(2, 5, 6).movedim(2, 1)
+    kw = dict(label_smoothing=0.1, z_loss=1e-2, softcap=4.0)
+    for red in ("none", "mean", "sum"):
+        ref_out, ref_g, grad_out = _reference(x, p, None, reduction=red, **kw)
+        out, g = _ours(x, p, None, grad_out, device, reduction=red, **kw)
+        assert_close_to(out, ref_out, torch.float64, red)
+        assert_close_to(g, ref_g, torch.float64, red)
+    _, lse = L.cross_entropy(x.to(device), p.to(device), return_lse=True, reduction="none", **kw)
+    assert lse.shape == (2, 5)
+    assert_close_to(lse, _capped_lse(x.movedim(1, -1).reshape(-1, 6), 4.0).reshape(2, 5), torch.float64, "lse")
+    x1, p1 = x[0, :, 0], p[0, :, 0]
+    loss1, lse1 = L.cross_entropy(x1.to(device), p1.to(device), return_lse=True, **kw)
+    assert loss1.shape == () and lse1.shape == ()
+    assert_close_to(loss1, reference.cross_entropy(x1, p1, **kw), torch.float64, "1-d loss")
+    with pytest.raises(ValueError, match="inplace_backward"):
+        L.cross_entropy(x.to(device).requires_grad_() * 1, p.to(device), inplace_backward=True)
+
+
+def test_probability_targets_that_need_a_gradient():
+    """Soft targets requiring grad take the differentiable composite (the options included)."""
+    x = _logits(6, 9, torch.float64, 8)
+    p = torch.softmax(_logits(6, 9, torch.float64, 9), 1)
+    kw = dict(label_smoothing=0.1, z_loss=1e-2, softcap=4.0)
+    grads = []
+    for fn in (L.cross_entropy, reference.cross_entropy):
+        xx, pp = x.clone().requires_grad_(), p.clone().requires_grad_()
+        out = fn(xx, pp, **kw)
+        out = out[0] if isinstance(out, tuple) else out
+        out.backward()
+        grads.append((out.detach(), xx.grad, pp.grad))
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+    loss, lse = L.cross_entropy(x, p.clone().requires_grad_(), return_lse=True, **kw)
+    torch.testing.assert_close(lse, _capped_lse(x, 4.0), rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_probability_targets_inplace_saves_and_guards(device):
+    """inplace_backward with soft targets: the logits keep their values until backward, the
+    gradient lands in their storage, and an op that saved them makes backward raise."""
+    leaf = _logits(8, 30, torch.float32, 3).to(device).requires_grad_()
+    p = _soft_targets(8, 30, torch.float32, 4).to(device)
+    logits = leaf * 1
+    before = logits.detach().clone()
+    loss = L.cross_entropy(logits, p, label_smoothing=0.1, z_loss=1e-3, softcap=5.0, inplace_backward=True)
+    assert torch.equal(logits.detach(), before)  # read after the loss call: still the logits
+    ptr = logits.data_ptr()
+    loss.backward()
+    ref_out, ref_g, grad_out = _reference(before, p, None, label_smoothing=0.1, z_loss=1e-3, softcap=5.0)
+    assert_close_to(leaf.grad, ref_g / grad_out, torch.float32, "grad")  # incoming gradient 1 here
+    assert not torch.equal(logits.detach(), before) and logits.data_ptr() == ptr
+    leaf2 = leaf.detach().clone().requires_grad_()
+    logits2 = leaf2 * 1
+    other = (logits2 ** 2).sum()  # saves logits2 for its own backward
+    loss2 = L.cross_entropy(logits2, p, z_loss=1e-3, inplace_backward=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        (loss2 + other).backward()
 
 
 def test_operator_checks_values():
@@ -314,6 +456,24 @@ def test_operator_checks_values():
         torch.ops.labelsmooth_ext.ce_forward_ext(x, t, None, -100, 0.0, 0, 1, False, -1.0, 0.0)
     with pytest.raises(ValueError, match="softcap"):
         torch.ops.labelsmooth_ext.ce_forward_ext(x, t, None, -100, 0.0, 0, 1, False, 0.0, float("nan"))
+
+
+def test_opcheck_probability_targets():
+    ops = torch.ops.labelsmooth_ext
+    x = _logits(6, 9, torch.float32, 5)
+    p = _soft_targets(6, 9, torch.float32, 6)
+    w = torch.rand(9) + 0.5
+    for red in (0, 1, 2):
+        for grad in (False, True):
+            torch.library.opcheck(ops.ce_prob_forward_ext, (x.clone().requires_grad_(grad), p, w, 0.1, 0, red,
+                                                            grad, 1e-3, 5.0))
+        go = torch.rand(6) if red == 0 else torch.tensor(0.7)
+        torch.library.opcheck(ops.ce_prob_grad_ext, (x, p, None, go, 0.1, 1, red, 1e-3, 5.0))
+        torch.library.opcheck(ops.ce_prob_grad_ext_, (x.clone(), p, w, go, 0.1, 0, red, 1e-3, 0.0))
+    with pytest.raises(ValueError, match="z_loss"):
+        ops.ce_prob_forward_ext(x, p, None, 0.0, 0, 1, False, -1.0, 0.0)
+    with pytest.raises(ValueError, match="softcap"):
+        ops.ce_prob_grad_ext(x, p, None, torch.tensor(1.0), 0.0, 0, 1, 0.0, float("inf"))
 
 
 def test_opcheck():
@@ -328,6 +488,27 @@ def test_opcheck():
         go = torch.rand(6) if red == 0 else torch.tensor(0.7)
         torch.library.opcheck(ops.ce_grad_ext, (x, t, None, go, -100, 0.1, 1, red, 1e-3, 5.0))
         torch.library.opcheck(ops.ce_grad_ext_, (x.clone(), t, w, go, -100, 0.1, 0, red, 1e-3, 5.0))
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+def test_compile_fullgraph_probability_targets(inplace):
+    torch._dynamo.reset()
+
+    def step(h, w, p):
+        logits = h @ w.t()
+        return L.cross_entropy(logits, p, label_smoothing=0.1, z_loss=1e-3, softcap=5.0,
+                               inplace_backward=inplace, return_lse=True)
+
+    compiled = torch.compile(step, fullgraph=True)
+    results = []
+    for fn in (step, compiled):
+        h, w, _ = _lm_head(5)
+        p = _soft_targets(h.shape[0], w.shape[0], torch.float32, 6)
+        loss, lse = fn(h, w, p)
+        loss.backward()
+        results.append((loss.detach(), lse, h.grad, w.grad))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("inplace", [False, True])

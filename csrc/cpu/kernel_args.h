@@ -47,6 +47,14 @@ struct ProbRowsArgs {
   int64_t N, K, mode;
   double eps;
   double scale;
+  // The large-vocabulary options and the recomputing backward (prob_rows_ext; all off in
+  // ce_prob_forward): softcap > 0 caps the logits, z_loss adds z_loss * lse^2 to every row,
+  // lse_rows (N,) in the loss dtype or nullptr, row_scale (N,) per-row gradient multipliers used
+  // instead of scale when not null. grad may equal input (a row is read before it is written).
+  double z_loss;
+  double softcap;
+  void* lse_rows;
+  const double* row_scale;
 };
 
 // The sizes the kernels block and vectorise by (tests place targets, NaN and row ends on

@@ -582,9 +582,13 @@ void ce_spatial(const CeRowsArgs& A) {
   });
 }
 
+template <typename scalar_t>
+void prob_rows_ext(const ProbRowsArgs& A);
+
 // Probability targets (same shape as the input; any row strides, unit class stride).
 template <typename scalar_t>
 void prob_rows(const ProbRowsArgs& A) {
+  if (A.softcap > 0 || A.z_loss != 0 || A.lse_rows || A.row_scale) return prob_rows_ext<scalar_t>(A);
   using acc_t = acc_for<scalar_t>;
   using Vec = Vectorized<acc_t>;
   constexpr int64_t V = Vec::size();
@@ -633,6 +637,90 @@ void prob_rows(const ProbRowsArgs& A) {
       if (grow) {
         grad_pass<acc_t>(z, wq.data(), K, acc_t(Q / s) * scale, scale);
         store_out<scalar_t, acc_t>(grow, z, K);
+      }
+    }
+    store_fence();
+  });
+}
+
+// Probability targets with the large-vocabulary options (softcap, z_loss, the lse output) or
+// per-row gradient multipliers (the recomputing backward): prob_rows' passes, with the softcap
+// passes of ce_rows_softcap when capped, and z-loss's 2 c lse / s joining the e coefficient.
+//   loss = log_s Q - Sq + c lse^2,   g_c = (e_c (Q + 2 c lse) / s - w_c q_c) * scale [* dz/dx].
+template <typename scalar_t>
+void prob_rows_ext(const ProbRowsArgs& A) {
+  using acc_t = acc_for<scalar_t>;
+  using Vec = Vectorized<acc_t>;
+  constexpr int64_t V = Vec::size();
+  const int64_t K = A.K;
+  const auto sm = smoothing_coefs<acc_t>(A.eps, K, A.mode);
+  const scalar_t* in = static_cast<const scalar_t*>(A.input);
+  const scalar_t* tg = static_cast<const scalar_t*>(A.target);
+  const acc_t* tg_acc = static_cast<const acc_t*>(A.target);  // when A.target_is_acc
+  scalar_t* grad = static_cast<scalar_t*>(A.grad);
+  acc_t* loss = static_cast<acc_t*>(A.loss_rows);
+  acc_t* lse_out = static_cast<acc_t*>(A.lse_rows);
+  const bool weighted = A.weight != nullptr;
+  const std::vector<acc_t> wacc = weights_in_acc<acc_t>(A.weight, K);
+  const acc_t scale = acc_t(A.scale);
+  const Vec va(sm.a), vb(sm.b);
+  const bool capped = A.softcap > 0;
+  const acc_t cap = acc_t(A.softcap), zc = acc_t(A.z_loss);
+
+  at::parallel_for(0, A.N, grain_for(K), [&](int64_t begin, int64_t end) {
+    // x (then e, then g), wq = w_c * q_c, and (softcap) dz/dx, in the accumulation type.
+    std::vector<acc_t> zbuf(K), wq(K), dzbuf(capped ? K : 0);
+    acc_t* z = zbuf.data();
+    for (int64_t r = begin; r < end; ++r) {
+      to_acc(in + r * A.in_row_stride, z, K);  // the whole row before grad (may be input) is written
+      if (A.target_is_acc) {
+        to_acc(tg_acc + r * A.t_row_stride, wq.data(), K);
+      } else {
+        to_acc(tg + r * A.t_row_stride, wq.data(), K);
+      }
+      int64_t c = 0;
+      for (; c + V <= K; c += V) {
+        Vec q = at::vec::fmadd(vb, Vec::loadu(wq.data() + c), va);
+        if (weighted) q = q * Vec::loadu(wacc.data() + c);
+        q.store(wq.data() + c);
+      }
+      for (; c < K; ++c) wq[c] = prob_q<acc_t>(wq[c], sm) * (weighted ? wacc[c] : acc_t(1));
+      double Q = 0;
+      for (int64_t i = 0; i < K; ++i) Q += wq[i];
+      const acc_t mx = row_max(z, K);
+      scalar_t* grow = grad ? grad + r * K : nullptr;
+      // softcap: +-inf logits are capped (finite), only NaN poisons the row
+      if (capped ? mx != mx : !row_max_is_finite(mx)) {
+        loss[r] = NAN;
+        if (lse_out) lse_out[r] = NAN;
+        if (grow) std::fill(grow, grow + K, scalar_t(NAN));
+        continue;
+      }
+      const acc_t m = capped ? softcap_scalar<acc_t>(mx, cap) : mx;
+      double s, Sq;
+      if (capped) {
+        softcap_exp_pass<acc_t>(z, z, dzbuf.data(), wq.data(), K, m, cap, s, Sq);
+      } else {
+        exp_pass<acc_t>(z, z, wq.data(), K, m, s, Sq);
+      }
+      const acc_t log_s = lse_log(acc_t(s));
+      const acc_t lse = m + log_s;
+      loss[r] = prob_row_loss<acc_t>(log_s, acc_t(Q), acc_t(Sq));
+      if (zc != acc_t(0)) loss[r] += z_loss_row<acc_t>(lse, zc);
+      if (lse_out) lse_out[r] = lse;
+      if (!grow) continue;
+      const acc_t sc = A.row_scale ? acc_t(A.row_scale[r]) : scale;
+      const acc_t inv_s = acc_t(1) / acc_t(s);
+      acc_t kp = acc_t(Q) * inv_s * sc;
+      if (zc != acc_t(0)) kp += z_loss_kp<acc_t>(lse, inv_s, zc, sc);
+      for (int64_t b0 = 0; b0 < K; b0 += kStoreBlock) {
+        const int64_t n = std::min<int64_t>(kStoreBlock, K - b0);
+        if (capped) {
+          softcap_grad_pass<acc_t>(z + b0, dzbuf.data() + b0, wq.data() + b0, n, kp, sc);
+        } else {
+          grad_pass<acc_t>(z + b0, wq.data() + b0, n, kp, sc);
+        }
+        store_out<scalar_t, acc_t>(grow + b0, z + b0, n);
       }
     }
     store_fence();

@@ -364,6 +364,95 @@ std::tuple<at::Tensor, at::Tensor> ce_prob_forward_cpu(const at::Tensor& input, 
   return {finish_loss(rows, at::scalar_tensor(double(N), rows.options()), reduction), grad};
 }
 
+// Probability targets with z_loss / softcap / the lse output, or the gradient times per-row
+// incoming-gradient factors (row_scale): prob_rows_ext. rows (N,) and lse (N,) in the loss dtype.
+void run_prob_rows_ext(const at::Tensor& in, const at::Tensor& tg, const std::optional<at::Tensor>& weight,
+                       double eps, int64_t mode, int64_t reduction, at::Tensor& rows, at::Tensor* grad,
+                       const double* row_scale, double z_loss, double softcap, at::Tensor* lse) {
+  const int64_t N = in.size(0), K = in.size(1);
+  if (N == 0) return;
+  if (K == 0) {  // empty rows: lse = -inf, cross-entropy 0, z term z_loss * inf
+    rows.fill_(z_loss > 0 ? INFINITY : 0.0);
+    if (lse) lse->fill_(-INFINITY);
+    return;
+  }
+  const bool weighted = weight.has_value() && weight->defined();
+  const at::Tensor wc = weighted ? weight->to(acc_type_of(in.scalar_type())).contiguous() : at::Tensor();
+  ProbRowsArgs a{};
+  a.input = in.data_ptr();
+  a.in_row_stride = in.stride(0);
+  a.target = tg.data_ptr();
+  a.t_row_stride = tg.stride(0);
+  a.target_is_acc = tg.scalar_type() != in.scalar_type();
+  a.weight = weighted ? wc.data_ptr() : nullptr;
+  a.grad = grad ? grad->data_ptr() : nullptr;
+  a.loss_rows = rows.data_ptr();
+  a.N = N;
+  a.K = K;
+  a.mode = mode;
+  a.eps = eps;
+  a.scale = reduction == kMean ? 1.0 / double(N) : 1.0;
+  a.z_loss = z_loss;
+  a.softcap = softcap;
+  a.lse_rows = lse ? lse->data_ptr() : nullptr;
+  a.row_scale = row_scale;
+  LSE_RUN_BEST(prob_rows_AVX2, prob_rows_DEFAULT, kind_of(in.scalar_type()), a);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> ce_prob_forward_ext_cpu(
+    const at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& weight, double eps,
+    int64_t mode, int64_t reduction, bool compute_grad, double z_loss, double softcap) {
+  check_prob_args(input, target, weight, eps, mode, reduction);
+  check_ext_args("labelsmooth_ext::ce_prob_forward_ext", z_loss, softcap);
+  const at::Tensor in = rows_with_unit_class_stride(input);
+  const at::Tensor tg = rows_with_unit_class_stride(target);
+  const int64_t N = in.size(0), K = in.size(1);
+  at::Tensor rows = at::empty({N}, in.options().dtype(acc_type_of(in.scalar_type())));
+  at::Tensor lse = at::empty({N}, rows.options());
+  at::Tensor grad = compute_grad ? empty_rows(N, K, in.options()) : at::empty({0}, in.options());
+  run_prob_rows_ext(in, tg, weight, eps, mode, reduction, rows, compute_grad ? &grad : nullptr, nullptr, z_loss,
+                    softcap, &lse);
+  return {finish_loss(rows, at::scalar_tensor(double(N), rows.options()), reduction), grad, lse};
+}
+
+// The gradient of ce_prob_forward_ext's loss times grad_output, recomputed from the logits with
+// the incoming gradient applied in the accumulation type, into `out` (which may be `input`).
+void ce_prob_grad_ext_into(at::Tensor& out, const at::Tensor& input, const at::Tensor& target,
+                           const std::optional<at::Tensor>& weight, const at::Tensor& grad_output, double eps,
+                           int64_t mode, int64_t reduction, double z_loss, double softcap) {
+  check_prob_args(input, target, weight, eps, mode, reduction);
+  check_ext_args("labelsmooth_ext::ce_prob_grad_ext", z_loss, softcap);
+  const at::Tensor tg = rows_with_unit_class_stride(target);
+  const int64_t N = input.size(0);
+  const at::Tensor go = grad_output.to(at::kDouble).contiguous();
+  const bool per_row = reduction == kNone;
+  TORCH_CHECK_VALUE(go.numel() == (per_row ? N : 1), "labelsmooth_ext::ce_prob_grad_ext: grad_output has ",
+                    go.numel(), " elements, expected ", per_row ? N : 1);
+  const std::vector<double> row_scale =
+      incoming_row_scales(go.data_ptr<double>(), per_row, N, reduction, double(N));
+  at::Tensor rows = at::empty({N}, input.options().dtype(acc_type_of(input.scalar_type())));
+  if (input.size(1) == 0) return;
+  run_prob_rows_ext(input, tg, weight, eps, mode, reduction, rows, &out, row_scale.data(), z_loss, softcap,
+                    nullptr);
+}
+
+at::Tensor ce_prob_grad_ext_cpu(const at::Tensor& input, const at::Tensor& target,
+                                const std::optional<at::Tensor>& weight, const at::Tensor& grad_output, double eps,
+                                int64_t mode, int64_t reduction, double z_loss, double softcap) {
+  const at::Tensor in = rows_with_unit_class_stride(input);
+  at::Tensor out = empty_rows(in.size(0), in.size(1), in.options());
+  ce_prob_grad_ext_into(out, in, target, weight, grad_output, eps, mode, reduction, z_loss, softcap);
+  return out;
+}
+
+// In place: the gradient overwrites the logits (inplace_backward=True).
+void ce_prob_grad_ext_cpu_(at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& weight,
+                           const at::Tensor& grad_output, double eps, int64_t mode, int64_t reduction,
+                           double z_loss, double softcap) {
+  check_inplace_target(input);
+  ce_prob_grad_ext_into(input, input, target, weight, grad_output, eps, mode, reduction, z_loss, softcap);
+}
+
 template <typename scalar_t>
 void bce_elements(const at::Tensor& x, const at::Tensor& t, const at::Tensor& w, const at::Tensor& pw,
                   double eps, double scale, at::Tensor& rows, at::Tensor& grad) {
@@ -456,6 +545,9 @@ TORCH_LIBRARY_IMPL(labelsmooth_ext, CPU, m) {
   m.impl("ce_forward_ext", &ce_forward_ext_cpu);
   m.impl("ce_grad_ext", &ce_grad_ext_cpu);
   m.impl("ce_grad_ext_", &ce_grad_ext_cpu_);
+  m.impl("ce_prob_forward_ext", &ce_prob_forward_ext_cpu);
+  m.impl("ce_prob_grad_ext", &ce_prob_grad_ext_cpu);
+  m.impl("ce_prob_grad_ext_", &ce_prob_grad_ext_cpu_);
 }
 
 }  // namespace cpu

@@ -217,6 +217,67 @@ inline std::tuple<at::Tensor, at::Tensor> ce_prob_forward_cuda(const at::Tensor&
   return {finish_loss(rows, denom, reduction), grad};
 }
 
+// Probability targets with z_loss / softcap / lse (ce_prob_forward_ext) and their gradient:
+// composite like ce_prob_forward_cuda (several passes, accumulation-type math; correct, not
+// fused: the in-place backward computes the gradient in a temporary before copying it over the
+// logits). go: the incoming gradient (one value, or one per row for reduction none, in the
+// accumulation type), or undefined for the forward's own gradient.
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor> prob_ext_composite(
+    const at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& weight, double eps,
+    int64_t mode, int64_t reduction, bool compute_grad, double z_loss, double softcap, const at::Tensor& go) {
+  const int64_t N = input.size(0), K = input.size(1);
+  const auto acc = acc_type_of(input.scalar_type());
+  const auto sm = smoothing_coefs<double>(eps, K, mode);
+  at::Tensor z = input.to(acc);
+  if (softcap > 0) z = z.div(softcap).tanh().mul(softcap);
+  at::Tensor wq = target.to(acc).mul(sm.b).add(sm.a);
+  if (weight.has_value() && weight->defined()) wq = wq.mul(weight->to(acc));
+  const at::Tensor logp = z.log_softmax(1);
+  const at::Tensor lse = z.logsumexp({1});
+  at::Tensor rows = wq.mul(logp).sum(1).neg();
+  if (z_loss != 0) rows = rows.add(lse.square().mul(z_loss));
+  at::Tensor grad = at::empty({0}, input.options());
+  if (compute_grad) {
+    // (p (Q + 2 c lse) - w q) [* (1 - (z / cap)^2)] * scale
+    at::Tensor g = logp.exp().mul(wq.sum(1, true).add(lse.unsqueeze(1).mul(2.0 * z_loss))).sub(wq);
+    if (softcap > 0) g = g.mul(z.div(softcap).square().neg().add(1.0));
+    if (go.defined()) g = g.mul(reduction == kNone ? go.reshape({N, 1}) : go.reshape({}));
+    if (reduction == kMean) g = g.div(double(std::max<int64_t>(N, 1)));
+    grad = g.to(input.scalar_type());
+  }
+  const at::Tensor denom = at::empty({}, rows.options()).fill_(double(N));
+  return {finish_loss(rows, denom, reduction), grad, lse};
+}
+
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor> ce_prob_forward_ext_cuda(
+    const at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& weight, double eps,
+    int64_t mode, int64_t reduction, bool compute_grad, double z_loss, double softcap) {
+  check_prob_args(input, target, weight, eps, mode, reduction);
+  check_ext_args("labelsmooth_ext::ce_prob_forward_ext", z_loss, softcap);
+  const DeviceGuard guard(input.device());
+  return prob_ext_composite(input, target, weight, eps, mode, reduction, compute_grad, z_loss, softcap,
+                            at::Tensor());
+}
+
+inline at::Tensor ce_prob_grad_ext_cuda(const at::Tensor& input, const at::Tensor& target,
+                                        const std::optional<at::Tensor>& weight, const at::Tensor& grad_output,
+                                        double eps, int64_t mode, int64_t reduction, double z_loss,
+                                        double softcap) {
+  check_prob_args(input, target, weight, eps, mode, reduction);
+  check_ext_args("labelsmooth_ext::ce_prob_grad_ext", z_loss, softcap);
+  const DeviceGuard guard(input.device());
+  const at::Tensor go = incoming_gradient(grad_output, input.scalar_type(), input.size(0), reduction);
+  return std::get<1>(
+      prob_ext_composite(input, target, weight, eps, mode, reduction, true, z_loss, softcap, go));
+}
+
+inline void ce_prob_grad_ext_cuda_(at::Tensor& input, const at::Tensor& target,
+                                   const std::optional<at::Tensor>& weight, const at::Tensor& grad_output,
+                                   double eps, int64_t mode, int64_t reduction, double z_loss, double softcap) {
+  check_inplace_target(input);
+  input.copy_(ce_prob_grad_ext_cuda(input, target, weight, grad_output, eps, mode, reduction, z_loss, softcap));
+}
+
 inline std::tuple<at::Tensor, at::Tensor> bce_forward_cuda(const at::Tensor& input, const at::Tensor& target,
                                                     const std::optional<at::Tensor>& weight,
                                                     const std::optional<at::Tensor>& pos_weight,

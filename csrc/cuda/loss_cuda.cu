@@ -28,6 +28,9 @@ TORCH_LIBRARY_IMPL(labelsmooth_ext, CUDA, m) {
   m.impl("ce_forward_ext", &ce_forward_ext_cuda);
   m.impl("ce_grad_ext", &ce_grad_ext_cuda);
   m.impl("ce_grad_ext_", &ce_grad_ext_cuda_);
+  m.impl("ce_prob_forward_ext", &ce_prob_forward_ext_cuda);
+  m.impl("ce_prob_grad_ext", &ce_prob_grad_ext_cuda);
+  m.impl("ce_prob_grad_ext_", &ce_prob_grad_ext_cuda_);
 }
 
 }  // namespace cuda

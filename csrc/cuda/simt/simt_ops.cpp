@@ -145,6 +145,33 @@ void ce_grad_ext_(Tensor& input, const Tensor& target, const std::optional<Tenso
   if (!x.is_same(input)) input.copy_(x);
 }
 
+std::tuple<Tensor, Tensor, Tensor> ce_prob_forward_ext(const Tensor& input, const Tensor& target,
+                                                       const std::optional<Tensor>& weight, double eps, int64_t mode,
+                                                       int64_t reduction, bool compute_grad, double z_loss,
+                                                       double softcap) {
+  GuardedScope scope;
+  return cuda::ce_prob_forward_ext_cuda(guarded(input), guarded(target), guarded(weight), eps, mode, reduction,
+                                        compute_grad, z_loss, softcap);
+}
+
+Tensor ce_prob_grad_ext(const Tensor& input, const Tensor& target, const std::optional<Tensor>& weight,
+                        const Tensor& grad_output, double eps, int64_t mode, int64_t reduction, double z_loss,
+                        double softcap) {
+  GuardedScope scope;
+  return cuda::ce_prob_grad_ext_cuda(guarded(input), guarded(target), guarded(weight), guarded(grad_output), eps,
+                                     mode, reduction, z_loss, softcap);
+}
+
+void ce_prob_grad_ext_(Tensor& input, const Tensor& target, const std::optional<Tensor>& weight,
+                       const Tensor& grad_output, double eps, int64_t mode, int64_t reduction, double z_loss,
+                       double softcap) {
+  GuardedScope scope;
+  Tensor x = guarded(input);
+  cuda::ce_prob_grad_ext_cuda_(x, guarded(target), guarded(weight), guarded(grad_output), eps, mode, reduction,
+                               z_loss, softcap);
+  if (!x.is_same(input)) input.copy_(x);
+}
+
 // As labelsmooth_ext::ce_backward (ops.cpp): the result keeps grad's dtype.
 Tensor ce_backward(const Tensor& grad, const Tensor& grad_output, int64_t reduction) {
   Tensor out = at::empty_like(grad);
@@ -185,6 +212,16 @@ TORCH_LIBRARY(labelsmooth_simt, m) {
       "ce_grad_ext_(Tensor(a!) input, Tensor target, Tensor? weight, Tensor grad_output, "
       "int ignore_index, float label_smoothing, int smoothing_mode, int reduction, float z_loss, "
       "float softcap) -> ()");
+  m.def(
+      "ce_prob_forward_ext(Tensor input, Tensor target, Tensor? weight, float label_smoothing, "
+      "int smoothing_mode, int reduction, bool compute_grad, float z_loss, float softcap) "
+      "-> (Tensor, Tensor, Tensor)");
+  m.def(
+      "ce_prob_grad_ext(Tensor input, Tensor target, Tensor? weight, Tensor grad_output, "
+      "float label_smoothing, int smoothing_mode, int reduction, float z_loss, float softcap) -> Tensor");
+  m.def(
+      "ce_prob_grad_ext_(Tensor(a!) input, Tensor target, Tensor? weight, Tensor grad_output, "
+      "float label_smoothing, int smoothing_mode, int reduction, float z_loss, float softcap) -> ()");
   m.def("selftest(str name) -> str", &selftest);
 }
 
@@ -198,6 +235,9 @@ TORCH_LIBRARY_IMPL(labelsmooth_simt, CPU, m) {
   m.impl("ce_forward_ext", &ce_forward_ext);
   m.impl("ce_grad_ext", &ce_grad_ext);
   m.impl("ce_grad_ext_", &ce_grad_ext_);
+  m.impl("ce_prob_forward_ext", &ce_prob_forward_ext);
+  m.impl("ce_prob_grad_ext", &ce_prob_grad_ext);
+  m.impl("ce_prob_grad_ext_", &ce_prob_grad_ext_);
 }
 
 TORCH_LIBRARY_IMPL(labelsmooth_simt, CompositeExplicitAutograd, m) {
