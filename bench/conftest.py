@@ -9,6 +9,7 @@ DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 CASES = [c for d in DEVICES for c in B.default_cases(d, full=True)]
 
 _inputs, _floors, RESULTS = {}, {}, []
+LLM_MEDIANS = {}  # (device, variant) -> median seconds of test_llm_options
 
 
 def inputs_for(case):
@@ -26,6 +27,11 @@ def floors_for(case, reps=7):
 
 
 def pytest_terminal_summary(terminalreporter):
+    for dev in DEVICES:
+        med = {v: LLM_MEDIANS[(dev, v)] for v in B.LLM_VARIANTS if (dev, v) in LLM_MEDIANS}
+        if "plain" in med:
+            terminalreporter.section(f"labelsmooth_ext: large-vocabulary options ({dev}), this run")
+            terminalreporter.write_line(B.format_llm_options(dev, med))
     if not RESULTS:
         return
     terminalreporter.section("labelsmooth_ext: ratios measured in this run")

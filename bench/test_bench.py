@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from labelsmooth_ext import benchmark as B
-from conftest import CASES, DEVICES, floors_for, inputs_for
+from conftest import CASES, DEVICES, LLM_MEDIANS, floors_for, inputs_for
 
 
 def _id(case):
@@ -117,8 +117,7 @@ def test_mixed_precision(benchmark, record, case, impl):
 # z_loss=1e-4 with softcap=30, and inplace_backward=True (gradient written over the logits).
 # Logits are a fresh non-leaf each round (made in the untimed setup), as a model's output.
 LLM_CASES = [B.Case("language-model options", 4096, 32000, (), "float32", d) for d in DEVICES]
-_LLM_VARIANTS = {"plain": {}, "z_loss+softcap": dict(z_loss=1e-4, softcap=30.0),
-                 "inplace_backward": dict(inplace_backward=True)}
+_LLM_VARIANTS = B.LLM_VARIANTS  # plain, z_loss=1e-4, softcap=30, both, inplace_backward
 
 _PEAK_SCRIPT = """
 import sys, torch, labelsmooth_ext as L
@@ -164,7 +163,8 @@ def test_llm_options(benchmark, record, case, variant):
     benchmark.pedantic(step, setup=setup, rounds=5, iterations=1, warmup_rounds=1)
     median = benchmark.stats.stats.median
     benchmark.extra_info["variant"] = variant
-    if case.device == "cpu" and variant != "z_loss+softcap":
+    LLM_MEDIANS[(case.device, variant)] = median
+    if case.device == "cpu" and variant in ("plain", "inplace_backward"):
         benchmark.extra_info["peak_extra_rss_bytes"] = _cpu_peak_rss(variant == "inplace_backward")
     elif case.device == "cuda":
         def full():

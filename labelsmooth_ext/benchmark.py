@@ -220,6 +220,45 @@ def run_case(case, impls, modes, reps, progress=None):
     return results
 
 
+# Large-vocabulary options (issue 11) at the language-model shape, forward + backward, each
+# variant on a fresh non-leaf copy of the logits (a model's output; made outside the timing).
+LLM_VARIANTS = {
+    "plain": {},
+    "z_loss=1e-4": dict(z_loss=1e-4),
+    "softcap=30": dict(softcap=30.0),
+    "z_loss+softcap": dict(z_loss=1e-4, softcap=30.0),
+    "inplace_backward": dict(inplace_backward=True),
+}
+
+
+def time_llm_options(device, reps, n=4096, k=32000, dtype="float32"):
+    """Median seconds of each LLM_VARIANTS entry, the variants interleaved round by round (so a
+    drift of the machine's speed moves them all), one warm-up round."""
+    x, t = make_inputs(Case("language-model options", n, k, (), dtype, device))
+    times = {name: [] for name in LLM_VARIANTS}
+    for r in range(reps + 1):
+        for name, kw in LLM_VARIANTS.items():
+            src = x.detach().clone().requires_grad_()
+            logits = src * 1
+            sync(device)
+            t0 = time.perf_counter()
+            cross_entropy(logits, t, label_smoothing=EPS, **kw).backward()
+            sync(device)
+            if r:
+                times[name].append(time.perf_counter() - t0)
+            del src, logits
+    return {name: statistics.median(v) for name, v in times.items()}
+
+
+def format_llm_options(device, medians, n=4096, k=32000, dtype="float32"):
+    plain = medians["plain"]
+    lines = [f"{device.upper()} large-vocabulary options, N={n} K={k} {dtype}, forward+backward, "
+             f"label_smoothing={EPS} (issue 11 asks z-loss and softcap within 1.10x of plain):"]
+    for name, sec in medians.items():
+        lines.append(f"  {name:<18} {sec * 1e3:8.1f} ms   {sec / plain:5.2f}x plain")
+    return "\n".join(lines)
+
+
 class Progress:
     """A one-line progress bar on stderr."""
 
@@ -340,6 +379,8 @@ def add_arguments(p):
     p.add_argument("--json", metavar="PATH", help="write every measurement as JSON")
     p.add_argument("--markdown", metavar="PATH", help="write the table as Markdown")
     p.add_argument("--plot", metavar="PNG", help="plot time against K (needs matplotlib)")
+    p.add_argument("--no-options", action="store_true",
+                   help="skip the large-vocabulary options table (z_loss, softcap, inplace_backward)")
 
 
 def report_command(args):
@@ -369,10 +410,16 @@ def report_command(args):
         print(f"\n{dev.upper()}:")
         print(format_table([r for r in rows if r["device"] == dev], omit=("device",)))
     print("\n" + LEGEND)
+    options = {}
+    if not getattr(args, "no_options", False):
+        for dev in devices:
+            options[dev] = time_llm_options(dev, args.reps)
+            print("\n" + format_llm_options(dev, options[dev]))
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"machine": machine, "torch": torch.__version__,
-                       "results": [r.as_dict() for r in results], "table": rows}, f, indent=1)
+                       "results": [r.as_dict() for r in results], "table": rows,
+                       "llm_options_seconds": options}, f, indent=1)
     if args.markdown:
         with open(args.markdown, "w") as f:
             f.write(format_table(rows, markdown=True) + "\n")

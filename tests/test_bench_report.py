@@ -17,8 +17,13 @@ def _fake_run_case(case, impls, modes, reps, progress=None):
     return out
 
 
+def _fake_llm_options(device, reps, **kw):
+    return {name: 0.2 * (1 + i / 10) for i, name in enumerate(B.LLM_VARIANTS)}
+
+
 def _report(monkeypatch, capsys, *argv):
     monkeypatch.setattr(B, "run_case", _fake_run_case)
+    monkeypatch.setattr(B, "time_llm_options", _fake_llm_options)
     p = argparse.ArgumentParser()
     B.add_arguments(p)
     assert B.report_command(p.parse_args(["--device", "cpu", *argv])) == 0
@@ -46,3 +51,13 @@ def test_markdown_keeps_full_column_names():
                                       B.MODES, 1))
     md = B.format_table(rows, markdown=True).splitlines()[0]
     assert "| eager time / ours |" in md and "| copy time / ours |" in md and "| ours ms |" in md
+
+
+def test_report_llm_options_table(monkeypatch, capsys):
+    lines = _report(monkeypatch, capsys)
+    start = next(i for i, ln in enumerate(lines) if ln.startswith("CPU large-vocabulary options"))
+    rows = [ln.split() for ln in lines[start + 1:start + 1 + len(B.LLM_VARIANTS)]]
+    assert [r[0] for r in rows] == list(B.LLM_VARIANTS)
+    assert rows[0][1:] == ["200.0", "ms", "1.00x", "plain"]
+    assert rows[2][1:] == ["240.0", "ms", "1.20x", "plain"]  # softcap=30
+    assert not any(ln.startswith("CPU large-vocabulary") for ln in _report(monkeypatch, capsys, "--no-options"))

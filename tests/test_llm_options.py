@@ -107,6 +107,28 @@ def test_softcap_non_finite_logits(device, dtype):
     assert_close_to(g, ref_g, dtype, "grad", ulps=2)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("cap", [30.0, 1.0, 200.0])
+def test_softcap_tanh_error(dtype, cap):
+    """The CPU kernel's capped logit cap * tanh(x / cap) (tanh = 1 - 2 / (exp(2x / cap) + 1) through
+    its own bounded exp, csrc/cpu/kernels.h), measured against float64 on a dense grid: with one
+    class per row the kernel's exp(0) is exactly 1, so lse is the capped logit itself. Error
+    budget in units of 2^-24 (float): the exp's 1.7e-7 relative error moves tanh by at most half
+    of it (1.4), the division 2, 1 - q 1, the product cap * t 1: 6 units, 3.6e-7 (measured at most
+    3.6 units, 2.15e-7, over caps 1, 30, 200); float64 (std::exp) 8 units of 2^-53."""
+    x = torch.cat([torch.linspace(-12 * cap, 12 * cap, 100_003, dtype=torch.float64),
+                   torch.tensor([0.0, 1e-30, -1e-30, 1e-3, -1e-3, 3e38, -3e38, float("inf"), float("-inf")],
+                                dtype=torch.float64)]).to(dtype)
+    target = torch.zeros(x.numel(), dtype=torch.long)
+    _, lse = L.cross_entropy(x[:, None], target, softcap=cap, return_lse=True, reduction="none")
+    exact = torch.tanh(x.double() / cap)
+    err = ((lse.double() / cap) - exact).abs()
+    bound = 6 * 2.0 ** -24 if dtype == torch.float32 else 8 * 2.0 ** -53
+    print(f"max |t - tanh| = {float(err.max()):.3g} (bound {bound:.3g})")
+    assert float(err.max()) <= bound, (float(err.max()), float(x[err.argmax()]))
+    assert lse[-2] == cap and lse[-1] == -cap
+
+
 def test_ignore_index_inside_class_range_and_3d_input():
     x = _logits(4, 6, torch.float64, 3).reshape(2, 2, 6).movedim(2, 1).contiguous()  # (N=2, C=6, d=2)
     target = torch.tensor([[1, 3], [3, 5]])
@@ -488,6 +510,23 @@ def test_opcheck():
         go = torch.rand(6) if red == 0 else torch.tensor(0.7)
         torch.library.opcheck(ops.ce_grad_ext, (x, t, None, go, -100, 0.1, 1, red, 1e-3, 5.0))
         torch.library.opcheck(ops.ce_grad_ext_, (x.clone(), t, w, go, -100, 0.1, 0, red, 1e-3, 5.0))
+
+
+def test_inplace_after_a_compiled_model():
+    """Compiled model, eager loss: inplace_backward keeps its in-place write (the README's
+    advice), with the gradients of the out-of-place eager run."""
+    torch._dynamo.reset()
+    head = torch.compile(lambda h, w: torch.tanh(h) @ w.t(), fullgraph=True)
+    h, w, t = _lm_head(7)
+    logits = head(h, w)
+    kw = dict(label_smoothing=0.1, z_loss=1e-3, softcap=5.0)
+    L.cross_entropy(logits, t, inplace_backward=True, **kw).backward()
+    h2, w2, _ = _lm_head(7)
+    L.cross_entropy(torch.tanh(h2) @ w2.t(), t, **kw).backward()
+    torch.testing.assert_close(h.grad, h2.grad, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(w.grad, w2.grad, rtol=1e-5, atol=1e-7)
+    with torch.no_grad():
+        assert not torch.allclose(logits, torch.tanh(h) @ w.t())  # the logits now hold the gradient
 
 
 @pytest.mark.parametrize("inplace", [False, True])
