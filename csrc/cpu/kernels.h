@@ -252,7 +252,7 @@ inline Vectorized<float> exp_clamped(const Vectorized<float>& x) {
 inline Vectorized<double> exp_clamped(const Vectorized<double>& x) { return vexp(x); }
 
 // tanh(x / cap) = 1 - 2 / (exp(2 x / cap) + 1): one exp and one division. The exp's argument is
-// clamped (tanh(43) is 1 to float and double precision), so +-inf give +-1; NaN is not
+// clamped (tanh(43) is 1 in float, tanh(350) in double), so +-inf give +-1; NaN is not
 // propagated (callers detect NaN rows by their max before). two_inv = 2 / cap. Its error is
 // measured against float64 by tests/test_llm_options.py::test_softcap_tanh_error.
 template <typename acc_t>
