@@ -31,12 +31,13 @@ _SIXTEEN = (torch.float16, torch.bfloat16)
 # CUDA: 1/D stays on the device and scales the (rows x H) side, no host synchronisation.
 _SCALE_ON_HOST = True
 
-# CPU: rows per chunk so that one chunk of float32 logits is about this size. Larger chunks run
-# the GEMMs faster (MKL, V=32000 H=1024 on the 2-core build machine, GFLOP per CPU-second of the
-# logits GEMM: 52 at 128 rows, 81 at 256, 118 at 512, 137 at 2048) but every chunk's logits and
-# their gradient are held at once: 48 MiB (392 rows at V=32000) keeps the peak extra memory
-# within 1/8 of linear + F.cross_entropy's at that shape.
-CPU_CHUNK_BYTES = 48 << 20
+# CPU: rows per chunk so that the chunk's buffers (its logits, overwritten by their gradient,
+# plus a float32 copy of that gradient for 16-bit weights) take about this many bytes. Larger
+# chunks run the GEMMs faster (MKL, V=32000 H=1024 on the 2-core build machine, GFLOP per
+# CPU-second of the three GEMMs, one quiet run: about 113-130 at 392 rows, 116-141 at 784,
+# 131-141 at 2048), but the chunk is held at once: 96 MiB (786 float32 rows at V=32000) keeps
+# the peak extra memory within 1/8 of linear + F.cross_entropy's at that shape.
+CPU_CHUNK_BYTES = 96 << 20
 
 
 def _acc_dtype(dtype):
@@ -46,18 +47,30 @@ def _acc_dtype(dtype):
 def auto_chunk_size(rows, num_classes, dtype, device):
     """Rows per chunk chosen from the shapes (and, on CUDA, the free device memory).
 
-    A chunk holds its logits, their gradient and (for 16-bit inputs, or with z_loss/softcap)
-    float32 copies of them: budget about four float32 chunks."""
-    row_bytes = max(1, num_classes) * 4
+    CPU: one buffer of logits that the row kernel turns into their gradient in place (and a
+    float32 copy of it for 16-bit inputs), within CPU_CHUNK_BYTES. CUDA: the logits, their
+    gradient and float32 copies: about four float32 chunks within a quarter of what is free.
+    The rows are then split into chunks of nearly equal size (a multiple of 8 rows), so no
+    chunk is much smaller, and slower per row in the GEMMs, than the others."""
+    v = max(1, num_classes)
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         budget = min(free // 16, 1 << 30)  # at most 1 GiB a buffer, at most 1/4 of what is free
+        row_bytes = v * 4
     else:
         budget = CPU_CHUNK_BYTES
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        row_bytes = v * (itemsize + (4 if dtype in _SIXTEEN else 0))
     c = max(1, budget // row_bytes)
     if c >= 16:
         c -= c % 8  # GEMM-friendly
-    return max(1, min(rows, c))
+    if rows <= c:
+        return max(1, rows)
+    pieces = -(-rows // c)
+    even = -(-rows // pieces)
+    if c >= 16:
+        even = -(-even // 8) * 8  # still <= c: c is a multiple of 8
+    return even
 
 
 def _mean_denominator(tgt, weight, ignore_index, num_classes, acc):
@@ -80,35 +93,38 @@ def _check_targets_on_host(tgt, num_classes, ignore_index):
         )
 
 
+def _in_place_step(dev):
+    """The CPU writes each chunk's gradient over its logits (ce_forward_grad_): one buffer."""
+    return dev.type == "cpu"
+
+
 def _chunk_loop(x, W, b, tgt, weight, ignore_index, eps, mode, z_loss, softcap, chunk,
-                row_scale, need_x, need_w, need_b, loss_kind, alpha=1.0):
+                row_scale, need_x, need_w, need_b, loss_kind, scale=1.0):
     """The chunked pass.
 
     row_scale: None, or one factor per row (accumulation dtype) that multiplies that row's
     gradient (1/D for kept rows under "mean", the incoming gradient under "none").
-    alpha: a host scalar multiplying every gradient, passed to the GEMMs themselves (no pass
-    over their inputs or outputs).
+    scale: a host scalar multiplying every gradient (1/D of the mean on the CPU).
     loss_kind: None (no loss wanted), "rows" (per-row losses) or "sum".
     Returns (loss, d_input, d_weight, d_bias); the gradients are in the accumulation dtype
     (d_input in the input dtype for float32/float64/bfloat16, float32 for float16) or None.
+
+    CPU: the fused row kernel (ce_forward_grad_) turns the chunk's logits, in place, into their
+    gradient with the factors (scale or row_scale) applied in the accumulation type before
+    the one rounding, and returns the rows' losses (z_loss and softcap included): one chunk
+    buffer. Elsewhere: ce_forward_ext gives the losses and the unscaled gradient in a second
+    buffer; scale goes to the GEMMs as alpha and row_scale multiplies the (rows x H) side.
     """
     n, h = x.shape
     v = W.shape[0]
     dt, dev = x.dtype, x.device
     acc = _acc_dtype(dt)
     need_g = need_x or need_w or need_b
-    # z_loss and softcap are not in the fused row kernel yet (issue 11). Until they are, this
-    # interim path applies them with ATen ops on the chunk, in the accumulation dtype, around
-    # the kernel: softcap before it (chain rule after), z-loss after it (lse and softmax of the
-    # capped logits). It costs a few extra passes over the chunk, never more memory than a
-    # few chunks.
-    interim = z_loss != 0.0 or softcap != 0.0
-    kweight = weight
-    if interim and weight is not None:
-        kweight = weight.to(acc)
-    # 16-bit: the kernel reports per-row losses, summed here in float32 (a chunk's sum rounded
-    # to 16 bits would lose precision).
-    kred = _SUM if (loss_kind == "sum" and dt not in _SIXTEEN and not z_loss) else _NONE
+    inplace = _in_place_step(dev) and need_g
+    # float16 keeps the factors out of the kernel: 1/D before its rounding would flush small
+    # gradients (p / D) to zero; they are applied after the GEMMs, in float32.
+    in_kernel = inplace and dt != torch.float16
+    alpha = 1.0 if in_kernel else scale
 
     dx = torch.empty((n, h), dtype=torch.float32 if dt == torch.float16 else dt, device=dev) if need_x else None
     # d W and d b: the first chunk writes them (no zero-fill pass over V x H), later ones add
@@ -122,6 +138,7 @@ def _chunk_loop(x, W, b, tgt, weight, ignore_index, eps, mode, z_loss, softcap, 
     total = torch.zeros((), dtype=acc, device=dev)
     Wt = W.t()
     buf = torch.empty((min(chunk, n), v), dtype=dt, device=dev) if n else None
+    ones = None
     for s in range(0, n, chunk):
         e = min(n, s + chunk)
         xc, tc = x[s:e], tgt[s:e]
@@ -130,62 +147,63 @@ def _chunk_loop(x, W, b, tgt, weight, ignore_index, eps, mode, z_loss, softcap, 
             torch.mm(xc, Wt, out=z)
         else:
             torch.addmm(b, xc, Wt, out=z)
-        if not interim:
-            loss_c, g = ops.ce_forward(z, tc, weight, ignore_index, eps, mode, kred, need_g)
+        r = None if row_scale is None or in_kernel else row_scale[s:e, None]
+        if inplace:
+            rs = row_scale[s:e] if in_kernel and row_scale is not None else None
+            loss_c = ops.ce_forward_grad_(z, tc, weight, ignore_index, eps, mode, z_loss, softcap,
+                                          scale if in_kernel else 1.0, rs)
+            g = z  # the gradient where the logits were
         else:
-            zk = z.to(acc)  # no copy for float32/float64: buf is overwritten by the next chunk anyway
-            th = None
-            if softcap != 0.0:
-                th = zk.div_(softcap).tanh_()  # tanh(z / s), kept for the chain rule
-                zk = th * softcap
-            loss_c, g = ops.ce_forward(zk, tc, kweight, ignore_index, eps, mode, kred, need_g)
-            if z_loss != 0.0:
-                lse = torch.logsumexp(zk, dim=1)
-                valid = tc != ignore_index
-                zero = torch.zeros((), dtype=acc, device=dev)
-                loss_c = loss_c + torch.where(valid, z_loss * lse * lse, zero)
-                if need_g:  # d(c lse^2)/dz = 2 c lse softmax(z)
-                    coef = torch.where(valid, 2.0 * z_loss * lse, zero)
-                    g.add_(zk.sub_(lse[:, None]).exp_().mul_(coef[:, None]))
-            if th is not None and need_g:  # dz/dx = 1 - tanh(x / s)^2
-                g.mul_(th.mul_(th).neg_().add_(1.0))
-            del zk, th
+            loss_c, g, _ = ops.ce_forward_ext(z, tc, weight, ignore_index, eps, mode, _NONE, need_g,
+                                              z_loss, softcap)
         if loss_kind == "rows":
             rows[s:e] = loss_c
         elif loss_kind == "sum":
-            total += loss_c.to(acc).sum() if loss_c.dim() else loss_c
+            total += loss_c.sum(dtype=acc)
         if not need_g:
             continue
-        r = None if row_scale is None else row_scale[s:e, None]
         if need_x:
-            gd = g if g.dtype == dt else g.to(dt)
-            if dx.dtype == dt and dt == acc:
-                out = dx[s:e]
-                torch.addmm(out, gd, W, beta=0, alpha=alpha, out=out)
+            out = dx[s:e]
+            if dx.dtype == dt:
+                torch.addmm(out, g, W, beta=0, alpha=alpha, out=out)
                 if r is not None:
                     out.mul_(r)
-            else:  # 16-bit: apply the scale in float32, round once
-                gx = torch.mm(gd, W).to(torch.float32)
-                if alpha != 1.0:
-                    gx.mul_(alpha)
-                dx[s:e] = gx if r is None else gx.mul_(r)
-            del gd
+            else:  # float16: the product in float16, the scales in float32, d input float32
+                gx = torch.mm(g, W)
+                if alpha != 1.0 or r is not None:
+                    gx = gx.to(torch.float32)
+                    if alpha != 1.0:
+                        gx.mul_(alpha)
+                    if r is not None:
+                        gx.mul_(r)
+                out.copy_(gx)
+                del gx
         if need_w or need_b:
             ga = g if g.dtype == acc else g.to(acc)  # float32 accumulation for 16-bit weights
             if need_w:
                 xs = xc if xc.dtype == acc else xc.to(acc)
                 if r is not None:
                     xs = xs * r
-                beta = 0 if s == 0 else 1
-                torch.addmm(dW, ga.t(), xs, beta=beta, alpha=alpha, out=dW)
+                torch.addmm(dW, ga.t(), xs, beta=0 if s == 0 else 1, alpha=alpha, out=dW)
             if need_b:
-                rv = r[:, 0] if r is not None else torch.ones(e - s, dtype=acc, device=dev)
+                if r is not None:
+                    rv = r[:, 0]
+                else:
+                    if ones is None or ones.shape[0] < e - s:
+                        ones = torch.ones(e - s, dtype=acc, device=dev)
+                    rv = ones[: e - s]
                 torch.addmv(db, ga.t(), rv, beta=0 if s == 0 else 1, alpha=alpha, out=db)
             del ga
         del g, loss_c
     if loss_kind == "rows":
         return rows, dx, dW, db
     return total, dx, dW, db
+
+
+@torch.library.register_fake("labelsmooth_ext::ce_forward_grad_")
+def _(input, target, weight, ignore_index, label_smoothing, smoothing_mode, z_loss, softcap,
+      grad_scale, row_scale):
+    return input.new_empty((input.shape[0],), dtype=_acc_dtype(input.dtype))
 
 
 _EMPTY_SHAPE = (0,)

@@ -151,7 +151,7 @@ def test_the_kernel_only_ever_sees_one_chunk(monkeypatch):
     class Spy:
         def __getattr__(self, name):
             real = getattr(torch.ops.labelsmooth_ext, name)
-            if name != "ce_forward":
+            if name not in ("ce_forward", "ce_forward_ext", "ce_forward_grad_"):
                 return real
 
             def call(z, *args):
