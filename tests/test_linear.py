@@ -165,7 +165,10 @@ def test_the_kernel_only_ever_sees_one_chunk(monkeypatch):
         loss = L.linear_cross_entropy(x, W, t, linear_bias=b, reduction=red, chunk_size=8)
         loss.sum().backward()
     assert seen and all(r <= 8 and k == V for r, k in seen)
-    assert sum(r for r, _ in seen) == 3 * 50  # mean: one pass; none: forward + backward
+    # mean: one pass; none: forward + backward; on the CPU only the rows not ignored
+    kept = int((t != -100).sum())
+    assert kept < 50
+    assert sum(r for r, _ in seen) == 3 * kept
 
 
 def test_auto_chunk_size_bounds_the_chunk():
@@ -392,3 +395,84 @@ def test_off_target_needs_two_classes():
     with pytest.raises(ValueError, match="off_target"):
         L.linear_cross_entropy(x, W, torch.zeros(N, dtype=torch.int64), label_smoothing=0.1,
                                smoothing_mode="off_target")
+
+
+# --- the CPU chunk step: ce_forward_grad_ (loss + gradient written over the logits) -----------
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("z_loss,softcap", [(0.0, 0.0), (0.02, 0.0), (0.0, 1.5), (0.01, 2.0)])
+@pytest.mark.parametrize("per_row", [False, True])
+def test_ce_forward_grad_op_against_float64(dtype, weighted, z_loss, softcap, per_row):
+    """Per-row losses returned, and each row's gradient times its factor written over the
+    logits, against the float64 reference and autograd."""
+    g = torch.Generator().manual_seed(1)
+    z64 = torch.randn(13, 37, generator=g, dtype=torch.float64) * 3
+    t = torch.randint(0, 37, (13,), generator=g)
+    t[::5] = -100
+    w = (torch.rand(37, generator=g, dtype=torch.float64) + 0.1).to(dtype) if weighted else None
+    w64 = None if w is None else w.double()  # the reference sees the rounded weights
+    factors = torch.rand(13, generator=g, dtype=torch.float64) + 0.5
+    z = z64.to(dtype)
+    zin = z.double().requires_grad_()
+    ref = R.cross_entropy(zin, t, w64, reduction="none", label_smoothing=0.1, z_loss=z_loss,
+                          softcap=softcap or None)
+    scale = 0.37
+    want_g = torch.autograd.grad(ref, zin, factors if per_row else torch.full_like(ref, scale))[0]
+    buf = z.clone()
+    ptr = buf.data_ptr()
+    rows = torch.ops.labelsmooth_ext.ce_forward_grad_(
+        buf, t, w, -100, 0.1, 0, z_loss, softcap, scale,
+        factors if per_row else None)
+    assert buf.data_ptr() == ptr and rows.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert_close_to(rows.double(), ref.detach(), dtype, "losses")
+    assert (rows[t == -100] == 0).all() and (buf[t == -100] == 0).all()
+    assert_close_to(buf.double(), want_g, dtype, "gradient written over the logits")
+
+
+def test_ce_forward_grad_op_opcheck_and_errors():
+    z = torch.randn(5, 7, dtype=torch.float64)
+    t = torch.tensor([0, 6, -100, 3, 1])
+    torch.library.opcheck(torch.ops.labelsmooth_ext.ce_forward_grad_.default,
+                          (z.clone(), t, None, -100, 0.1, 0, 0.01, 2.0, 0.5, None))
+    torch.library.opcheck(torch.ops.labelsmooth_ext.ce_forward_grad_.default,
+                          (z.clone(), t, None, -100, 0.1, 1, 0.0, 0.0, 1.0, torch.rand(5, dtype=torch.float64)))
+    op = torch.ops.labelsmooth_ext.ce_forward_grad_
+    with pytest.raises(ValueError, match="contiguous"):
+        op(torch.randn(7, 5, dtype=torch.float64).t(), t, None, -100, 0.1, 0, 0.0, 0.0, 1.0, None)
+    with pytest.raises(ValueError, match="row_scale"):
+        op(z.clone(), t, None, -100, 0.1, 0, 0.0, 0.0, 1.0, torch.ones(4, dtype=torch.float64))
+    with pytest.raises(ValueError, match="z_loss"):
+        op(z.clone(), t, None, -100, 0.1, 0, -1.0, 0.0, 1.0, None)
+    with pytest.raises(IndexError, match="out of range"):
+        op(z.clone(), torch.tensor([0, 7, 1, 2, 3]), None, -100, 0.1, 0, 0.0, 0.0, 1.0, None)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_ignored_rows_are_skipped(reduction):
+    """The CPU leaves the ignored rows out of the GEMMs: their d input is exactly 0 and nothing
+    of them reaches d W / d b, even where their inputs are not finite (linear + cross_entropy
+    would carry 0 * NaN = NaN into d W there). The kept rows' results equal the float64
+    reference on the kept rows alone."""
+    x, W, b, t, w = make(n=30)
+    with torch.no_grad():
+        x[t == -100] = float("nan")
+    kw = dict(weight=w, reduction=reduction, label_smoothing=0.1, z_loss=0.01, softcap=3.0)
+    ours = L.linear_cross_entropy(x, W, t, linear_bias=b, chunk_size=4, **kw)
+    keep = t != -100
+    xk = x.detach()[keep].clone().requires_grad_()
+    ref = oracle(xk, W, b, t[keep], **kw)
+    go = torch.rand(30, dtype=torch.float64) + 0.5 if reduction == "none" else None
+    if reduction == "none":
+        assert (ours[~keep] == 0).all()
+        torch.testing.assert_close(ours[keep], ref, rtol=1e-12, atol=1e-12)
+        gx, gW, gb = grads(ours, [x, W, b], go)
+        ex, eW, eb = grads(ref, [xk, W, b], go[keep])
+    else:
+        torch.testing.assert_close(ours, ref, rtol=1e-12, atol=1e-12)
+        gx, gW, gb = grads(ours, [x, W, b])
+        ex, eW, eb = grads(ref, [xk, W, b])
+    assert (gx[~keep] == 0).all()
+    torch.testing.assert_close(gx[keep], ex, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(gW, eW, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(gb, eb, rtol=1e-12, atol=1e-12)
