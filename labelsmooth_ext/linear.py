@@ -272,7 +272,9 @@ def linear_ce_forward(
     input (N, H), linear_weight (V, H), linear_bias (V,) or None, target (N,) int64.
     softcap 0.0 means none; chunk_size 0 means automatic. Returns (loss, d_input, d_weight,
     d_bias); a gradient not asked for (or any under "none", whose backward recomputes) is an
-    empty tensor. d_weight and d_bias are float32 for 16-bit inputs, d_input float32 for float16.
+    empty tensor. The loss is in the accumulation dtype (float32 for 16-bit inputs; the caller
+    rounds it to the input dtype outside autocast), d_weight and d_bias are float32 for 16-bit
+    inputs, d_input float32 for float16.
     """
     v = linear_weight.shape[0]
     dt, acc = input.dtype, _acc_dtype(input.dtype)
@@ -284,7 +286,7 @@ def linear_ce_forward(
                                     label_smoothing, smoothing_mode, z_loss, softcap, chunk, None,
                                     False, False, False, "rows")
         e = input.new_empty(_EMPTY_SHAPE)
-        return rows.to(dt), e, e.clone(), e.clone()
+        return rows, e, e.clone(), e.clone()
     row_scale, alpha = None, 1.0
     if reduction == _MEAN:
         D, valid = _mean_denominator(target, weight, ignore_index, v, acc)
@@ -300,7 +302,7 @@ def linear_ce_forward(
                                     row_scale, grad_input, grad_weight, grad_bias, "sum", alpha)
     loss = total / D if reduction == _MEAN else total
     e = input.new_empty(_EMPTY_SHAPE)
-    return (loss.to(dt), e.clone() if dx is None else dx, e.clone() if dW is None else dW,
+    return (loss, e.clone() if dx is None else dx, e.clone() if dW is None else dW,
             e.clone() if db is None else db)
 
 
@@ -315,7 +317,7 @@ def _(input, linear_weight, linear_bias, target, weight, ignore_index, label_smo
     n, h = input.shape
     v = linear_weight.shape[0]
     dxt, acc = _grad_dtypes(input.dtype)
-    loss = input.new_empty((n,) if reduction == _NONE else ())
+    loss = input.new_empty((n,) if reduction == _NONE else (), dtype=acc)
     keep = reduction != _NONE
     dx = input.new_empty((n, h) if keep and grad_input else _EMPTY_SHAPE, dtype=dxt)
     dW = input.new_empty((v, h) if keep and grad_weight else _EMPTY_SHAPE, dtype=acc)
@@ -519,7 +521,8 @@ def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weig
                          f"its last dimension)")
     if target.device != input.device:
         raise ValueError(f"target is on {target.device} but input is on {input.device}")
-    weight = _F._check_weight(weight, input, v)
+    weight = _F._check_weight(weight, input, v, input.dtype != torch.float64 and
+                              torch.is_autocast_enabled(input.device.type))
     if mode == SMOOTHING_MODES["off_target"] and v == 1 and eps > 0:
         raise ValueError(f"smoothing_mode='off_target' needs at least 2 classes when label_smoothing > 0 "
                          f"(got 1 class, label_smoothing={eps})")
@@ -528,11 +531,27 @@ def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weig
     gi = grad_on and input.requires_grad
     gw = grad_on and linear_weight.requires_grad
     gb = grad_on and linear_bias is not None and linear_bias.requires_grad
-    x = input.reshape(-1, h)
-    W = linear_weight if linear_weight.stride(-1) == 1 else linear_weight.contiguous()
-    loss, _, _, _ = linear_ce_forward(x, W, linear_bias, target.reshape(-1).long(), weight,
-                                      ignore_index, eps, mode, red, zl, cap or 0.0,
-                                      chunk_size or 0, gi, gw, gb)
+    x, W, bias = input.reshape(-1, h), linear_weight, linear_bias
+    dev_type = input.device.type
+    autocast = input.dtype != torch.float64 and torch.is_autocast_enabled(dev_type)
+    if autocast:
+        # As linear + cross_entropy under torch.autocast: the GEMMs in the autocast dtype (the
+        # casts are autograd's, so the gradients come back in the parameters' dtypes), the loss
+        # in float32 (class weights in float32).
+        cd = torch.get_autocast_dtype(dev_type)
+        if cd in _SIXTEEN and cd != input.dtype:
+            x, W = x.to(cd), W.to(cd)
+            bias = None if bias is None else bias.to(cd)
+    W = W if W.stride(-1) == 1 else W.contiguous()
+    args = (x, W, bias, target.reshape(-1).long(), weight, ignore_index, eps, mode, red, zl,
+            cap or 0.0, chunk_size or 0, gi, gw, gb)
+    if autocast:
+        with torch.autocast(dev_type, enabled=False):
+            loss = linear_ce_forward(*args)[0]
+    else:
+        loss = linear_ce_forward(*args)[0]
+        if loss.dtype != input.dtype:
+            loss = loss.to(input.dtype)
     if red == _NONE:
         loss = loss.reshape(target.shape)
     return loss

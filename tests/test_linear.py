@@ -476,3 +476,57 @@ def test_ignored_rows_are_skipped(reduction):
     torch.testing.assert_close(gx[keep], ex, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(gW, eW, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(gb, eb, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("extras", [{}, {"z_loss": 1e-3, "softcap": 5.0}])
+def test_autocast_bfloat16_gemms_float32_loss(reduction, extras):
+    """Under torch.autocast (bfloat16): the GEMMs take the bfloat16-rounded x, W, b (as
+    F.linear does there), the loss is float32, the gradients come back in float32. Values
+    against the float64 reference on the rounded operands, and against autocast linear + our
+    cross_entropy."""
+    x, W, b, t, w = make(n=40, h=16, v=50, dtype=torch.float32)
+    kw = dict(weight=w, label_smoothing=0.1, reduction=reduction, **extras)
+    seen = []
+    real = torch.ops.labelsmooth_ext.ce_forward_grad_
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours = L.linear_cross_entropy(x, W, t, linear_bias=b, chunk_size=16, **kw)
+        theirs = L.cross_entropy(F.linear(x, W, b), t, w, label_smoothing=0.1, reduction=reduction,
+                                 **extras)
+    assert ours.dtype == torch.float32 and theirs.dtype == torch.float32
+    r64 = [p.detach().bfloat16().double().requires_grad_() for p in (x, W, b)]
+    ref = oracle(*r64, t, **dict(kw, weight=w.double()))
+    # the logits are rounded to bfloat16 once (the GEMM's output): a row's loss moves by up to
+    # a few ulps of the largest logit
+    zmax = float(F.linear(*r64).detach().abs().max())
+    assert_close_to(ours.double(), ref.detach(), torch.bfloat16, "loss", atol_rel=2.0 ** -8, scale=zmax)
+    assert_close_to(ours.double(), theirs.double(), torch.bfloat16, "loss vs linear + cross_entropy",
+                    atol_rel=2.0 ** -8, scale=zmax)
+    go = torch.rand_like(ref) + 0.5 if reduction == "none" else None
+    g_ours = grads(ours, [x, W, b], None if go is None else go.float())
+    for a, e, name in zip(g_ours, grads(ref, r64, go), ("d input", "d W", "d b")):
+        assert a.dtype == torch.float32, name
+        assert_close_to(a.double(), e, torch.bfloat16, name, ulps=0, atol_rel=TOL[torch.bfloat16])
+    # and the GEMMs really ran in bfloat16: the row kernel saw bfloat16 logits
+    seen.clear()
+
+    class Spy:
+        def __getattr__(self, name):
+            op = getattr(torch.ops.labelsmooth_ext, name)
+            if name != "ce_forward_grad_":
+                return op
+
+            def call(z, *args):
+                seen.append(z.dtype)
+                return real(z, *args)
+            return call
+
+    saved = lin.ops
+    lin.ops = Spy()
+    try:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            L.linear_cross_entropy(x, W, t, linear_bias=b, **kw).sum().backward()
+    finally:
+        lin.ops = saved
+    assert seen and set(seen) == {torch.bfloat16}
