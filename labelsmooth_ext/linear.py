@@ -4,15 +4,16 @@ in memory beyond one chunk of rows.
     loss = linear_cross_entropy(x, W, target, linear_bias=b, ...)
          == cross_entropy(linear(x, W, b), target, ...)
 
-How (see docs/linear_ce.md): the rows are processed in chunks. Per chunk one library GEMM
-(ATen mm/addmm: MKL/oneDNN on CPU, cuBLAS on CUDA) gives the chunk's logits, the fused row
-kernel (labelsmooth_ext::ce_forward, compute_grad=True) gives the chunk's loss and the logits'
-gradient g, then GEMMs accumulate d input = g W, d W += g^T x and d b += sum of g's rows, with the
-mean's 1/D applied to the (rows x H) side so that no extra pass over the chunk is needed. The
-gradients are complete at the end of the forward; the backward only multiplies them by the
-incoming gradient (nothing at all on the CPU when it is exactly 1). For reduction="none" the
-backward needs the incoming gradient of every row before the weight gradient can be formed: the
-forward then computes the losses only and the backward runs the chunk loop again.
+How (see docs/linear_ce.md): the rows are processed in chunks (on the CPU only the rows not
+ignored). Per chunk one library GEMM (ATen mm/addmm: MKL/oneDNN on CPU, cuBLAS on CUDA) gives the
+chunk's logits; the fused row kernel gives the chunk's losses and the logits' gradient g (on the
+CPU labelsmooth_ext::ce_forward_grad_, which writes g, already scaled, over the logits: one chunk
+buffer; elsewhere ce_forward_ext and a second buffer), then GEMMs accumulate d input = g W,
+d W += g^T x and d b += sum of g's rows. The gradients are complete at the end of the forward;
+the backward only multiplies them by the incoming gradient (nothing at all on the CPU when it is
+exactly 1). For reduction="none" the backward needs the incoming gradient of every row before
+the weight gradient can be formed: the forward then computes the losses only and the backward
+runs the chunk loop again.
 
 The whole forward is one opaque operator (labelsmooth_ext::linear_ce_forward, a
 torch.library.custom_op with a fake kernel and an autograd formula), so torch.compile traces it
@@ -27,8 +28,9 @@ from ._ops import REDUCTIONS, SMOOTHING_MODES, ops
 
 _NONE, _MEAN, _SUM = REDUCTIONS["none"], REDUCTIONS["mean"], REDUCTIONS["sum"]
 _SIXTEEN = (torch.float16, torch.bfloat16)
-# CPU: read the mean's D on the host and pass 1/D to the GEMMs as alpha. Off (tests), or on
-# CUDA: 1/D stays on the device and scales the (rows x H) side, no host synchronisation.
+# CPU: read the mean's D on the host and pass 1/D to the row kernel (or, for float16, to the
+# GEMMs as alpha). Off (tests), or on CUDA: 1/D stays on the device as per-row factors (no host
+# synchronisation).
 _SCALE_ON_HOST = True
 
 # CPU: rows per chunk so that the chunk's buffers (its logits, overwritten by their gradient,
