@@ -279,7 +279,7 @@ def linear_ce_forward(
     inputs, d_input float32 for float16.
     """
     v = linear_weight.shape[0]
-    dt, acc = input.dtype, _acc_dtype(input.dtype)
+    acc = _acc_dtype(input.dtype)
     if input.device.type == "cpu" or _F._validate_cuda_targets:
         _check_targets_on_host(target, v, ignore_index)
     chunk = chunk_size  # 0: automatic, from the rows computed (_chunk_loop)
