@@ -4,15 +4,16 @@ in memory beyond one chunk of rows.
     loss = linear_cross_entropy(x, W, target, linear_bias=b, ...)
          == cross_entropy(linear(x, W, b), target, ...)
 
-How (see docs/linear_ce.md): the rows are processed in chunks. Per chunk one library GEMM
-(ATen mm/addmm: MKL/oneDNN on CPU, cuBLAS on CUDA) gives the chunk's logits, the fused row
-kernel (labelsmooth_ext::ce_forward, compute_grad=True) gives the chunk's loss and the logits'
-gradient g, then GEMMs accumulate d input = g W, d W += g^T x and d b += sum of g's rows, with the
-mean's 1/D applied to the (rows x H) side so that no extra pass over the chunk is needed. The
-gradients are complete at the end of the forward; the backward only multiplies them by the
-incoming gradient (nothing at all on the CPU when it is exactly 1). For reduction="none" the
-backward needs the incoming gradient of every row before the weight gradient can be formed: the
-forward then computes the losses only and the backward runs the chunk loop again.
+How (see docs/linear_ce.md): the rows are processed in chunks (on the CPU only the rows not
+ignored). Per chunk one library GEMM (ATen mm/addmm: MKL/oneDNN on CPU, cuBLAS on CUDA) gives the
+chunk's logits; the fused row kernel gives the chunk's losses and the logits' gradient g (on the
+CPU labelsmooth_ext::ce_forward_grad_, which writes g, already scaled, over the logits: one chunk
+buffer; elsewhere ce_forward_ext and a second buffer), then GEMMs accumulate d input = g W,
+d W += g^T x and d b += sum of g's rows. The gradients are complete at the end of the forward;
+the backward only multiplies them by the incoming gradient (nothing at all on the CPU when it is
+exactly 1). For reduction="none" the backward needs the incoming gradient of every row before
+the weight gradient can be formed: the forward then computes the losses only and the backward
+runs the chunk loop again.
 
 The whole forward is one opaque operator (labelsmooth_ext::linear_ce_forward, a
 torch.library.custom_op with a fake kernel and an autograd formula), so torch.compile traces it
@@ -27,16 +28,18 @@ from ._ops import REDUCTIONS, SMOOTHING_MODES, ops
 
 _NONE, _MEAN, _SUM = REDUCTIONS["none"], REDUCTIONS["mean"], REDUCTIONS["sum"]
 _SIXTEEN = (torch.float16, torch.bfloat16)
-# CPU: read the mean's D on the host and pass 1/D to the GEMMs as alpha. Off (tests), or on
-# CUDA: 1/D stays on the device and scales the (rows x H) side, no host synchronisation.
+# CPU: read the mean's D on the host and pass 1/D to the row kernel (or, for float16, to the
+# GEMMs as alpha). Off (tests), or on CUDA: 1/D stays on the device as per-row factors (no host
+# synchronisation).
 _SCALE_ON_HOST = True
 
-# CPU: rows per chunk so that one chunk of float32 logits is about this size. Larger chunks run
-# the GEMMs faster (MKL, V=32000 H=1024 on the 2-core build machine, GFLOP per CPU-second of the
-# logits GEMM: 52 at 128 rows, 81 at 256, 118 at 512, 137 at 2048) but every chunk's logits and
-# their gradient are held at once: 48 MiB (392 rows at V=32000) keeps the peak extra memory
-# within 1/8 of linear + F.cross_entropy's at that shape.
-CPU_CHUNK_BYTES = 48 << 20
+# CPU: rows per chunk so that the chunk's buffers (its logits, overwritten by their gradient,
+# plus a float32 copy of that gradient for 16-bit weights) take about this many bytes. Larger
+# chunks run the GEMMs faster (MKL, V=32000 H=1024 on the 2-core build machine, GFLOP per
+# CPU-second of the three GEMMs, one quiet run: about 113-130 at 392 rows, 116-141 at 784,
+# 131-141 at 2048), but the chunk is held at once: 96 MiB (786 float32 rows at V=32000) keeps
+# the peak extra memory within 1/8 of linear + F.cross_entropy's at that shape.
+CPU_CHUNK_BYTES = 96 << 20
 
 
 def _acc_dtype(dtype):
@@ -46,18 +49,30 @@ def _acc_dtype(dtype):
 def auto_chunk_size(rows, num_classes, dtype, device):
     """Rows per chunk chosen from the shapes (and, on CUDA, the free device memory).
 
-    A chunk holds its logits, their gradient and (for 16-bit inputs, or with z_loss/softcap)
-    float32 copies of them: budget about four float32 chunks."""
-    row_bytes = max(1, num_classes) * 4
+    CPU: one buffer of logits that the row kernel turns into their gradient in place (and a
+    float32 copy of it for 16-bit inputs), within CPU_CHUNK_BYTES. CUDA: the logits, their
+    gradient and float32 copies: about four float32 chunks within a quarter of what is free.
+    The rows are then split into chunks of nearly equal size (a multiple of 8 rows), so no
+    chunk is much smaller, and slower per row in the GEMMs, than the others."""
+    v = max(1, num_classes)
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         budget = min(free // 16, 1 << 30)  # at most 1 GiB a buffer, at most 1/4 of what is free
+        row_bytes = v * 4
     else:
         budget = CPU_CHUNK_BYTES
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        row_bytes = v * (itemsize + (4 if dtype in _SIXTEEN else 0))
     c = max(1, budget // row_bytes)
     if c >= 16:
         c -= c % 8  # GEMM-friendly
-    return max(1, min(rows, c))
+    if rows <= c:
+        return max(1, rows)
+    pieces = -(-rows // c)
+    even = -(-rows // pieces)
+    if c >= 16:
+        even = -(-even // 8) * 8  # still <= c: c is a multiple of 8
+    return even
 
 
 def _mean_denominator(tgt, weight, ignore_index, num_classes, acc):
@@ -80,112 +95,157 @@ def _check_targets_on_host(tgt, num_classes, ignore_index):
         )
 
 
+def _in_place_step(dev):
+    """The CPU writes each chunk's gradient over its logits (ce_forward_grad_): one buffer."""
+    return dev.type == "cpu"
+
+
+def _kept_rows(tgt, ignore_index, dev):
+    """CPU: the indices of the rows that are not ignored, or None when every row is kept.
+
+    Ignored rows have a loss of 0 and a gradient of exactly 0 (d input rows 0, nothing added
+    to d W / d b), so their GEMMs are skipped: with 10% of the rows ignored, 10% of the work.
+    (The CPU reads the targets on the host anyway; CUDA keeps every row, never syncing.)"""
+    if not _in_place_step(dev):
+        return None
+    kept = tgt != ignore_index
+    idx = kept.nonzero().squeeze(1)
+    return None if idx.numel() == tgt.numel() else idx
+
+
 def _chunk_loop(x, W, b, tgt, weight, ignore_index, eps, mode, z_loss, softcap, chunk,
-                row_scale, need_x, need_w, need_b, loss_kind, alpha=1.0):
+                row_scale, need_x, need_w, need_b, loss_kind, scale=1.0):
     """The chunked pass.
 
+    chunk: rows per chunk, 0 for automatic (from the rows that are computed).
     row_scale: None, or one factor per row (accumulation dtype) that multiplies that row's
     gradient (1/D for kept rows under "mean", the incoming gradient under "none").
-    alpha: a host scalar multiplying every gradient, passed to the GEMMs themselves (no pass
-    over their inputs or outputs).
+    scale: a host scalar multiplying every gradient (1/D of the mean on the CPU).
     loss_kind: None (no loss wanted), "rows" (per-row losses) or "sum".
     Returns (loss, d_input, d_weight, d_bias); the gradients are in the accumulation dtype
     (d_input in the input dtype for float32/float64/bfloat16, float32 for float16) or None.
+
+    CPU: the rows whose target is ignore_index are left out (_kept_rows); the others are
+    gathered a chunk at a time. The fused row kernel (ce_forward_grad_) turns the chunk's
+    logits, in place, into their gradient with the factors (scale or row_scale) applied in the
+    accumulation type before the one rounding, and returns the rows' losses (z_loss and softcap
+    included): one chunk buffer. Elsewhere: ce_forward_ext gives the losses and the unscaled
+    gradient in a second buffer; scale goes to the GEMMs as alpha and row_scale multiplies the
+    (rows x H) side.
     """
     n, h = x.shape
     v = W.shape[0]
     dt, dev = x.dtype, x.device
     acc = _acc_dtype(dt)
     need_g = need_x or need_w or need_b
-    # z_loss and softcap are not in the fused row kernel yet (issue 11). Until they are, this
-    # interim path applies them with ATen ops on the chunk, in the accumulation dtype, around
-    # the kernel: softcap before it (chain rule after), z-loss after it (lse and softmax of the
-    # capped logits). It costs a few extra passes over the chunk, never more memory than a
-    # few chunks.
-    interim = z_loss != 0.0 or softcap != 0.0
-    kweight = weight
-    if interim and weight is not None:
-        kweight = weight.to(acc)
-    # 16-bit: the kernel reports per-row losses, summed here in float32 (a chunk's sum rounded
-    # to 16 bits would lose precision).
-    kred = _SUM if (loss_kind == "sum" and dt not in _SIXTEEN and not z_loss) else _NONE
+    inplace = _in_place_step(dev) and need_g
+    # float16 keeps the factors out of the kernel: 1/D before its rounding would flush small
+    # gradients (p / D) to zero; they are applied after the GEMMs, in float32.
+    in_kernel = inplace and dt != torch.float16
+    alpha = 1.0 if in_kernel else scale
+    idx = _kept_rows(tgt, ignore_index, dev) if n else None
+    m = n if idx is None else idx.numel()  # rows computed
+    if chunk <= 0:
+        chunk = auto_chunk_size(m, v, dt, dev)
 
-    dx = torch.empty((n, h), dtype=torch.float32 if dt == torch.float16 else dt, device=dev) if need_x else None
+    dx_dtype = torch.float32 if dt == torch.float16 else dt
+    dx = None
+    if need_x:  # ignored rows' d input is 0
+        dx = (torch.empty if idx is None else torch.zeros)((n, h), dtype=dx_dtype, device=dev)
     # d W and d b: the first chunk writes them (no zero-fill pass over V x H), later ones add
     dW = torch.empty((v, h), dtype=acc, device=dev) if need_w else None
     db = torch.empty((v,), dtype=acc, device=dev) if need_b else None
-    if n == 0:
+    if m == 0:
         for t in (dW, db):
             if t is not None:
                 t.zero_()
-    rows = torch.empty((n,), dtype=acc, device=dev) if loss_kind == "rows" else None
+    rows = None
+    if loss_kind == "rows":
+        rows = (torch.empty if idx is None else torch.zeros)((n,), dtype=acc, device=dev)
     total = torch.zeros((), dtype=acc, device=dev)
     Wt = W.t()
-    buf = torch.empty((min(chunk, n), v), dtype=dt, device=dev) if n else None
-    for s in range(0, n, chunk):
-        e = min(n, s + chunk)
-        xc, tc = x[s:e], tgt[s:e]
+    c0 = min(chunk, m)
+    buf = torch.empty((c0, v), dtype=dt, device=dev) if m else None
+    xbuf = torch.empty((c0, h), dtype=dt, device=dev) if m and idx is not None else None
+    dxbuf = torch.empty((c0, h), dtype=dx_dtype, device=dev) if m and need_x and idx is not None else None
+    ones = None
+    for s in range(0, m, chunk):
+        e = min(m, s + chunk)
+        if idx is None:
+            ix = None
+            xc, tc = x[s:e], tgt[s:e]
+            rsc = None if row_scale is None else row_scale[s:e]
+        else:
+            ix = idx[s:e]
+            xc = torch.index_select(x, 0, ix, out=xbuf[: e - s])
+            tc = tgt.index_select(0, ix)
+            rsc = None if row_scale is None else row_scale.index_select(0, ix)
         z = buf[: e - s]
         if b is None:
             torch.mm(xc, Wt, out=z)
         else:
             torch.addmm(b, xc, Wt, out=z)
-        if not interim:
-            loss_c, g = ops.ce_forward(z, tc, weight, ignore_index, eps, mode, kred, need_g)
+        r = None if rsc is None or in_kernel else rsc[:, None]
+        if inplace:
+            loss_c = ops.ce_forward_grad_(z, tc, weight, ignore_index, eps, mode, z_loss, softcap,
+                                          scale if in_kernel else 1.0, rsc if in_kernel else None)
+            g = z  # the gradient where the logits were
         else:
-            zk = z.to(acc)  # no copy for float32/float64: buf is overwritten by the next chunk anyway
-            th = None
-            if softcap != 0.0:
-                th = zk.div_(softcap).tanh_()  # tanh(z / s), kept for the chain rule
-                zk = th * softcap
-            loss_c, g = ops.ce_forward(zk, tc, kweight, ignore_index, eps, mode, kred, need_g)
-            if z_loss != 0.0:
-                lse = torch.logsumexp(zk, dim=1)
-                valid = tc != ignore_index
-                zero = torch.zeros((), dtype=acc, device=dev)
-                loss_c = loss_c + torch.where(valid, z_loss * lse * lse, zero)
-                if need_g:  # d(c lse^2)/dz = 2 c lse softmax(z)
-                    coef = torch.where(valid, 2.0 * z_loss * lse, zero)
-                    g.add_(zk.sub_(lse[:, None]).exp_().mul_(coef[:, None]))
-            if th is not None and need_g:  # dz/dx = 1 - tanh(x / s)^2
-                g.mul_(th.mul_(th).neg_().add_(1.0))
-            del zk, th
+            loss_c, g, _ = ops.ce_forward_ext(z, tc, weight, ignore_index, eps, mode, _NONE, need_g,
+                                              z_loss, softcap)
         if loss_kind == "rows":
-            rows[s:e] = loss_c
+            if ix is None:
+                rows[s:e] = loss_c
+            else:
+                rows.index_copy_(0, ix, loss_c)
         elif loss_kind == "sum":
-            total += loss_c.to(acc).sum() if loss_c.dim() else loss_c
+            total += loss_c.sum(dtype=acc)
         if not need_g:
             continue
-        r = None if row_scale is None else row_scale[s:e, None]
         if need_x:
-            gd = g if g.dtype == dt else g.to(dt)
-            if dx.dtype == dt and dt == acc:
-                out = dx[s:e]
-                torch.addmm(out, gd, W, beta=0, alpha=alpha, out=out)
+            out = dx[s:e] if ix is None else dxbuf[: e - s]
+            if dx.dtype == dt:
+                torch.addmm(out, g, W, beta=0, alpha=alpha, out=out)
                 if r is not None:
                     out.mul_(r)
-            else:  # 16-bit: apply the scale in float32, round once
-                gx = torch.mm(gd, W).to(torch.float32)
-                if alpha != 1.0:
-                    gx.mul_(alpha)
-                dx[s:e] = gx if r is None else gx.mul_(r)
-            del gd
+            else:  # float16: the product in float16, the scales in float32, d input float32
+                gx = torch.mm(g, W)
+                if alpha != 1.0 or r is not None:
+                    gx = gx.to(torch.float32)
+                    if alpha != 1.0:
+                        gx.mul_(alpha)
+                    if r is not None:
+                        gx.mul_(r)
+                out.copy_(gx)
+                del gx
+            if ix is not None:
+                dx.index_copy_(0, ix, out)
         if need_w or need_b:
             ga = g if g.dtype == acc else g.to(acc)  # float32 accumulation for 16-bit weights
             if need_w:
                 xs = xc if xc.dtype == acc else xc.to(acc)
                 if r is not None:
                     xs = xs * r
-                beta = 0 if s == 0 else 1
-                torch.addmm(dW, ga.t(), xs, beta=beta, alpha=alpha, out=dW)
+                torch.addmm(dW, ga.t(), xs, beta=0 if s == 0 else 1, alpha=alpha, out=dW)
             if need_b:
-                rv = r[:, 0] if r is not None else torch.ones(e - s, dtype=acc, device=dev)
+                if r is not None:
+                    rv = r[:, 0]
+                else:
+                    if ones is None or ones.shape[0] < e - s:
+                        ones = torch.ones(e - s, dtype=acc, device=dev)
+                    rv = ones[: e - s]
                 torch.addmv(db, ga.t(), rv, beta=0 if s == 0 else 1, alpha=alpha, out=db)
             del ga
         del g, loss_c
     if loss_kind == "rows":
         return rows, dx, dW, db
     return total, dx, dW, db
+
+
+@torch.library.register_fake("labelsmooth_ext::ce_forward_grad_")
+def _(input, target, weight, ignore_index, label_smoothing, smoothing_mode, z_loss, softcap,
+      grad_scale, row_scale):
+    return input.new_empty((input.shape[0],), dtype=_acc_dtype(input.dtype))
 
 
 _EMPTY_SHAPE = (0,)
@@ -214,20 +274,21 @@ def linear_ce_forward(
     input (N, H), linear_weight (V, H), linear_bias (V,) or None, target (N,) int64.
     softcap 0.0 means none; chunk_size 0 means automatic. Returns (loss, d_input, d_weight,
     d_bias); a gradient not asked for (or any under "none", whose backward recomputes) is an
-    empty tensor. d_weight and d_bias are float32 for 16-bit inputs, d_input float32 for float16.
+    empty tensor. The loss is in the accumulation dtype (float32 for 16-bit inputs; the caller
+    rounds it to the input dtype outside autocast), d_weight and d_bias are float32 for 16-bit
+    inputs, d_input float32 for float16.
     """
-    n = input.shape[0]
     v = linear_weight.shape[0]
-    dt, acc = input.dtype, _acc_dtype(input.dtype)
+    acc = _acc_dtype(input.dtype)
     if input.device.type == "cpu" or _F._validate_cuda_targets:
         _check_targets_on_host(target, v, ignore_index)
-    chunk = chunk_size if chunk_size > 0 else auto_chunk_size(n, v, dt, input.device)
+    chunk = chunk_size  # 0: automatic, from the rows computed (_chunk_loop)
     if reduction == _NONE:
         rows, _, _, _ = _chunk_loop(input, linear_weight, linear_bias, target, weight, ignore_index,
                                     label_smoothing, smoothing_mode, z_loss, softcap, chunk, None,
                                     False, False, False, "rows")
         e = input.new_empty(_EMPTY_SHAPE)
-        return rows.to(dt), e, e.clone(), e.clone()
+        return rows, e, e.clone(), e.clone()
     row_scale, alpha = None, 1.0
     if reduction == _MEAN:
         D, valid = _mean_denominator(target, weight, ignore_index, v, acc)
@@ -243,7 +304,7 @@ def linear_ce_forward(
                                     row_scale, grad_input, grad_weight, grad_bias, "sum", alpha)
     loss = total / D if reduction == _MEAN else total
     e = input.new_empty(_EMPTY_SHAPE)
-    return (loss.to(dt), e.clone() if dx is None else dx, e.clone() if dW is None else dW,
+    return (loss, e.clone() if dx is None else dx, e.clone() if dW is None else dW,
             e.clone() if db is None else db)
 
 
@@ -258,7 +319,7 @@ def _(input, linear_weight, linear_bias, target, weight, ignore_index, label_smo
     n, h = input.shape
     v = linear_weight.shape[0]
     dxt, acc = _grad_dtypes(input.dtype)
-    loss = input.new_empty((n,) if reduction == _NONE else ())
+    loss = input.new_empty((n,) if reduction == _NONE else (), dtype=acc)
     keep = reduction != _NONE
     dx = input.new_empty((n, h) if keep and grad_input else _EMPTY_SHAPE, dtype=dxt)
     dW = input.new_empty((v, h) if keep and grad_weight else _EMPTY_SHAPE, dtype=acc)
@@ -286,10 +347,8 @@ def linear_ce_backward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Backward of reduction="none": the chunk loop again, each row's gradient times its
     incoming gradient. Returns gradients in the input dtype (empty when not asked for)."""
-    n = input.shape[0]
-    v = linear_weight.shape[0]
     dt = input.dtype
-    chunk = chunk_size if chunk_size > 0 else auto_chunk_size(n, v, dt, input.device)
+    chunk = chunk_size
     scale = grad_loss.reshape(-1).to(_acc_dtype(dt))
     _, dx, dW, db = _chunk_loop(input, linear_weight, linear_bias, target, weight, ignore_index,
                                 label_smoothing, smoothing_mode, z_loss, softcap, chunk, scale,
@@ -464,7 +523,8 @@ def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weig
                          f"its last dimension)")
     if target.device != input.device:
         raise ValueError(f"target is on {target.device} but input is on {input.device}")
-    weight = _F._check_weight(weight, input, v)
+    weight = _F._check_weight(weight, input, v, input.dtype != torch.float64 and
+                              torch.is_autocast_enabled(input.device.type))
     if mode == SMOOTHING_MODES["off_target"] and v == 1 and eps > 0:
         raise ValueError(f"smoothing_mode='off_target' needs at least 2 classes when label_smoothing > 0 "
                          f"(got 1 class, label_smoothing={eps})")
@@ -473,11 +533,27 @@ def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weig
     gi = grad_on and input.requires_grad
     gw = grad_on and linear_weight.requires_grad
     gb = grad_on and linear_bias is not None and linear_bias.requires_grad
-    x = input.reshape(-1, h)
-    W = linear_weight if linear_weight.stride(-1) == 1 else linear_weight.contiguous()
-    loss, _, _, _ = linear_ce_forward(x, W, linear_bias, target.reshape(-1).long(), weight,
-                                      ignore_index, eps, mode, red, zl, cap or 0.0,
-                                      chunk_size or 0, gi, gw, gb)
+    x, W, bias = input.reshape(-1, h), linear_weight, linear_bias
+    dev_type = input.device.type
+    autocast = input.dtype != torch.float64 and torch.is_autocast_enabled(dev_type)
+    if autocast:
+        # As linear + cross_entropy under torch.autocast: the GEMMs in the autocast dtype (the
+        # casts are autograd's, so the gradients come back in the parameters' dtypes), the loss
+        # in float32 (class weights in float32).
+        cd = torch.get_autocast_dtype(dev_type)
+        if cd in _SIXTEEN and cd != input.dtype:
+            x, W = x.to(cd), W.to(cd)
+            bias = None if bias is None else bias.to(cd)
+    W = W if W.stride(-1) == 1 else W.contiguous()
+    args = (x, W, bias, target.reshape(-1).long(), weight, ignore_index, eps, mode, red, zl,
+            cap or 0.0, chunk_size or 0, gi, gw, gb)
+    if autocast:
+        with torch.autocast(dev_type, enabled=False):
+            loss = linear_ce_forward(*args)[0]
+    else:
+        loss = linear_ce_forward(*args)[0]
+        if loss.dtype != input.dtype:
+            loss = loss.to(input.dtype)
     if red == _NONE:
         loss = loss.reshape(target.shape)
     return loss

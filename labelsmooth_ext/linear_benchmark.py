@@ -84,12 +84,14 @@ OURS = "labelsmooth_ext.linear_cross_entropy"
 BASELINE = "linear + labelsmooth_ext.cross_entropy"
 
 
-def make_inputs(n, h, v, dtype=torch.float32, seed=0):
+def make_inputs(n, h, v, dtype=torch.float32, seed=0, ignore_fraction=None):
+    if ignore_fraction is None:
+        ignore_fraction = IGNORE_FRACTION
     g = torch.Generator().manual_seed(seed)
     x = (torch.randn(n, h, generator=g) / h ** 0.5).to(dtype)
     W = torch.randn(v, h, generator=g).to(dtype)
     t = torch.randint(0, v, (n,), generator=g)
-    t[torch.rand(n, generator=g) < IGNORE_FRACTION] = -100
+    t[torch.rand(n, generator=g) < ignore_fraction] = -100
     return x, W, t
 
 
@@ -175,12 +177,13 @@ def _run_child(args):
 
 
 def run_in_subprocess(method, n, h, v, reps, dtype="float32"):
-    return _run_child(["--one", method, "--shape", f"{n},{h},{v}", "--reps", str(reps), "--dtype", dtype])
+    return _run_child(["--one", method, "--shape", f"{n},{h},{v}", "--reps", str(reps), "--dtype", dtype,
+                       "--ignore", str(IGNORE_FRACTION)])
 
 
 def timing_in_subprocess(methods, n, h, v, rounds, dtype="float32"):
     return _run_child(["--time", ",".join(methods), "--shape", f"{n},{h},{v}", "--reps", str(rounds),
-                       "--dtype", dtype])
+                       "--dtype", dtype, "--ignore", str(IGNORE_FRACTION)])
 
 
 def _median_ratio(times, m, ours):
@@ -226,18 +229,23 @@ def add_arguments(p):
     p.add_argument("--shape", default=",".join(map(str, DEFAULT_SHAPE)), help="N,H,V (default %(default)s)")
     p.add_argument("--reps", type=int, default=3, help="timed rounds (median)")
     p.add_argument("--dtype", default="float32")
+    p.add_argument("--ignore", type=float, default=IGNORE_FRACTION,
+                   help="fraction of the rows whose target is ignore_index (default %(default)s)")
     p.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset")
     p.add_argument("--json", metavar="PATH", help="write the measurements as JSON")
     p.add_argument("--markdown", metavar="PATH", help="write the table as Markdown")
 
 
 def report_command(args):
+    global IGNORE_FRACTION
+    IGNORE_FRACTION = args.ignore
     n, h, v = map(int, args.shape.split(","))
     methods = [m for m in args.methods.split(",") if m]
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         print(f"unknown method(s): {unknown}", file=sys.stderr)
         return 2
+    load_start = os.getloadavg()[0]
     results = []
     for m in methods:
         sys.stderr.write(f"memory: {m} ...\n")
@@ -249,7 +257,8 @@ def report_command(args):
               f"torch {torch.__version__}; {_cpu_name()}; {results[0]['threads']} threads; "
               f"memory: each method in a fresh process (one step after a warm-up step); "
               f"time: medians over {args.reps} interleaved rounds after a warm-up round, one process; "
-              f"load average at the start {os.getloadavg()[0]:.1f}")
+              f"load average (1 min) at the start {load_start:.1f}, at the end {os.getloadavg()[0]:.1f} "
+              f"(a shared machine: other processes' load inflates wall times; CPU s much less)")
     text = table(results, timing)
     print(header)
     print(text)
@@ -268,6 +277,8 @@ def main(argv=None):
     p.add_argument("--one", metavar="METHOD", help="run one method in this process, print JSON")
     p.add_argument("--time", metavar="METHODS", help="interleaved timing in this process, print JSON")
     args = p.parse_args(argv)
+    global IGNORE_FRACTION
+    IGNORE_FRACTION = args.ignore
     if args.time:
         n, h, v = map(int, args.shape.split(","))
         print(json.dumps(time_interleaved(args.time.split(","), n, h, v, args.reps, args.dtype)))

@@ -151,7 +151,7 @@ def test_the_kernel_only_ever_sees_one_chunk(monkeypatch):
     class Spy:
         def __getattr__(self, name):
             real = getattr(torch.ops.labelsmooth_ext, name)
-            if name != "ce_forward":
+            if name not in ("ce_forward", "ce_forward_ext", "ce_forward_grad_"):
                 return real
 
             def call(z, *args):
@@ -165,7 +165,10 @@ def test_the_kernel_only_ever_sees_one_chunk(monkeypatch):
         loss = L.linear_cross_entropy(x, W, t, linear_bias=b, reduction=red, chunk_size=8)
         loss.sum().backward()
     assert seen and all(r <= 8 and k == V for r, k in seen)
-    assert sum(r for r, _ in seen) == 3 * 50  # mean: one pass; none: forward + backward
+    # mean: one pass; none: forward + backward; on the CPU only the rows not ignored
+    kept = int((t != -100).sum())
+    assert kept < 50
+    assert sum(r for r, _ in seen) == 3 * kept
 
 
 def test_auto_chunk_size_bounds_the_chunk():
@@ -392,3 +395,138 @@ def test_off_target_needs_two_classes():
     with pytest.raises(ValueError, match="off_target"):
         L.linear_cross_entropy(x, W, torch.zeros(N, dtype=torch.int64), label_smoothing=0.1,
                                smoothing_mode="off_target")
+
+
+# --- the CPU chunk step: ce_forward_grad_ (loss + gradient written over the logits) -----------
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("z_loss,softcap", [(0.0, 0.0), (0.02, 0.0), (0.0, 1.5), (0.01, 2.0)])
+@pytest.mark.parametrize("per_row", [False, True])
+def test_ce_forward_grad_op_against_float64(dtype, weighted, z_loss, softcap, per_row):
+    """Per-row losses returned, and each row's gradient times its factor written over the
+    logits, against the float64 reference and autograd."""
+    g = torch.Generator().manual_seed(1)
+    z64 = torch.randn(13, 37, generator=g, dtype=torch.float64) * 3
+    t = torch.randint(0, 37, (13,), generator=g)
+    t[::5] = -100
+    w = (torch.rand(37, generator=g, dtype=torch.float64) + 0.1).to(dtype) if weighted else None
+    w64 = None if w is None else w.double()  # the reference sees the rounded weights
+    factors = torch.rand(13, generator=g, dtype=torch.float64) + 0.5
+    z = z64.to(dtype)
+    zin = z.double().requires_grad_()
+    ref = R.cross_entropy(zin, t, w64, reduction="none", label_smoothing=0.1, z_loss=z_loss,
+                          softcap=softcap or None)
+    scale = 0.37
+    want_g = torch.autograd.grad(ref, zin, factors if per_row else torch.full_like(ref, scale))[0]
+    buf = z.clone()
+    ptr = buf.data_ptr()
+    rows = torch.ops.labelsmooth_ext.ce_forward_grad_(
+        buf, t, w, -100, 0.1, 0, z_loss, softcap, scale,
+        factors if per_row else None)
+    assert buf.data_ptr() == ptr and rows.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert_close_to(rows.double(), ref.detach(), dtype, "losses")
+    assert (rows[t == -100] == 0).all() and (buf[t == -100] == 0).all()
+    assert_close_to(buf.double(), want_g, dtype, "gradient written over the logits")
+
+
+def test_ce_forward_grad_op_opcheck_and_errors():
+    z = torch.randn(5, 7, dtype=torch.float64)
+    t = torch.tensor([0, 6, -100, 3, 1])
+    torch.library.opcheck(torch.ops.labelsmooth_ext.ce_forward_grad_.default,
+                          (z.clone(), t, None, -100, 0.1, 0, 0.01, 2.0, 0.5, None))
+    torch.library.opcheck(torch.ops.labelsmooth_ext.ce_forward_grad_.default,
+                          (z.clone(), t, None, -100, 0.1, 1, 0.0, 0.0, 1.0, torch.rand(5, dtype=torch.float64)))
+    op = torch.ops.labelsmooth_ext.ce_forward_grad_
+    with pytest.raises(ValueError, match="contiguous"):
+        op(torch.randn(7, 5, dtype=torch.float64).t(), t, None, -100, 0.1, 0, 0.0, 0.0, 1.0, None)
+    with pytest.raises(ValueError, match="row_scale"):
+        op(z.clone(), t, None, -100, 0.1, 0, 0.0, 0.0, 1.0, torch.ones(4, dtype=torch.float64))
+    with pytest.raises(ValueError, match="z_loss"):
+        op(z.clone(), t, None, -100, 0.1, 0, -1.0, 0.0, 1.0, None)
+    with pytest.raises(IndexError, match="out of range"):
+        op(z.clone(), torch.tensor([0, 7, 1, 2, 3]), None, -100, 0.1, 0, 0.0, 0.0, 1.0, None)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_ignored_rows_are_skipped(reduction):
+    """The CPU leaves the ignored rows out of the GEMMs: their d input is exactly 0 and nothing
+    of them reaches d W / d b, even where their inputs are not finite (linear + cross_entropy
+    would carry 0 * NaN = NaN into d W there). The kept rows' results equal the float64
+    reference on the kept rows alone."""
+    x, W, b, t, w = make(n=30)
+    with torch.no_grad():
+        x[t == -100] = float("nan")
+    kw = dict(weight=w, reduction=reduction, label_smoothing=0.1, z_loss=0.01, softcap=3.0)
+    ours = L.linear_cross_entropy(x, W, t, linear_bias=b, chunk_size=4, **kw)
+    keep = t != -100
+    xk = x.detach()[keep].clone().requires_grad_()
+    ref = oracle(xk, W, b, t[keep], **kw)
+    go = torch.rand(30, dtype=torch.float64) + 0.5 if reduction == "none" else None
+    if reduction == "none":
+        assert (ours[~keep] == 0).all()
+        torch.testing.assert_close(ours[keep], ref, rtol=1e-12, atol=1e-12)
+        gx, gW, gb = grads(ours, [x, W, b], go)
+        ex, eW, eb = grads(ref, [xk, W, b], go[keep])
+    else:
+        torch.testing.assert_close(ours, ref, rtol=1e-12, atol=1e-12)
+        gx, gW, gb = grads(ours, [x, W, b])
+        ex, eW, eb = grads(ref, [xk, W, b])
+    assert (gx[~keep] == 0).all()
+    torch.testing.assert_close(gx[keep], ex, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(gW, eW, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(gb, eb, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("extras", [{}, {"z_loss": 1e-3, "softcap": 5.0}])
+def test_autocast_bfloat16_gemms_float32_loss(reduction, extras):
+    """Under torch.autocast (bfloat16): the GEMMs take the bfloat16-rounded x, W, b (as
+    F.linear does there), the loss is float32, the gradients come back in float32. Values
+    against the float64 reference on the rounded operands, and against autocast linear + our
+    cross_entropy."""
+    x, W, b, t, w = make(n=40, h=16, v=50, dtype=torch.float32)
+    kw = dict(weight=w, label_smoothing=0.1, reduction=reduction, **extras)
+    seen = []
+    real = torch.ops.labelsmooth_ext.ce_forward_grad_
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours = L.linear_cross_entropy(x, W, t, linear_bias=b, chunk_size=16, **kw)
+        theirs = L.cross_entropy(F.linear(x, W, b), t, w, label_smoothing=0.1, reduction=reduction,
+                                 **extras)
+    assert ours.dtype == torch.float32 and theirs.dtype == torch.float32
+    r64 = [p.detach().bfloat16().double().requires_grad_() for p in (x, W, b)]
+    ref = oracle(*r64, t, **dict(kw, weight=w.double()))
+    # the logits are rounded to bfloat16 once (the GEMM's output): a row's loss moves by up to
+    # a few ulps of the largest logit
+    zmax = float(F.linear(*r64).detach().abs().max())
+    assert_close_to(ours.double(), ref.detach(), torch.bfloat16, "loss", atol_rel=2.0 ** -8, scale=zmax)
+    assert_close_to(ours.double(), theirs.double(), torch.bfloat16, "loss vs linear + cross_entropy",
+                    atol_rel=2.0 ** -8, scale=zmax)
+    go = torch.rand_like(ref) + 0.5 if reduction == "none" else None
+    g_ours = grads(ours, [x, W, b], None if go is None else go.float())
+    for a, e, name in zip(g_ours, grads(ref, r64, go), ("d input", "d W", "d b")):
+        assert a.dtype == torch.float32, name
+        assert_close_to(a.double(), e, torch.bfloat16, name, ulps=0, atol_rel=TOL[torch.bfloat16])
+    # and the GEMMs really ran in bfloat16: the row kernel saw bfloat16 logits
+    seen.clear()
+
+    class Spy:
+        def __getattr__(self, name):
+            op = getattr(torch.ops.labelsmooth_ext, name)
+            if name != "ce_forward_grad_":
+                return op
+
+            def call(z, *args):
+                seen.append(z.dtype)
+                return real(z, *args)
+            return call
+
+    saved = lin.ops
+    lin.ops = Spy()
+    try:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            L.linear_cross_entropy(x, W, t, linear_bias=b, **kw).sum().backward()
+    finally:
+        lin.ops = saved
+    assert seen and set(seen) == {torch.bfloat16}

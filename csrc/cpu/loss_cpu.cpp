@@ -529,6 +529,42 @@ std::string cpu_kernel_constants() {
   return out + "}";
 }
 
+// The fused linear + cross-entropy's chunk step (labelsmooth_ext/linear.py): per-row losses
+// (ignored rows 0, z_loss and softcap as in ce_forward_ext) returned, and each row's gradient
+// times its factor (row_scale[r] when given, else grad_scale) written over the logits, so one
+// chunk buffer holds the logits and then their gradient. Each row is read completely before
+// its gradient is written (see ce_grad_ext_cpu_).
+at::Tensor ce_forward_grad_cpu_(at::Tensor& input, const at::Tensor& target,
+                                const std::optional<at::Tensor>& weight, int64_t ignore_index, double eps,
+                                int64_t mode, double z_loss, double softcap, double grad_scale,
+                                const std::optional<at::Tensor>& row_scale) {
+  const char* fn = "labelsmooth_ext::ce_forward_grad_";
+  check_ce_args(input, target, weight, eps, mode, kSum);
+  check_ext_args(fn, z_loss, softcap);
+  TORCH_CHECK_VALUE(input.dim() == 2 && input.is_contiguous(), fn,
+                    ": writes the gradient over the logits, which must be contiguous (N, C) rows; got shape ",
+                    input.sizes(), " and strides ", input.strides());
+  TORCH_CHECK_VALUE(std::isfinite(grad_scale), fn, ": grad_scale must be finite, got ", grad_scale);
+  const at::Tensor tgt = target.contiguous();
+  const int64_t N = tgt.size(0), K = input.size(1);
+  std::vector<double> scales;
+  if (row_scale.has_value() && row_scale->defined()) {
+    TORCH_CHECK_VALUE(row_scale->dim() == 1 && row_scale->size(0) == N && row_scale->is_floating_point(), fn,
+                      ": row_scale must be a 1-d floating tensor with one factor per row (", N, "), got shape ",
+                      row_scale->sizes(), " and dtype ", row_scale->scalar_type());
+    const at::Tensor rs = row_scale->to(at::kDouble).contiguous();
+    scales.assign(rs.data_ptr<double>(), rs.data_ptr<double>() + N);
+  } else {
+    scales.assign(N, grad_scale);
+  }
+  const std::vector<double> w = weights_as_double(weight);
+  ce_denominator(tgt.data_ptr<int64_t>(), N, K, ignore_index, w);  // checks the targets
+  at::Tensor rows = at::empty({N}, input.options().dtype(acc_type_of(input.scalar_type())));
+  run_ce_rows(input, tgt, weight, ignore_index, eps, mode, kSum, 1.0, w, rows, &input, scales.data(), z_loss,
+              softcap, nullptr);
+  return rows;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(labelsmooth_ext, m) {
@@ -550,5 +586,21 @@ TORCH_LIBRARY_IMPL(labelsmooth_ext, CPU, m) {
   m.impl("ce_prob_grad_ext_", &ce_prob_grad_ext_cpu_);
 }
 
+}  // namespace cpu
+}  // namespace labelsmooth_ext
+
+namespace labelsmooth_ext {
+namespace cpu {
+// linear.py's chunk step (CPU only: other devices take ce_forward_ext and a separate buffer).
+TORCH_LIBRARY_FRAGMENT(labelsmooth_ext, m) {
+  m.def(
+      "ce_forward_grad_(Tensor(a!) input, Tensor target, Tensor? weight, int ignore_index, "
+      "float label_smoothing, int smoothing_mode, float z_loss, float softcap, float grad_scale, "
+      "Tensor? row_scale) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(labelsmooth_ext, CPU, m) {
+  m.impl("ce_forward_grad_", &ce_forward_grad_cpu_);
+}
 }  // namespace cpu
 }  // namespace labelsmooth_ext
