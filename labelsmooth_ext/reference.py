@@ -11,12 +11,15 @@ def smoothing_coefficients(num_classes, label_smoothing, smoothing_mode="uniform
     eps, k = float(label_smoothing), int(num_classes)
     if eps == 0.0:
         return 0.0, 1.0
+    # as the kernels (row_math.h): eps > 0 never rounds to no smoothing, an eps / k that
+    # underflows is the smallest positive float64 instead of 0
     if smoothing_mode == "uniform":
-        return eps / k, 1.0 - eps
+        return (eps / k) or 5e-324, 1.0 - eps
     if smoothing_mode == "off_target":
         if k < 2:
             raise ValueError("smoothing_mode='off_target' needs at least 2 classes when label_smoothing > 0")
-        return eps / (k - 1), 1.0 - eps - eps / (k - 1)
+        a = (eps / (k - 1)) or 5e-324
+        return a, 1.0 - eps - a
     raise ValueError(f"smoothing_mode must be 'uniform' or 'off_target', got {smoothing_mode!r}")
 
 
