@@ -207,9 +207,10 @@ def _theirs_ce(c):
         # (README, Semantics: a positive label_smoothing never rounds to no smoothing), which
         # is PyTorch's result for eps = C * 5e-324.
         eps = C * 5e-324
-    if c["form"] == "1d_one" and (eps > 0 or C == 1) and not target.is_floating_point():
-        # PyTorch fails here itself (documented): the batched result is the right one. eps > 0:
-        # its (C,) path cannot smooth a (1,) target; C == 1: input and target both (1,), which it
+    if c["form"] == "1d_one" and not target.is_floating_point():
+        # PyTorch fails here itself (documented): the batched result is the right one. eps = 0,
+        # C > 1: its forward gives that loss but its backward fails (size mismatch); eps > 0: its
+        # (C,) path cannot smooth a (1,) target; C == 1: input and target both (1,), which it
         # reads as a probability target and refuses for an integer one
         return (lambda x, t, **kw: F.cross_entropy(x[None], t, **kw).reshape(())), (
             target, dict(weight=w, ignore_index=c["ignore_index"], reduction=c["reduction"], label_smoothing=eps))
