@@ -77,7 +77,9 @@ def cross_entropy(input, target, weight=None, ignore_index=-100, reduction="mean
     if reduction == "sum":
         return loss.sum()
     if reduction == "mean":
-        return loss.sum() / denom
+        # kept rows whose target weights sum to 0: NaN, as PyTorch (whose class-index term is
+        # 0 / 0 there) and the kernels, also when the smoothing term alone would give x / 0
+        return torch.where(denom == 0, torch.full_like(denom, float("nan")), loss.sum() / denom)
     raise ValueError(f"reduction must be 'none', 'mean' or 'sum', got {reduction!r}")
 
 
