@@ -192,6 +192,18 @@ def ce_case(draw):
 
 
 def _theirs_ce(c):
+    """PyTorch's call for our arguments (see _theirs_ce_rows); a (C,) input with a (1,)
+    class-index target is compared with the batched (1, C) result: PyTorch fails there itself
+    (documented). eps = 0, C > 1: its forward gives that loss but its backward fails (size
+    mismatch); eps > 0: its (C,) path cannot smooth a (1,) target; C == 1: input and target are
+    both (1,), which it reads as a probability target and refuses for an integer one."""
+    fn, rest = _theirs_ce_rows(c)
+    if fn is not None and c["form"] == "1d_one" and not c["target"].is_floating_point():
+        return (lambda x, t, **kw: fn(x[None], t, **kw).reshape(())), rest
+    return fn, rest
+
+
+def _theirs_ce_rows(c):
     """PyTorch's call for our arguments: off_target is uniform with eps' = eps K / (K - 1)
     (where eps' <= 1; else the float64 reference, itself checked against PyTorch)."""
     eps, C = c["eps"], c["C"]
@@ -214,13 +226,6 @@ def _theirs_ce(c):
         # (README, Semantics: a positive label_smoothing never rounds to no smoothing), which
         # is PyTorch's result for eps = C * 5e-324.
         eps = C * 5e-324
-    if c["form"] == "1d_one" and not target.is_floating_point():
-        # PyTorch fails here itself (documented): the batched result is the right one. eps = 0,
-        # C > 1: its forward gives that loss but its backward fails (size mismatch); eps > 0: its
-        # (C,) path cannot smooth a (1,) target; C == 1: input and target both (1,), which it
-        # reads as a probability target and refuses for an integer one
-        return (lambda x, t, **kw: F.cross_entropy(x[None], t, **kw).reshape(())), (
-            target, dict(weight=w, ignore_index=c["ignore_index"], reduction=c["reduction"], label_smoothing=eps))
     return F.cross_entropy, (target, dict(weight=w, ignore_index=c["ignore_index"], reduction=c["reduction"],
                                           label_smoothing=eps))
 
