@@ -250,3 +250,30 @@ def test_module_passes_smoothing_mode(mode):
     ours = L.CrossEntropyLoss(label_smoothing=0.3, smoothing_mode=mode, reduction="none")(x, t)
     ref = L.reference.cross_entropy(x, t, label_smoothing=0.3, smoothing_mode=mode, reduction="none")
     assert_close_to(ours, ref, torch.float64, mode)
+
+
+@pytest.mark.parametrize("mode", ["uniform", "off_target"])
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+def test_soft_targets_with_a_gradient_keep_smoothing_mode(mode, reduction):
+    """A probability target that needs a gradient (distillation) takes the differentiable
+    reference path: its loss, input gradient and target gradient follow smoothing_mode (mutant:
+    that path dropped smoothing_mode, which no test saw). Compared by value with the fused path
+    (target without a gradient) and with the formula q = a + b t written out here."""
+    K, eps = 7, 0.3
+    x = torch.randn(5, K, dtype=torch.float64)
+    t = torch.softmax(torch.randn(5, K, dtype=torch.float64), 1)
+    xx, tt = x.clone().requires_grad_(), t.clone().requires_grad_()
+    ours = L.cross_entropy(xx, tt, label_smoothing=eps, smoothing_mode=mode, reduction=reduction)
+    gx, gt = torch.autograd.grad(ours.sum(), (xx, tt))
+    fused, gf = _grad(L.cross_entropy, x, t, label_smoothing=eps, smoothing_mode=mode, reduction=reduction)
+    a = eps / K if mode == "uniform" else eps / (K - 1)
+    b = 1 - eps if mode == "uniform" else 1 - eps - a
+    x2, t2 = x.clone().requires_grad_(), t.clone().requires_grad_()
+    rows = -((a + b * t2) * torch.log_softmax(x2, 1)).sum(1)
+    exact = {"none": rows, "mean": rows.mean(), "sum": rows.sum()}[reduction]
+    ex, et = torch.autograd.grad(exact.sum(), (x2, t2))
+    assert_close_to(ours, exact, torch.float64, "loss")
+    assert_close_to(fused, exact, torch.float64, "fused loss")
+    assert_close_to(gx, ex, torch.float64, "input grad")
+    assert_close_to(gf, ex, torch.float64, "fused input grad")
+    assert_close_to(gt, et, torch.float64, "target grad")

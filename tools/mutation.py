@@ -268,16 +268,16 @@ _VALUE_TESTS = ["tests/test_parity.py", "tests/test_kernel_boundaries.py", "test
                 "tests/test_matrix.py", "tests/test_edge_cases.py", "tests/test_regressions.py"]
 STAGE1_TESTS = {
     K: _VALUE_TESTS,
-    LC: ["tests/test_operators.py", "tests/test_parity.py", "tests/test_binary.py",
-         "tests/test_kernel_boundaries.py", "tests/test_edge_cases.py", "tests/test_regressions.py"],
-    RM: ["tests/test_parity.py", "tests/test_binary.py", "tests/test_kernel_boundaries.py",
-         "tests/test_edge_cases.py", "tests/test_operators.py", "tests/test_regressions.py"],
-    OPS: ["tests/test_operators.py", "tests/test_regressions.py", "tests/test_errors.py",
-          "tests/test_parity.py", "tests/test_edge_cases.py", "tests/test_binary.py"],
-    FN: ["tests/test_operators.py", "tests/test_regressions.py", "tests/test_errors.py",
-         "tests/test_binary.py", "tests/test_matrix.py", "tests/test_parity.py"],
-    PO: ["tests/test_operators.py", "tests/test_regressions.py", "tests/test_autograd.py",
-         "tests/test_binary.py", "tests/test_matrix.py"],
+    LC: ["tests/test_parity.py", "tests/test_binary.py", "tests/test_regressions.py",
+         "tests/test_kernel_boundaries.py", "tests/test_edge_cases.py", "tests/test_operators.py"],
+    RM: ["tests/test_parity.py", "tests/test_binary.py", "tests/test_regressions.py",
+         "tests/test_kernel_boundaries.py", "tests/test_edge_cases.py", "tests/test_operators.py"],
+    OPS: ["tests/test_regressions.py", "tests/test_errors.py", "tests/test_parity.py",
+          "tests/test_binary.py", "tests/test_edge_cases.py", "tests/test_operators.py"],
+    FN: ["tests/test_regressions.py", "tests/test_errors.py", "tests/test_binary.py",
+         "tests/test_operators.py", "tests/test_matrix.py", "tests/test_parity.py"],
+    PO: ["tests/test_regressions.py", "tests/test_autograd.py", "tests/test_binary.py",
+         "tests/test_operators.py", "tests/test_matrix.py"],
     MOD: ["tests/test_regressions.py", "tests/test_operators.py", "tests/test_parity.py"],
     CK: ["tests/test_simt_emulation.py", "tests/test_parity.py", "tests/test_edge_cases.py",
          "tests/test_cuda.py", "tests/test_autograd.py", "tests/test_binary.py", "tests/test_mixed.py"],
@@ -299,6 +299,9 @@ FULL_SUITE_EXCLUDED = {
 }
 # Emulated CUDA mutants: only the simt-device cases can reach the CUDA kernels.
 SIMT_FILTER = "simt"
+# Stage 1 of a CPU-kernel mutant leaves out the simt-device cases (the emulated CUDA kernels do
+# not run the CPU kernels; stage 2 runs them all the same).
+STAGE1_FILTER = {K: "not simt", LC: "not simt"}
 
 
 def _ids(specs, n):
@@ -454,7 +457,7 @@ def main():
             else:
                 stage = 1
                 first = _stage1(m, work)
-                status, detail = _run_tests(work, first, log, args.timeout, kfilter)
+                status, detail = _run_tests(work, first, log, args.timeout, kfilter or STAGE1_FILTER.get(m.path))
                 if status == "passed":
                     stage = 2
                     rest = [f for f in _full_suite(work) if f not in first]
@@ -509,7 +512,10 @@ def _write_report(path, results):
         "CPU-only build at -O1; results kept per mutant in `docs/mutation_results.json`).", "",
         "Per mutant: **stage 1** runs the test files most likely to kill a mutant of its source file "
         "with `-x`; only if they all pass, **stage 2** runs the rest of the CPU suite with `-x`. "
-        "Emulated CUDA mutants (`build simt`) run the simt-device cases only (`-k simt`).", "",
+        "Emulated CUDA mutants (`build simt`) run the simt-device cases only (`-k simt`). Stage 1 of "
+        "a CPU-kernel mutant (" + ", ".join(f"`{f}`" for f in STAGE1_FILTER) + ") leaves out the "
+        "simt-device cases (`-k 'not simt'`: they run the emulated CUDA kernels, not the CPU ones); "
+        "stage 2 runs them.", "",
         "Stage 1 per file: " + "; ".join(f"`{f}`: " + ", ".join(t.split("/")[-1] for t in ts)
                                         for f, ts in STAGE1_TESTS.items()) + ".", "",
         "Stage 2 leaves out: " + "; ".join(f"`{f}` ({why})" for f, why in FULL_SUITE_EXCLUDED.items()) + ".", "",
