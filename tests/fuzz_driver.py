@@ -93,7 +93,7 @@ def _ours(fn, x, args, kwargs, go):
 
 
 def compare(ours_fn, theirs_fn, x, args, kwargs, theirs_kwargs, dtype, go_seed, per_row_go, fix_grad=None,
-            term_scale=None):
+            term_scale=None, loss_terms=None):
     """term_scale(go): the size of the largest terms a gradient element is the difference of
     (p_c and q_c; sigmoid(x) and t'): the accumulation type's rounding of those is the
     cancellation error ATOL_REL allows (conftest.py), where every gradient element is small."""
@@ -116,7 +116,10 @@ def compare(ours_fn, theirs_fn, x, args, kwargs, theirs_kwargs, dtype, go_seed, 
         ref, gref = _torch64(theirs_fn, x, args, theirs_kwargs, go)
     assert ours.dtype == dtype, (ours.dtype, dtype)
     assert ours.shape == ref.shape, (ours.shape, ref.shape)
-    assert_close_to(ours, ref, dtype, "loss", scale=_loss_scale(ref))
+    lscale = _loss_scale(ref)
+    if loss_terms is not None:  # the sum of |terms| of the largest loss: its cancellation error
+        lscale = max(lscale, loss_terms(go))
+    assert_close_to(ours, ref, dtype, "loss", scale=lscale)
     if gref is not None and fix_grad is not None:
         gref = fix_grad(gref)
     if gref is not None:
@@ -264,7 +267,44 @@ def run_ce(c, module):
         def fix(gref):
             return fused_row_semantics(gref, c["target"], c["ignore_index"])
     compare(ours_fn, lambda x, t, **k: theirs_fn(x, target, **theirs_kwargs), c["x"], (c["target"],), kw,
-            {}, c["dtype"], c["go_seed"], c["per_row"], fix_grad=fix, term_scale=lambda go: _ce_terms(c, go))
+            {}, c["dtype"], c["go_seed"], c["per_row"], fix_grad=fix, term_scale=lambda go: _ce_terms(c, go),
+            loss_terms=lambda go: _ce_loss_terms(c))
+
+
+def _ce_loss_terms(c):
+    """The sum of |terms| of a row's loss, |b w_y| (lse - z_y) + |a| sum_c |w_c| (lse - z_c),
+    largest over rows ('none'), summed ('sum') or over |D| ('mean'): with +-1e30 logits and
+    weights of both signs, terms of 1e30 cancel to a loss of 1e26, whose float32 rounding
+    error is relative to the terms. Infinite terms (-inf logits) are left out (the inf / NaN
+    positions are compared exactly)."""
+    C = c["C"]
+    x = c["x"].detach().double()
+    if x.numel() == 0 or C == 0:
+        return 1.0
+    rows = x.unsqueeze(0) if x.dim() == 1 else x.movedim(1, -1).reshape(-1, C)
+    nlp = -torch.log_softmax(rows, 1)
+    nlp = torch.where(nlp.isfinite(), nlp, torch.zeros_like(nlp))
+    a, b = reference.smoothing_coefficients(C, c["eps"], c["mode"])
+    w = torch.ones(C, dtype=torch.float64) if c["w"] is None else c["w"].double()
+    t = c["target"]
+    if t.is_floating_point():
+        tr = t.double().reshape(1, -1) if t.dim() == 1 else t.double().movedim(1, -1).reshape(-1, C)
+        terms = ((a + b * tr).abs() * w.abs() * nlp).sum(1)
+        D = float(rows.shape[0])
+    else:
+        y = t.reshape(-1).long()
+        keep = (y != c["ignore_index"]) & (y >= 0) & (y < C)
+        ys = torch.where(keep, y, torch.zeros_like(y))
+        terms = abs(b) * w[ys].abs() * nlp.gather(1, ys[:, None])[:, 0] + abs(a) * (w.abs() * nlp).sum(1)
+        terms = torch.where(keep, terms, torch.zeros_like(terms))
+        D = float(w[ys][keep].sum())
+    terms = terms[terms.isfinite()]
+    if terms.numel() == 0:
+        return 1.0
+    if c["reduction"] == "none":
+        return float(terms.max())
+    total = float(terms.sum())
+    return total / abs(D) if c["reduction"] == "mean" and D else total
 
 
 def _ce_terms(c, go):
