@@ -355,10 +355,32 @@ def bce_case(draw):
     return x, t, kw, a, dtype, seed + 4, draw(st.booleans()), draw(st.booleans())
 
 
+def _bce64(x, t, a, kw):
+    """PyTorch's BCE with logits in float64 on t' = t (1 - 2a) + a, with the loss of finite x in
+    the form without cancellation, w (-p t' x + L log1p(exp(x))) for x < 0 (PyTorch's own
+    (1 - t') x + max(-x, 0) + ... cancels: at x = -1e30, t' = 2.2e-16 it gives 2^48 for the true
+    2.2e14; long-profile finding); +-inf and NaN are PyTorch's values. Same gradient."""
+    red = kw.get("reduction", "mean")
+    elem = F.binary_cross_entropy_with_logits(x, t * (1 - 2 * a) + a, **dict(kw, reduction="none"))
+    ts = t * (1 - 2 * a) + a
+    ts1 = (1 - t) * (1 - 2 * a) + a  # 1 - t', exact also where t' is near 1
+    p = kw.get("pos_weight")
+    p = torch.ones((), dtype=x.dtype) if p is None else p
+    w = kw.get("weight")
+    w = torch.ones((), dtype=x.dtype) if w is None else w
+    L = 1 + (p - 1) * ts
+    xs = torch.where(x.isfinite(), x, torch.zeros_like(x))
+    exact = w * (torch.where(xs < 0, -p * ts * xs, ts1 * xs) + L * torch.log1p(torch.exp(-xs.abs())))
+    elem = torch.where(x.isfinite(), exact, elem)
+    if red == "none":
+        return elem
+    return elem.sum() if red == "sum" else elem.mean()
+
+
 def run_bce(case):
     x, t, kw, a, dtype, go_seed, per_row, module = case
     kw64 = {k: (v.double() if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}
-    theirs = lambda xd, tt: F.binary_cross_entropy_with_logits(xd, t.double() * (1 - 2 * a) + a, **kw64)  # noqa: E731
+    theirs = lambda xd, tt: _bce64(xd, t.double(), a, kw64)  # noqa: E731
     if module:
         mod = L.BCEWithLogitsLoss(weight=kw.get("weight"), reduction=kw["reduction"], pos_weight=kw.get("pos_weight"),
                                   label_smoothing=a)

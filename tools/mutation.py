@@ -197,7 +197,7 @@ MUTANTS = [
     Mutant(RM, "  const acc_t ts = t * (acc_t(1) - acc_t(2) * a) + a;", "  const acc_t ts = t * (acc_t(1) - a) + a;",
            "bce: smoothed target t(1-a)+a"),
     Mutant(RM, "w * (L * e * inv - p * ts);", "w * (e * inv - p * ts);", "bce gradient (x < 0) without the pos_weight factor L"),
-    Mutant(RM, "w * (((acc_t(1) - ts) - p * ts * e) * inv)", "w * (inv - p * ts)",
+    Mutant(RM, "w * ((ts1 - p * ts * e) * inv)", "w * (inv - p * ts)",
            "bce gradient (x >= 0) as sigmoid - p t' (cancels for a confident logit)"),
     Mutant(RM, "  return y != ignore_index && (y < 0 || y >= K);", "  return y != ignore_index && (y < 0 || y > K);",
            "target == K accepted"),
