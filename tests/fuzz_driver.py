@@ -359,7 +359,8 @@ def _bce64(x, t, a, kw):
     """PyTorch's BCE with logits in float64 on t' = t (1 - 2a) + a, with the loss of finite x in
     the form without cancellation, w (-p t' x + L log1p(exp(x))) for x < 0 (PyTorch's own
     (1 - t') x + max(-x, 0) + ... cancels: at x = -1e30, t' = 2.2e-16 it gives 2^48 for the true
-    2.2e14; long-profile finding); +-inf and NaN are PyTorch's values. Same gradient."""
+    2.2e14; long-profile finding); +-inf and NaN by PyTorch's formula with 1 - t' exact.
+    Same gradient."""
     red = kw.get("reduction", "mean")
     elem = F.binary_cross_entropy_with_logits(x, t * (1 - 2 * a) + a, **dict(kw, reduction="none"))
     ts = t * (1 - 2 * a) + a
@@ -371,7 +372,10 @@ def _bce64(x, t, a, kw):
     L = 1 + (p - 1) * ts
     xs = torch.where(x.isfinite(), x, torch.zeros_like(x))
     exact = w * (torch.where(xs < 0, -p * ts * xs, ts1 * xs) + L * torch.log1p(torch.exp(-xs.abs())))
-    elem = torch.where(x.isfinite(), exact, elem)
+    # +-inf / NaN: PyTorch's formula with 1 - t' exact (ts1), as the kernels: at x = +inf, t = 1,
+    # a = 5e-324 PyTorch rounds t' to 1 and gives 0 * inf = NaN, the exact loss is +inf
+    nonfinite = w * (ts1 * x + L * (torch.clamp(-x, min=0) + torch.log1p(torch.exp(-x.abs()))))
+    elem = torch.where(x.isfinite(), exact, nonfinite)
     if red == "none":
         return elem
     return elem.sum() if red == "sum" else elem.mean()
