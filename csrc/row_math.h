@@ -30,6 +30,9 @@ LSE_HD float lse_log1p(float x) { return log1pf(x); }
 LSE_HD double lse_log1p(double x) { return log1p(x); }
 LSE_HD float lse_tanh(float x) { return tanhf(x); }
 LSE_HD double lse_tanh(double x) { return tanh(x); }
+// The smallest positive value of the accumulation type (a subnormal).
+LSE_HD float smallest_positive(float) { return 1.40129846e-45f; }
+LSE_HD double smallest_positive(double) { return 4.9406564584124654e-324; }
 
 template <typename acc_t>
 struct Smoothing {
@@ -53,6 +56,10 @@ LSE_HD Smoothing<acc_t> smoothing_coefs(double eps, int64_t K, int64_t mode) {
     r.a = acc_t(eps / double(K));
     r.b = acc_t(1.0 - eps);
   }
+  // label_smoothing > 0 never rounds to no smoothing: an eps/K below the accumulation type's
+  // smallest positive value (eps = 5e-324; eps < 1e-38 K for float) becomes that value, so a
+  // -inf logit still gives the exact formula's loss +inf (not 0 * inf, not a finite value).
+  if (eps > 0.0 && r.a == acc_t(0) && !(mode == kOffTarget && K <= 1)) r.a = smallest_positive(acc_t(0));
   return r;
 }
 
@@ -169,14 +176,22 @@ LSE_HD acc_t prob_row_loss(acc_t log_s, acc_t Q, acc_t Sq) {
 template <typename acc_t>
 LSE_HD void bce_elem(acc_t x, acc_t t, acc_t w, acc_t p, acc_t a, acc_t& loss, acc_t& grad) {
   const acc_t ts = t * (acc_t(1) - acc_t(2) * a) + a;
+  // 1 - t' formed directly: (1 - t)(1 - 2a) + a keeps a small a where t' rounds to 1 (float32:
+  // t = 1, a = 2.2e-16 gave (1 - t') x = 0 * -inf = NaN for the exact loss -inf; long fuzz)
+  const acc_t ts1 = (acc_t(1) - t) * (acc_t(1) - acc_t(2) * a) + a;
   const acc_t L = acc_t(1) + (p - acc_t(1)) * ts;
   const acc_t e = lse_exp(x < acc_t(0) ? x : -x);
   const acc_t sp_neg = (x < acc_t(0) ? -x : acc_t(0)) + lse_log1p(e);
-  loss = w * ((acc_t(1) - ts) * x + L * sp_neg);  // as PyTorch, also at +-inf
+  // (1 - t') x + L max(-x, 0) is -p t' x for x < 0: summed as such, it does not cancel against
+  // L max(-x, 0) (a confident logit with t' = 0 kept only float rounding of |x| for the loss,
+  // e.g. 0 instead of 9e-7 at x = -14 in float32). At +-inf as PyTorch (NaN for x = -inf).
+  const bool finite_x = x > -acc_t(INFINITY) && x < acc_t(INFINITY);
+  loss = finite_x ? w * ((x < acc_t(0) ? -(p * ts) * x : ts1 * x) + L * lse_log1p(e))
+                  : w * (ts1 * x + L * sp_neg);
   const acc_t inv = acc_t(1) / (acc_t(1) + e);
   // x >= 0: L sigmoid(x) - p t' = ((1 - t') - p t' e) / (1 + e), without the cancellation of
   // sigmoid(x) - 1 (a confident, correct logit: the gradient -e would round to 0).
-  grad = x >= acc_t(0) ? w * (((acc_t(1) - ts) - p * ts * e) * inv) : w * (L * e * inv - p * ts);
+  grad = x >= acc_t(0) ? w * ((ts1 - p * ts * e) * inv) : w * (L * e * inv - p * ts);
 }
 
 // Whether a gradient already rounded to its 16-bit (or float32) dtype, multiplied by the

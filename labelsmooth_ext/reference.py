@@ -11,12 +11,15 @@ def smoothing_coefficients(num_classes, label_smoothing, smoothing_mode="uniform
     eps, k = float(label_smoothing), int(num_classes)
     if eps == 0.0:
         return 0.0, 1.0
+    # as the kernels (row_math.h): eps > 0 never rounds to no smoothing, an eps / k that
+    # underflows is the smallest positive float64 instead of 0
     if smoothing_mode == "uniform":
-        return eps / k, 1.0 - eps
+        return (eps / k) or 5e-324, 1.0 - eps
     if smoothing_mode == "off_target":
         if k < 2:
             raise ValueError("smoothing_mode='off_target' needs at least 2 classes when label_smoothing > 0")
-        return eps / (k - 1), 1.0 - eps - eps / (k - 1)
+        a = (eps / (k - 1)) or 5e-324
+        return a, 1.0 - eps - a
     raise ValueError(f"smoothing_mode must be 'uniform' or 'off_target', got {smoothing_mode!r}")
 
 
@@ -74,7 +77,9 @@ def cross_entropy(input, target, weight=None, ignore_index=-100, reduction="mean
     if reduction == "sum":
         return loss.sum()
     if reduction == "mean":
-        return loss.sum() / denom
+        # kept rows whose target weights sum to 0: NaN, as PyTorch (whose class-index term is
+        # 0 / 0 there) and the kernels, also when the smoothing term alone would give x / 0
+        return torch.where(denom == 0, torch.full_like(denom, float("nan")), loss.sum() / denom)
     raise ValueError(f"reduction must be 'none', 'mean' or 'sum', got {reduction!r}")
 
 

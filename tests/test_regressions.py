@@ -116,17 +116,20 @@ def _torch_takes_unbatched_one_element_target():
 
 @pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
 @pytest.mark.parametrize("eps", [0.0, 0.2])
-def test_unbatched_input_with_one_element_target(reduction, eps):
+@pytest.mark.parametrize("C", [9, 1])
+def test_unbatched_input_with_one_element_target(reduction, eps, C):
     """(C,) input with a (1,) target: PyTorch accepts it (0-d result) with eps = 0 and fails
-    itself for eps > 0; we give the one-row (batched) result, 0-d, for every eps."""
-    x = torch.randn(9, dtype=torch.float64)
-    t = torch.tensor([4])
+    itself for eps > 0; we give the one-row (batched) result, 0-d, for every eps. C = 1 (long
+    fuzz finding): input and target are then both (1,), which PyTorch reads as a probability
+    target and refuses for an integer one; we give the one-row result there too (README)."""
+    x = torch.randn(C, dtype=torch.float64)
+    t = torch.tensor([C // 2])
     ours, g = _grad(L.cross_entropy, x, t, reduction=reduction, label_smoothing=eps)
     batched, gb = _grad(lambda xx: F.cross_entropy(xx[None], t, reduction=reduction, label_smoothing=eps), x)
     assert ours.shape == ()
     assert_close_to(ours, batched.reshape(()), torch.float64, "loss")
     assert_close_to(g, gb, torch.float64, "grad")
-    if eps == 0.0 and _torch_takes_unbatched_one_element_target():
+    if eps == 0.0 and C > 1 and _torch_takes_unbatched_one_element_target():
         theirs = F.cross_entropy(x, t, reduction=reduction)
         assert theirs.shape == ours.shape
         assert_close_to(ours, theirs, torch.float64, "PyTorch")
@@ -169,11 +172,62 @@ def test_bce_gradient_of_a_confident_correct_logit(dtype):
         lg = torch.log1p(torch.exp(-xd.abs()))
         theirs = p * td * (torch.clamp(-xd, min=0) + lg) + (1 - td) * (torch.clamp(xd, min=0) + lg)
         gt = -p * td * torch.special.expit(-xd) + (1 - td) * torch.special.expit(xd)
-        # the loss for x < 0, t = 0 is x + (-x + log1p(e)) as in PyTorch (exact at +-inf, but
-        # it cancels to 0 for e below float32's resolution): checked where it does not cancel
-        assert_close_to(ours[:5], theirs[:5], dtype, "loss")
+        # every element, also x < 0 with t = 0, where x + (-x + log1p(e)) cancelled (below)
+        assert_close_to(ours, theirs, dtype, "loss")
         assert_close_to(g, gt, dtype, "grad")
         assert (g[:5] < 0).all()  # never 0: the gradient keeps pushing, however little
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("a", [0.0, 1.0])
+def test_bce_loss_of_a_confident_correct_logit(dtype, a):
+    """Smoothed target t' = 0 (t = 0 with a = 0, or t = 1 with a = 1: the long fuzz's case, with a
+    weight) and x < 0: the loss is w softplus(x) = w log1p(exp(x)). Summed as x + (-x + log1p(e))
+    it cancelled to the rounding of |x| in the accumulation type (float32: 0 instead of 8.3e-7 at
+    x = -14, 1.4e-4 instead of 1.36e-4 at x = -10). Checked per element, relative bound only."""
+    x = torch.tensor([-1.0, -3.0, -8.0, -10.0, -14.0, -20.0, -30.0, -90.0, -6e4]).to(dtype)
+    t = torch.full_like(x, a)
+    xd = x.double()
+    exact = torch.log1p(torch.exp(xd))  # t' = 0: the pos_weight term p t' softplus(-x) is 0
+    for kw, w in (({}, 1.0), ({"weight": torch.tensor([3.0]).to(dtype)}, 3.0),
+                  ({"pos_weight": torch.tensor([2.5]).to(dtype)}, 1.0)):
+        for module in (False, True):
+            fn = (L.BCEWithLogitsLoss(reduction="none", label_smoothing=a, **kw) if module else
+                  lambda xx, tt: L.binary_cross_entropy_with_logits(xx, tt, reduction="none", label_smoothing=a, **kw))
+            ours = fn(x, t)
+            assert_close_to(ours, w * exact, dtype, f"loss {kw} module={module}", atol_rel=0.0)
+    # the sums too: 'sum' of the same elements, against the exact sum
+    ours = L.binary_cross_entropy_with_logits(x, t, reduction="sum", label_smoothing=a)
+    assert_close_to(ours, exact.sum(), dtype, "sum", atol_rel=0.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("mode", ["uniform", "off_target"])
+@pytest.mark.parametrize("reduction", ["none", "mean"])
+def test_subnormal_label_smoothing_still_smooths(dtype, mode, reduction):
+    """label_smoothing so small that eps/K underflows (5e-324 in float64; 1e-300 in float32
+    accumulation): the exact loss of a row with a -inf logit is still +inf (the smoothed target
+    gives that class mass eps/K > 0). PyTorch computes 0 * (sum of log-probabilities) = NaN
+    there (long fuzz finding); we used to skip the term (a finite loss). Now eps/K is at least
+    the smallest positive value: +inf on that row, every other value as for eps -> 0."""
+    K = 5
+    x = torch.randn(4, K, dtype=torch.float64)
+    x[0, 1] = float("-inf")  # row 0: a -inf logit on a non-target class
+    t = torch.tensor([0, 2, 4, 1])
+    xin = x.to(dtype)
+    for eps in ((5e-324, 1e-300, 1e-40) if dtype != torch.float64 else (5e-324,)):
+        ours, g = _grad(L.cross_entropy, xin, t, reduction=reduction, label_smoothing=eps, smoothing_mode=mode)
+        # the float64 truth: PyTorch with the smallest eps whose eps/K does not underflow
+        # (off_target: the same a = eps/(K-1) as PyTorch's uniform eps * K/(K-1))
+        e64 = max(eps, K * 5e-324) if mode == "uniform" else max(eps, (K - 1) * 5e-324) * K / (K - 1)
+        theirs, gt = _grad(F.cross_entropy, xin.double(), t, reduction=reduction, label_smoothing=e64)
+        assert theirs.reshape(-1)[0].isinf()  # +inf: row 0 (or the mean over it)
+        assert_close_to(ours, theirs, dtype, f"loss eps={eps}")
+        assert_close_to(g, gt, dtype, f"grad eps={eps}")
+        # the other rows are the eps = 0 values
+        if reduction == "none":
+            zero = F.cross_entropy(xin.double(), t, reduction="none")
+            assert_close_to(ours[1:], zero[1:], dtype, "rows without -inf")
 
 
 def test_per_row_incoming_gradient_starting_with_one():
@@ -196,3 +250,30 @@ def test_module_passes_smoothing_mode(mode):
     ours = L.CrossEntropyLoss(label_smoothing=0.3, smoothing_mode=mode, reduction="none")(x, t)
     ref = L.reference.cross_entropy(x, t, label_smoothing=0.3, smoothing_mode=mode, reduction="none")
     assert_close_to(ours, ref, torch.float64, mode)
+
+
+@pytest.mark.parametrize("mode", ["uniform", "off_target"])
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+def test_soft_targets_with_a_gradient_keep_smoothing_mode(mode, reduction):
+    """A probability target that needs a gradient (distillation) takes the differentiable
+    reference path: its loss, input gradient and target gradient follow smoothing_mode (mutant:
+    that path dropped smoothing_mode, which no test saw). Compared by value with the fused path
+    (target without a gradient) and with the formula q = a + b t written out here."""
+    K, eps = 7, 0.3
+    x = torch.randn(5, K, dtype=torch.float64)
+    t = torch.softmax(torch.randn(5, K, dtype=torch.float64), 1)
+    xx, tt = x.clone().requires_grad_(), t.clone().requires_grad_()
+    ours = L.cross_entropy(xx, tt, label_smoothing=eps, smoothing_mode=mode, reduction=reduction)
+    gx, gt = torch.autograd.grad(ours.sum(), (xx, tt))
+    fused, gf = _grad(L.cross_entropy, x, t, label_smoothing=eps, smoothing_mode=mode, reduction=reduction)
+    a = eps / K if mode == "uniform" else eps / (K - 1)
+    b = 1 - eps if mode == "uniform" else 1 - eps - a
+    x2, t2 = x.clone().requires_grad_(), t.clone().requires_grad_()
+    rows = -((a + b * t2) * torch.log_softmax(x2, 1)).sum(1)
+    exact = {"none": rows, "mean": rows.mean(), "sum": rows.sum()}[reduction]
+    ex, et = torch.autograd.grad(exact.sum(), (x2, t2))
+    assert_close_to(ours, exact, torch.float64, "loss")
+    assert_close_to(fused, exact, torch.float64, "fused loss")
+    assert_close_to(gx, ex, torch.float64, "input grad")
+    assert_close_to(gf, ex, torch.float64, "fused input grad")
+    assert_close_to(gt, et, torch.float64, "target grad")

@@ -9,16 +9,25 @@ Each mutant is one textual replacement in one file (the `old` text must occur ex
 a change of the code that removes it is reported instead of silently skipped). The tool copies
 the source tree into a scratch directory once, builds it CPU-only once (ninja then recompiles
 only the translation units a mutant touches), and for every mutant: applies it, rebuilds (C++
-only), runs the suite with -x, restores the file. Caught = the build or a test fails; survived =
-everything passes (each survivor must be killed by a new test or explained as equivalent in the
-report). It is slow (one build + one test run per mutant): run it with `nice`, not in CI.
+only), runs the tests in two stages, restores the file:
 
-CUDA kernels: once the SIMT emulation runs the .cu kernels on the CPU, add their mutants to
-MUTANTS with `build="cuda-emulation"` and give EXTRA_BUILDS a command for that build; mutants of
-other builds are listed as not run until then.
+  stage 1: the test files most likely to kill a mutant of that source file (STAGE1_TESTS),
+           with -x (stops at the first failure);
+  stage 2: only if stage 1 passed, the whole CPU suite (FULL_SUITE, -x) minus what stage 1 ran.
+
+Caught = the build or a test fails; survived = both stages pass (each survivor must be killed by
+a new test or explained as equivalent in the report). Results are kept, per mutant text, in
+docs/mutation_results.json, so runs of parts (--only) add up to one report. Slow (a rebuild and
+a test run per mutant): run it with `nice`, not in CI.
+
+CUDA kernels (build="simt"): csrc/cuda/kernels.cuh / reduce.cuh mutants run the CUDA kernels
+under the SIMT emulation (tests/simt_ext.py builds them into build/simt of the scratch copy on
+first use, ninja rebuilds after a mutant), with the tests' simt-device cases (-k simt).
 """
 import argparse
 import collections
+import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -29,6 +38,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 Mutant = collections.namedtuple("Mutant", "path old new what build", defaults=("cpu",))
+
+
+def _key(m):
+    """A mutant's identity in the results file: its file and text (ids shift when the list grows)."""
+    return hashlib.sha1(repr((m.path, m.old, m.new)).encode()).hexdigest()[:16]
 
 # Why a mutant that survives cannot be caught by any test of values (an equivalent mutant):
 # shown in the report next to it. Keyed by the mutant's description.
@@ -58,6 +72,8 @@ OPS = "csrc/ops.cpp"
 FN = "labelsmooth_ext/functional.py"
 PO = "labelsmooth_ext/_ops.py"
 MOD = "labelsmooth_ext/modules.py"
+CK = "csrc/cuda/kernels.cuh"
+CR = "csrc/cuda/reduce.cuh"
 
 MUTANTS = [
     # --- CPU kernels (csrc/cpu/kernels.h) ---
@@ -120,8 +136,8 @@ MUTANTS = [
     Mutant(K, "      const acc_t wy = weighted ? w[y] : acc_t(1);\n      if (!row_max_is_finite(m)) {",
            "      const acc_t wy = weighted ? w[y > 0 ? y - 1 : 0] : acc_t(1);\n      if (!row_max_is_finite(m)) {",
            "ce_rows: w_y of the wrong class"),
-    Mutant(K, "  const acc_t W = weighted ? acc_t(A.W) : acc_t(K);\n  const acc_t scale = acc_t(A.scale);\n\n  at::parallel_for(0, A.N, grain_for(K)",
-           "  const acc_t W = weighted ? acc_t(A.W) : acc_t(K - 1);\n  const acc_t scale = acc_t(A.scale);\n\n  at::parallel_for(0, A.N, grain_for(K)",
+    Mutant(K, "  const acc_t W = weighted ? acc_t(A.W) : acc_t(K);\n  const acc_t scale = acc_t(A.scale);\n\n  const bool capped",
+           "  const acc_t W = weighted ? acc_t(A.W) : acc_t(K - 1);\n  const acc_t scale = acc_t(A.scale);\n\n  const bool capped",
            "ce_rows: unweighted W = K - 1"),
     Mutant(K, "        if (lanes < V) z = Vec::set(Vec(ninf), z, lanes);",
            "        if (lanes < V) z = Vec::set(Vec(0), z, lanes);",
@@ -151,10 +167,12 @@ MUTANTS = [
            "grad_pass<acc_t>(z, wq.data(), K, acc_t(1 / s) * scale, scale);",
            "prob_rows: gradient assumes sum of w q = 1"),
     # --- CPU operator layer (csrc/cpu/loss_cpu.cpp) ---
-    Mutant(LC, "    D += weighted ? w[y] : 1.0;", "    D += 1.0;", "mean denominator ignores weights"),
+    Mutant(LC, "    D += w.empty() ? 1.0 : w[y];", "    D += 1.0;", "mean denominator ignores weights"),
     Mutant(LC, "  for (double v : w) W += v;", "  for (double v : w) W += v * v;", "W = sum of squared weights"),
-    Mutant(LC, "    a.scale = reduction == kMean ? 1.0 / D : 1.0;", "    a.scale = reduction == kMean ? 1.0 / double(N) : 1.0;",
+    Mutant(LC, "  a.scale = reduction == kMean ? 1.0 / D : 1.0;", "  a.scale = reduction == kMean ? 1.0 / double(N) : 1.0;",
            "mean gradient divides by the row count"),
+    Mutant(LC, "    row_scale[r] = reduction == kMean ? f / D : f;", "    row_scale[r] = f;",
+           "backward (incoming gradient) with 'mean' not divided by D"),
     Mutant(LC, "    a.scale = reduction == kMean ? 1.0 / double(N) : 1.0;", "    a.scale = reduction == kMean ? 1.0 / double(N + 1) : 1.0;",
            "prob mean gradient scale off by one row"),
     Mutant(LC, "  if (grad_output.item<double>() == 1.0) return;", "  if (grad_output.item<double>() > 0.5) return;",
@@ -179,16 +197,16 @@ MUTANTS = [
     Mutant(RM, "  const acc_t ts = t * (acc_t(1) - acc_t(2) * a) + a;", "  const acc_t ts = t * (acc_t(1) - a) + a;",
            "bce: smoothed target t(1-a)+a"),
     Mutant(RM, "w * (L * e * inv - p * ts);", "w * (e * inv - p * ts);", "bce gradient (x < 0) without the pos_weight factor L"),
-    Mutant(RM, "w * (((acc_t(1) - ts) - p * ts * e) * inv)", "w * (inv - p * ts)",
+    Mutant(RM, "w * ((ts1 - p * ts * e) * inv)", "w * (inv - p * ts)",
            "bce gradient (x >= 0) as sigmoid - p t' (cancels for a confident logit)"),
     Mutant(RM, "  return y != ignore_index && (y < 0 || y >= K);", "  return y != ignore_index && (y < 0 || y > K);",
            "target == K accepted"),
     # --- operator schemas and shared checks (csrc/ops.cpp) ---
     Mutant(OPS, "at::where(denom.eq(0), at::full({}, NAN, total.options()), total.div(denom));",
            "total.div(denom);", "mean with a zero weight sum and eps > 0: inf instead of NaN"),
-    Mutant(OPS, "  if (reduction == kNone) return grad.mul(per_row_view(grad_output, grad));",
-           "  if (reduction == kNone) return grad.mul(grad_output.mean());", "ce_backward 'none': scalar instead of per row"),
-    Mutant(OPS, "  return grad.mul(grad_output.reshape({}));\n}", "  return grad.clone();\n}", "ce_backward ignores the incoming gradient"),
+    Mutant(OPS, "  if (reduction == kNone) return at::mul_out(out, grad, per_row_view(grad_output, grad));",
+           "  if (reduction == kNone) return at::mul_out(out, grad, grad_output.mean());", "ce_backward 'none': scalar instead of per row"),
+    Mutant(OPS, "  return at::mul_out(out, grad, grad_output.reshape({}));", "  return out.copy_(grad);", "ce_backward ignores the incoming gradient"),
     Mutant(OPS, "  TORCH_CHECK_VALUE(eps >= 0.0 && eps <= 1.0, fn, \": label_smoothing must be in [0, 1], got \", eps);\n  TORCH_CHECK_VALUE(mode ==",
            "  TORCH_CHECK_VALUE(eps >= 0.0, fn, \": label_smoothing must be in [0, 1], got \", eps);\n  TORCH_CHECK_VALUE(mode ==",
            "C++ check: label_smoothing > 1 accepted"),
@@ -201,10 +219,10 @@ MUTANTS = [
     Mutant(FN, "    if not 0.0 <= eps <= 1.0:", "    if not 0.0 <= eps <= 1.5:", "label_smoothing up to 1.5 accepted (C++ check then raises)"),
     Mutant(FN, "    one_row = input.dim() == 1 and tuple(target.shape) == (1,)", "    one_row = False",
            "(C,) input with a (1,) target rejected"),
-    Mutant(FN, "    need_grad = input.requires_grad and torch.is_grad_enabled()\n\n    if target.is_floating_point():",
-           "    need_grad = input.requires_grad\n\n    if target.is_floating_point():", "gradient computed under no_grad"),
-    Mutant(FN, "        return reference.cross_entropy(input, target, weight, reduction=reduction,\n                                       label_smoothing=eps, smoothing_mode=smoothing_mode)",
-           "        return reference.cross_entropy(input, target, weight, reduction=reduction,\n                                       label_smoothing=eps)",
+    Mutant(FN, "    need_grad = input.requires_grad and torch.is_grad_enabled()\n    if llm is not None:",
+           "    need_grad = input.requires_grad\n    if llm is not None:", "gradient computed under no_grad"),
+    Mutant(FN, "                                       reduction=reduction, label_smoothing=eps,\n                                       smoothing_mode=smoothing_mode)",
+           "                                       reduction=reduction, label_smoothing=eps)",
            "soft targets with a gradient ignore smoothing_mode"),
     Mutant(FN, "    return t.movedim(1, -1).reshape(-1, t.shape[1])", "    return t.reshape(-1, t.shape[1])",
            "probability targets K-dim: rows without moving the class dim"),
@@ -216,21 +234,74 @@ MUTANTS = [
            "retain_graph=True hands out the saved gradient"),
     Mutant(PO, "        grad_output = grad_output.reshape(-1)\n", "        grad_output = grad_output.reshape(-1).flip(0)\n",
            "'none': incoming gradients in reverse row order"),
-    Mutant(MOD, "                               reduction=self.reduction, label_smoothing=self.label_smoothing,\n                               smoothing_mode=self.smoothing_mode)",
-           "                               reduction=self.reduction, label_smoothing=self.label_smoothing)",
+    Mutant(MOD, "                               smoothing_mode=self.smoothing_mode, z_loss=self.z_loss,",
+           "                               z_loss=self.z_loss,",
            "module ignores smoothing_mode"),
     Mutant(MOD, "        return F.cross_entropy(input, target, weight=self.weight, ignore_index=self.ignore_index,",
            "        return F.cross_entropy(input, target, weight=self.weight,", "module ignores ignore_index"),
+    # --- CUDA kernels, run under the SIMT emulation (csrc/cuda/kernels.cuh, reduce.cuh) ---
+    Mutant(CK, "  for (int64_t c = tail + tid; c < Kl; c += ROW_THREADS) absorb_scalar(c);",
+           "  for (int64_t c = tail + tid; c + 1 < Kl; c += ROW_THREADS) absorb_scalar(c);",
+           "cuda ce_forward: last element of the scalar tail not folded into the row", "simt"),
+    Mutant(CK, "    if (c == y) gv -= gc.ky;", "    if (c == y + 1) gv -= gc.ky;",
+           "cuda ce_forward: -ky on the class after the target", "simt"),
+    Mutant(CK, "  const acc_t W = weighted ? *p.weight_sum : acc_t(K);",
+           "  const acc_t W = weighted ? *p.weight_sum : acc_t(K - 1);",
+           "cuda ce_forward: unweighted W = K - 1", "simt"),
+    Mutant(CK, "      if (!(srow == grow && f == acc_t(1)))", "      if (!(srow == grow))",
+           "cuda ce_forward (backward): in-place rows skipped whatever the incoming gradient", "simt"),
+    Mutant(CK, "  if (live && y == p.ignore_index) {", "  if (live && y == p.ignore_index && row > 0) {",
+           "cuda ce_forward: ignore_index not honoured in row 0", "simt"),
+    Mutant(CK, "    if (grad) grad[i] = static_cast<scalar_t>(g * scale);", "    if (grad) grad[i] = static_cast<scalar_t>(g);",
+           "cuda bce: mean gradient not divided by n", "simt"),
+    Mutant(CK, "    if (f == acc_t(1)) continue;  // uniform over the block", "    if (f <= acc_t(1)) continue;  // uniform over the block",
+           "cuda scale_kernel 'none': rows with an incoming gradient below 1 not scaled", "simt"),
+    Mutant(CR, "    if (lane >= kWarps) st = RowState<acc_t>{acc_t(-INFINITY), acc_t(0), acc_t(0), acc_t(0)};\n",
+           "", "cuda row_reduce: lanes past the warp count keep partial[0] (counted twice)", "simt"),
+    Mutant(CR, "  for (int off = WIDTH / 2; off > 0; off >>= 1) {", "  for (int off = WIDTH / 2; off > 1; off >>= 1) {",
+           "cuda warp_reduce: last shuffle step (neighbouring lane) left out", "simt"),
 ]
 
-# Commands for builds other than the CPU one (the CUDA emulation, when it lands).
-EXTRA_BUILDS = {}
+# Stage 1, per source file: the tests most likely to kill its mutants, the most direct (and
+# fastest to fail) first; with -x a caught mutant stops at its first failing test.
+_VALUE_TESTS = ["tests/test_parity.py", "tests/test_kernel_boundaries.py", "tests/test_operators.py",
+                "tests/test_matrix.py", "tests/test_edge_cases.py", "tests/test_regressions.py"]
+STAGE1_TESTS = {
+    K: _VALUE_TESTS,
+    LC: ["tests/test_parity.py", "tests/test_binary.py", "tests/test_regressions.py",
+         "tests/test_kernel_boundaries.py", "tests/test_edge_cases.py", "tests/test_operators.py"],
+    RM: ["tests/test_parity.py", "tests/test_binary.py", "tests/test_regressions.py",
+         "tests/test_kernel_boundaries.py", "tests/test_edge_cases.py", "tests/test_operators.py"],
+    OPS: ["tests/test_regressions.py", "tests/test_errors.py", "tests/test_parity.py",
+          "tests/test_binary.py", "tests/test_edge_cases.py", "tests/test_operators.py"],
+    FN: ["tests/test_regressions.py", "tests/test_errors.py", "tests/test_binary.py",
+         "tests/test_operators.py", "tests/test_matrix.py", "tests/test_parity.py"],
+    PO: ["tests/test_regressions.py", "tests/test_autograd.py", "tests/test_binary.py",
+         "tests/test_operators.py", "tests/test_matrix.py"],
+    MOD: ["tests/test_regressions.py", "tests/test_operators.py", "tests/test_parity.py"],
+    CK: ["tests/test_simt_emulation.py", "tests/test_parity.py", "tests/test_edge_cases.py",
+         "tests/test_cuda.py", "tests/test_autograd.py", "tests/test_binary.py", "tests/test_mixed.py"],
+    CR: ["tests/test_simt_emulation.py", "tests/test_parity.py", "tests/test_cuda.py",
+         "tests/test_edge_cases.py"],
+}
 
-# The files that test values, the direct ones first (with -x a caught mutant stops at its first
-# failing test); the slow, value-free ones (build, demo, calibration) are left out.
-DEFAULT_TESTS = ("tests/test_operators.py tests/test_regressions.py tests/test_matrix.py "
-                 "tests/test_kernel_boundaries.py tests/test_parity.py tests/test_edge_cases.py "
-                 "tests/test_autograd.py tests/test_errors.py tests/test_binary.py tests/test_fuzz.py")
+# Stage 2: the whole CPU suite. Left out (and said so in the report): the build / packaging
+# tests (they build wheels and read cuobjdump; they test no kernel value) and the client-library
+# and distributed tests (slow, and every value they check is the same operator calls that
+# the value tests check directly); test_fuzz.py is in (the fast profile).
+FULL_SUITE_EXCLUDED = {
+    "tests/test_build.py": "builds and inspects wheels / cuobjdump output, no loss values",
+    "tests/test_build_support.py": "tests setup.py's helpers, no loss values",
+    "tests/test_bench_report.py": "tests the benchmark report formatting, no loss values",
+    "tests/test_patch.py": "client libraries (torchvision/transformers/timm) routed to the same "
+                           "cross_entropy calls; slow",
+    "tests/test_distributed.py": "multi-process tensor-parallel runs of the same row kernels; slow",
+}
+# Emulated CUDA mutants: only the simt-device cases can reach the CUDA kernels.
+SIMT_FILTER = "simt"
+# Stage 1 of a CPU-kernel mutant leaves out the simt-device cases (the emulated CUDA kernels do
+# not run the CPU kernels; stage 2 runs them all the same).
+STAGE1_FILTER = {K: "not simt", LC: "not simt"}
 
 
 def _ids(specs, n):
@@ -268,23 +339,50 @@ def _build(work, log):
     return r.returncode == 0
 
 
-def _run_tests(work, tests, log, timeout):
+def _full_suite(work):
+    return [str(f.relative_to(work)) for f in sorted((work / "tests").glob("test_*.py"))
+            if str(f.relative_to(work)) not in FULL_SUITE_EXCLUDED]
+
+
+def _run_tests(work, tests, log, timeout, kfilter=None):
+    """(status, detail): "passed" / "failed" with the first failing test / "exit N" / "timeout"."""
+    if not tests:
+        return "passed", "nothing to run"
     env = dict(os.environ)
     env.pop("PYTHONPATH", None)
-    cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *tests.split()]
+    cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *tests]
+    if kfilter:
+        cmd += ["-k", kfilter]
+    log.write("$ " + " ".join(cmd) + "\n")
+    log.flush()
     try:
         r = subprocess.run(cmd, cwd=work, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                            text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
         return "timeout", "timeout"
     log.write(r.stdout[-3000:])
+    log.flush()
     lines = [ln for ln in r.stdout.splitlines() if ln.startswith("FAILED") or ln.startswith("ERROR")]
     last = r.stdout.strip().splitlines()[-1] if r.stdout.strip() else ""
     if r.returncode == 0:
         return "passed", last
+    if r.returncode == 5:  # nothing collected (e.g. -k simt in a file without simt cases)
+        return "passed", last
     if r.returncode in (1, 2) and lines:
         return "failed", lines[0]
     return f"exit {r.returncode}", (lines[0] if lines else last)  # a crash also catches it
+
+
+def _stage1(m, work):
+    tests = STAGE1_TESTS.get(m.path) or _full_suite(work)
+    return [t for t in tests if (work / t).exists()]
+
+
+def _load_results(path):
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return {}
 
 
 def main():
@@ -292,17 +390,25 @@ def main():
     ap.add_argument("--list", action="store_true")
     ap.add_argument("--only", nargs="*", default=None)
     ap.add_argument("--workdir", default="/tmp/labelsmooth_mutation")
-    ap.add_argument("--tests", default=os.environ.get("LSE_MUTATION_TESTS", DEFAULT_TESTS))
     ap.add_argument("--report", default=str(ROOT / "docs" / "mutation_report.md"))
-    ap.add_argument("--timeout", type=float, default=1800)
+    ap.add_argument("--results", default=str(ROOT / "docs" / "mutation_results.json"),
+                    help="per-mutant results, kept between runs (keyed by the mutant's text)")
+    ap.add_argument("--timeout", type=float, default=1800, help="seconds per test stage")
     ap.add_argument("--opt", default="1", help="C++ optimisation level of the scratch build")
+    ap.add_argument("--reuse", action="store_true",
+                    help="reuse an existing scratch copy (its build is brought up to date)")
     ap.add_argument("--skip-baseline", action="store_true",
-                    help="do not run the unmutated suite first (when it was just run)")
+                    help="do not run the unmutated stage-1 tests first (when they were just run)")
+    ap.add_argument("--report-only", action="store_true", help="rewrite the report from the results file")
     args = ap.parse_args()
 
     if args.list:
         for i, m in enumerate(MUTANTS):
             print(f"{i:3d}  {m.path:32s} {m.build:6s} {m.what}")
+        return 0
+    results = _load_results(args.results)
+    if args.report_only:
+        _write_report(args.report, results)
         return 0
     problems = [(i, m) for i, m in enumerate(MUTANTS)
                 if (ROOT / m.path).read_text().count(m.old) != 1]
@@ -312,75 +418,130 @@ def main():
     if problems:
         return 2
     ids = _ids(args.only, len(MUTANTS)) if args.only else list(range(len(MUTANTS)))
-    tests = " ".join(t for t in args.tests.split() if (ROOT / t.split("::")[0]).exists())
+    if not ids:
+        print("no mutant selected", file=sys.stderr)
+        return 2
     work = Path(args.workdir)
-    _copy_tree(work)
-    _lower_optimisation(work, args.opt)
-    log = open(work / "mutation.log", "w")
-    t0 = time.time()
+    if not (args.reuse and work.exists()):
+        _copy_tree(work)
+        _lower_optimisation(work, args.opt)
+    log = open(work / "mutation.log", "a")
     if not _build(work, log):
         print("the unmutated copy does not build; see", work / "mutation.log", file=sys.stderr)
         return 2
     if not args.skip_baseline:
-        status, detail = _run_tests(work, tests, log, args.timeout)
+        # every stage-1 selection of the mutants to run passes unmutated (a failing one would
+        # count every mutant as caught); stage 2 is the whole suite, checked by its own run
+        base = []
+        for i in ids:
+            for t in _stage1(MUTANTS[i], work):
+                if t not in base:
+                    base.append(t)
+        status, detail = _run_tests(work, base, log, args.timeout)
         if status != "passed":
-            print("the unmutated suite does not pass:", detail, file=sys.stderr)
+            print("the unmutated stage-1 tests do not pass:", detail, file=sys.stderr)
             return 2
-    results = []
+    done = 0
     # Python first (no rebuild), then grouped by file (fewer rebuilds)
     for i in sorted(ids, key=lambda i: (MUTANTS[i].path.startswith("csrc/"), MUTANTS[i].path, i)):
         m = MUTANTS[i]
-        if m.build != "cpu" and m.build not in EXTRA_BUILDS:
-            results.append((i, m, "not run", f"no {m.build} build yet", 0.0))
-            continue
         path = work / m.path
         original = path.read_text()
         path.write_text(original.replace(m.old, m.new))
         t = time.time()
+        stage = 0
+        kfilter = SIMT_FILTER if m.build == "simt" else None
         try:
-            if m.path.startswith("csrc/") and not _build(work, log):
+            if m.path.startswith("csrc/") and m.build == "cpu" and not _build(work, log):
                 status, detail = "caught", "build failed"
             else:
-                status, detail = _run_tests(work, tests, log, args.timeout)
+                stage = 1
+                first = _stage1(m, work)
+                status, detail = _run_tests(work, first, log, args.timeout, kfilter or STAGE1_FILTER.get(m.path))
+                if status == "passed":
+                    stage = 2
+                    rest = [f for f in _full_suite(work) if f not in first]
+                    status, detail = _run_tests(work, rest, log, args.timeout, kfilter)
                 status = "survived" if status == "passed" else "caught"
         finally:
             path.write_text(original)
-        results.append((i, m, status, detail, time.time() - t))
-        print(f"[{len(results)}/{len(ids)}] {i:3d} {status:8s} {time.time() - t:6.0f}s  {m.path}: {m.what}"
+        secs = time.time() - t
+        results[_key(m)] = {"id": i, "path": m.path, "what": m.what, "status": status, "stage": stage,
+                            "detail": detail, "seconds": round(secs), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+        done += 1
+        print(f"[{done}/{len(ids)}] {i:3d} {status:8s} stage {stage} {secs:6.0f}s  {m.path}: {m.what}"
               f"  -- {detail}", flush=True)
-        _write_report(args.report, results, tests, time.time() - t0, pending=len(ids) - len(results))
+        Path(args.results).write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
+        _write_report(args.report, results)
     _build(work, log)  # leave the copy unmutated
-    _write_report(args.report, results, tests, time.time() - t0)
-    caught = sum(r[2] == "caught" for r in results)
-    run = sum(r[2] in ("caught", "survived") for r in results)
-    print(f"caught {caught} of {run} ({100.0 * caught / max(run, 1):.1f}%); report: {args.report}")
+    _write_report(args.report, results)
+    print(_summary(results)[0] + "; report: " + args.report)
     return 0
 
 
-def _write_report(path, results, tests, seconds, pending=0):
+def _summary(results):
+    rows = []
+    for i, m in enumerate(MUTANTS):
+        r = results.get(_key(m))
+        rows.append((i, m, r))
+    caught = sum(1 for _, _, r in rows if r and r["status"] == "caught")
+    run = sum(1 for _, _, r in rows if r and r["status"] in ("caught", "survived"))
+    equiv = sum(1 for _, m, r in rows if r and r["status"] == "survived" and m.what in EQUIVALENT)
+    text = (f"caught {caught} of {run} mutants run ({100.0 * caught / max(run, 1):.1f}%); "
+            f"{equiv} of the {run - caught} survivors are equivalent mutants; "
+            f"{len(MUTANTS) - run} not run")
+    return text, rows
+
+
+NOTES_MARK = "<!-- notes: kept when the tool rewrites the report -->"
+
+
+def _write_report(path, results):
+    text, rows = _summary(results)
     per_file = collections.OrderedDict()
-    for i, m, status, detail, _ in sorted(results, key=lambda r: r[0]):
-        per_file.setdefault(m.path, collections.Counter())[status] += 1
-    caught = sum(r[2] == "caught" for r in results)
-    run = sum(r[2] in ("caught", "survived") for r in results)
+    for i, m, r in rows:
+        per_file.setdefault(m.path, collections.Counter())[r["status"] if r else "not run"] += 1
+    caught = sum(1 for _, _, r in rows if r and r["status"] == "caught")
+    run = sum(1 for _, _, r in rows if r and r["status"] in ("caught", "survived"))
+    equiv = sum(1 for _, m, r in rows if r and r["status"] == "survived" and m.what in EQUIVALENT)
+    nonequiv_run = run - equiv
+    secs = sum(r["seconds"] for _, _, r in rows if r)
     lines = [
         "# Mutation testing report", "",
-        "Generated by `python tools/mutation.py` (one textual mutant at a time, CPU-only build, "
-        "the suite with `-x`).", "",
-        f"Tests run per mutant: `{tests}`", "",
-        f"**Caught {caught} of {run} mutants ({100.0 * caught / max(run, 1):.1f}%)**, "
-        f"{seconds / 60:.0f} min in all." + (f" **{pending} mutants still to run.**" if pending else ""), "",
+        "Generated by `python tools/mutation.py` (one textual mutant at a time in a scratch copy, "
+        "CPU-only build at -O1; results kept per mutant in `docs/mutation_results.json`).", "",
+        "Per mutant: **stage 1** runs the test files most likely to kill a mutant of its source file "
+        "with `-x`; only if they all pass, **stage 2** runs the rest of the CPU suite with `-x`. "
+        "Emulated CUDA mutants (`build simt`) run the simt-device cases only (`-k simt`). Stage 1 of "
+        "a CPU-kernel mutant (" + ", ".join(f"`{f}`" for f in STAGE1_FILTER) + ") leaves out the "
+        "simt-device cases (`-k 'not simt'`: they run the emulated CUDA kernels, not the CPU ones); "
+        "stage 2 runs them.", "",
+        "Stage 1 per file: " + "; ".join(f"`{f}`: " + ", ".join(t.split("/")[-1] for t in ts)
+                                        for f, ts in STAGE1_TESTS.items()) + ".", "",
+        "Stage 2 leaves out: " + "; ".join(f"`{f}` ({why})" for f, why in FULL_SUITE_EXCLUDED.items()) + ".", "",
+        f"**Caught {caught} of {run} mutants run ({100.0 * caught / max(run, 1):.1f}%); "
+        f"{equiv} survivors are equivalent mutants: caught {caught} of the {nonequiv_run} "
+        f"non-equivalent ones ({100.0 * caught / max(nonequiv_run, 1):.1f}%).** "
+        f"{len(MUTANTS) - run} of {len(MUTANTS)} not run. Test time of the recorded runs: "
+        f"{secs / 60:.0f} min (2-core machine shared with other builds, nice 10).", "",
         "| file | caught | survived | not run |", "|---|---|---|---|",
     ]
     for f, c in per_file.items():
         lines.append(f"| `{f}` | {c['caught']} | {c['survived']} | {c['not run']} |")
-    lines += ["", "| id | file | mutant | result | first failing test |", "|---|---|---|---|---|"]
-    for i, m, status, detail, secs in sorted(results, key=lambda r: r[0]):
+    lines += ["", "| id | file | mutant | result | stage | s | first failing test |", "|---|---|---|---|---|---|---|"]
+    for i, m, r in rows:
+        if not r:
+            lines.append(f"| {i} | `{m.path}` | {m.what} | not run | | | |")
+            continue
+        status = r["status"]
         if status == "survived" and m.what in EQUIVALENT:
             status = "survived (equivalent: " + EQUIVALENT[m.what] + ")"
-        lines.append(f"| {i} | `{m.path}` | {m.what} | {status} | {detail.replace('|', '/')[:140]} |")
+        lines.append(f"| {i} | `{m.path}` | {m.what} | {status} | {r['stage']} | {r['seconds']} | "
+                     f"{r['detail'].replace('|', '/')[:140]} |")
+    old = Path(path).read_text() if Path(path).exists() else ""
+    notes = old[old.index(NOTES_MARK):] if NOTES_MARK in old else NOTES_MARK + "\n"
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text("\n".join(lines) + "\n")
+    Path(path).write_text("\n".join(lines) + "\n\n" + notes)
 
 
 if __name__ == "__main__":
