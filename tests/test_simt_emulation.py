@@ -237,3 +237,38 @@ def test_ignore_index_inside_the_class_range_with_weights(emulated, K):
     t = torch.tensor([3, 1, 3, 0, K - 1, 3, 2])
     w = torch.rand(K, generator=g) + 0.1
     _check(x, t, w, torch.float32, reduction="mean", ignore_index=3, label_smoothing=0.1)
+
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("K", [1001, 4097])
+def test_misaligned_views_keep_16_byte_packs(simt, emulated, dtype, K):
+    """Issue 10 item 6: rows off 16-byte alignment (x.view(-1, K)[1:]: every input row; a padded
+    vocabulary sliced, logits[:, :K]: gradient rows at K x row elements) keep their 16-byte loads,
+    aligned to the input, instead of dropping the row to scalar code. The emulator counts pack
+    loads and stores: loads stay within one pack per row (the scalar head / tail) of an aligned
+    copy of the same data; the flat view's gradient shares its input's alignment, so its stores
+    stay packed too (the padded view's are split where a gradient row is aligned differently)."""
+    ns = simt.load()
+    g = torch.Generator().manual_seed(K + 1)
+    N = 5
+    es = torch.empty((), dtype=dtype).element_size()
+    flat = torch.randn(N * K + 1, generator=g).to(dtype)
+    padded = torch.randn(N, (K + 63) // 64 * 64, generator=g).to(dtype)
+    t = torch.randint(0, K, (N,), generator=g)
+    for name, x in (("flat", flat[1:].view(N, K)), ("padded", padded[:, :K])):
+        if name == "flat":
+            assert any(x[i].data_ptr() % 16 for i in range(N))  # and each row one element past its gradient row
+        else:  # input rows aligned, gradient rows (contiguous N x K) not all
+            assert not any(x[i].data_ptr() % 16 for i in range(N)) and any(i * K * es % 16 for i in range(N))
+        ns.pack_accesses()  # reset the counters
+        ns.ce_forward(x.contiguous(), t, None, -100, 0.1, 0, 1, True)
+        loads0, stores0, _ = ns.pack_accesses()
+        ns.ce_forward(x, t, None, -100, 0.1, 0, 1, True)
+        loads, stores, _ = ns.pack_accesses()
+        assert loads0 > 0 and stores0 > 0
+        assert loads >= 0.95 * loads0, (name, loads, loads0)
+        if name == "flat":
+            assert stores >= 0.95 * stores0, (name, stores, stores0)
+        _check(x, t, None, dtype, reduction="sum", label_smoothing=0.1)
+

@@ -67,6 +67,18 @@ inline at::Tensor run_ce_kernel(const at::Tensor& in, const at::Tensor& tgt, con
   return denom;
 }
 
+// The gradient of `in` (N x K, contiguous), placed at the input's address modulo 16 bytes: when
+// the input rows are contiguous with an offset (x.view(-1, K)[1:]), each gradient row then has
+// its input row's alignment and the kernel's 16-byte stores stay whole (issue 10 item 6).
+inline at::Tensor grad_aligned_like(const at::Tensor& in, int64_t N, int64_t K) {
+  const int64_t es = in.element_size();
+  const int64_t off = int64_t(reinterpret_cast<uintptr_t>(in.data_ptr()) % 16) / es;
+  if (off == 0 || N * K == 0 || (N > 1 && in.stride(0) != K)) return at::empty({N, K}, in.options());
+  // set_ on the padded buffer's storage: a plain tensor with a storage offset, not a view
+  const at::Tensor buf = at::empty({N * K + 16 / es}, in.options());
+  return at::empty({0}, in.options()).set_(buf.storage(), off, {N, K}, {K, 1});
+}
+
 inline std::tuple<at::Tensor, at::Tensor> ce_forward_cuda(const at::Tensor& input, const at::Tensor& target,
                                                    const std::optional<at::Tensor>& weight,
                                                    int64_t ignore_index, double eps, int64_t mode,
@@ -77,8 +89,7 @@ inline std::tuple<at::Tensor, at::Tensor> ce_forward_cuda(const at::Tensor& inpu
   const at::Tensor tgt = target.contiguous();
   const int64_t N = in.size(0), K = in.size(1);
   at::Tensor rows = at::empty({N}, in.options().dtype(acc_type_of(in.scalar_type())));
-  at::Tensor grad = at::empty(compute_grad ? std::vector<int64_t>{N, K} : std::vector<int64_t>{0},
-                              in.options());
+  at::Tensor grad = compute_grad ? grad_aligned_like(in, N, K) : at::empty({0}, in.options());
   const at::Tensor denom = run_ce_kernel(in, tgt, weight, ignore_index, eps, mode, reduction, rows,
                                          compute_grad ? grad : at::Tensor(), at::Tensor(), at::Tensor());
   return {finish_loss(rows, denom, reduction), grad};
@@ -113,7 +124,7 @@ inline at::Tensor ce_grad_cuda(const at::Tensor& input, const at::Tensor& target
     s = saved->contiguous();
   }
   at::Tensor rows = at::empty({N}, in.options().dtype(acc_type_of(in.scalar_type())));
-  at::Tensor grad = at::empty({N, K}, in.options());
+  at::Tensor grad = grad_aligned_like(in, N, K);
   run_ce_kernel(in, tgt, weight, ignore_index, eps, mode, reduction, rows, grad, go, s);
   return grad;
 }
@@ -150,8 +161,7 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> ce_forward_ext_cuda(
   const int64_t N = in.size(0), K = in.size(1);
   at::Tensor rows = at::empty({N}, in.options().dtype(acc_type_of(in.scalar_type())));
   at::Tensor lse = at::empty({N}, rows.options());
-  at::Tensor grad = at::empty(compute_grad ? std::vector<int64_t>{N, K} : std::vector<int64_t>{0},
-                              in.options());
+  at::Tensor grad = compute_grad ? grad_aligned_like(in, N, K) : at::empty({0}, in.options());
   const at::Tensor denom = run_ce_kernel(in, tgt, weight, ignore_index, eps, mode, reduction, rows,
                                          compute_grad ? grad : at::Tensor(), at::Tensor(), at::Tensor(),
                                          z_loss, softcap, lse);
@@ -171,7 +181,7 @@ inline at::Tensor ce_grad_ext_cuda(const at::Tensor& input, const at::Tensor& ta
   const int64_t N = in.size(0), K = in.size(1);
   const at::Tensor go = incoming_gradient(grad_output, in.scalar_type(), N, reduction);
   at::Tensor rows = at::empty({N}, in.options().dtype(acc_type_of(in.scalar_type())));
-  at::Tensor grad = at::empty({N, K}, in.options());
+  at::Tensor grad = grad_aligned_like(in, N, K);
   run_ce_kernel(in, tgt, weight, ignore_index, eps, mode, reduction, rows, grad, go, at::Tensor(), z_loss,
                 softcap);
   return grad;

@@ -143,13 +143,15 @@ __global__ void __launch_bounds__(ROW_THREADS * ROWS_PER_BLOCK, min_blocks_of<RO
   const bool weighted = p.weight != nullptr;
   const acc_t cap = p.softcap;
 
-  // Scalar head up to 16-byte alignment, packs, scalar tail. If the gradient row is aligned
-  // differently from the input row (an odd-offset view), the whole row takes the scalar path.
+  // Scalar head up to the input row's 16-byte boundary, packs, scalar tail. The packs follow
+  // the input's alignment; a gradient row aligned differently (a view with an offset, a padded
+  // vocabulary sliced) stores each pack in the widest pieces its address allows (g_align:
+  // 16, 8, 4 or 2 bytes, uniform over the row).
   const int mis = int((reinterpret_cast<uintptr_t>(z) % 16) / sizeof(scalar_t));
   int64_t head = mis ? VEC - mis : 0;
-  if (grow && int((reinterpret_cast<uintptr_t>(grow) % 16) / sizeof(scalar_t)) != mis) head = K;
   if (head > K) head = K;
   if (!live) head = 0;
+  const int g_align = grow ? address_alignment(grow + head) : 16;
   const int64_t nvec = live ? (K - head) / VEC : 0;
   const int64_t tail = head + nvec * VEC;
 
@@ -267,7 +269,11 @@ __global__ void __launch_bounds__(ROW_THREADS * ROWS_PER_BLOCK, min_blocks_of<RO
     P out;
 #pragma unroll
     for (int i = 0; i < VEC; ++i) out.v[i] = grad_of(static_cast<acc_t>(pk.v[i]), c0 + i);
-    store_pack_stream(g + c0, out);
+    if (g_align == 16) {
+      store_pack_stream(g + c0, out);
+    } else {
+      store_pack_split(g + c0, out, g_align);
+    }
   };
   for (int64_t c = tid; c < head; c += ROW_THREADS) g[c] = grad_of(static_cast<acc_t>(z[c]), c);
 #pragma unroll
