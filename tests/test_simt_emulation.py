@@ -272,3 +272,61 @@ def test_misaligned_views_keep_16_byte_packs(simt, emulated, dtype, K):
             assert stores >= 0.95 * stores0, (name, stores, stores0)
         _check(x, t, None, dtype, reduction="sum", label_smoothing=0.1)
 
+
+def _reference_ext(x, t, w, **kw):
+    xd = x.detach().double().requires_grad_()
+    out = L.reference.cross_entropy(xd, t, None if w is None else w.double(), **kw)
+    return out, xd
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_one_row_split_over_blocks(simt, emulated, dtype):
+    """Issue 10 item 4: with fewer rows than multiprocessors (the emulated GPU has 2), a row of at
+    least 32 KiB is split over several blocks (ce_split_stats_kernel + ce_split_grad_kernel):
+    one row here, with weights, both smoothing modes, z_loss, softcap and lse, a misaligned view,
+    an ignored row, a NaN row, an out-of-range target, and the recomputing backward
+    (reduction="none" with an incoming gradient, float16's path)."""
+    K = 20011  # 80 KB in float32: 2-4 chunks depending on the dtype
+    g = torch.Generator().manual_seed(11 + DTYPES.index(dtype))
+    base = (torch.randn(1, K + 1, generator=g) * 3).to(dtype)
+    w = (torch.rand(K, generator=g) + 0.1).to(dtype)
+    cases = [
+        (base[:, :K], dict(label_smoothing=0.1), None),
+        (base[:, 1:], dict(label_smoothing=0.2, smoothing_mode="off_target", reduction="sum"), w),
+        (base[:, :K], dict(label_smoothing=0.1, z_loss=1e-3, softcap=15.0, reduction="none"), w),
+        (base[:, 1:], dict(z_loss=1e-2, reduction="none"), None),
+    ]
+    for i, (x, kw, wt) in enumerate(cases):
+        t = torch.randint(0, K, (1,), generator=g)
+        xx = x.detach().clone().requires_grad_()
+        out, lse = L.cross_entropy(xx, t, weight=wt, return_lse=True, **kw)
+        go = torch.full_like(out, 1.5)  # an incoming gradient other than 1
+        out.backward(go)
+        ref, xd = _reference_ext(x, t, wt, **kw)
+        (ref * go.double()).sum().backward()
+        assert_close_to(out, ref, dtype, f"split loss {kw}")
+        assert_close_to(xx.grad, xd.grad, dtype, f"split grad {kw}", ulps=2)
+        zc = x.double() if "softcap" not in kw else kw["softcap"] * torch.tanh(x.double() / kw["softcap"])
+        assert_close_to(lse, torch.logsumexp(zc, 1), dtype, "split lse")
+    x = base[:, :K].clone()
+    for t, nan in ((torch.tensor([-100]), False), (torch.tensor([K + 3]), True), (torch.tensor([5]), True)):
+        if t.item() == 5:
+            x[0, K // 2] = float("nan")
+        xx = x.clone().requires_grad_()
+        out = L.cross_entropy(xx, t, reduction="sum", label_smoothing=0.1)
+        out.backward()
+        assert bool(out.isnan()) == nan and bool(xx.grad.isnan().all()) == nan
+        if not nan:
+            assert torch.equal(xx.grad, torch.zeros_like(xx.grad))
+    # the split kernels ran: the loads of one forward are at least the row's packs
+    ns = simt.load()
+    ns.pack_accesses()
+    ns.ce_forward(base[:, :K].contiguous(), torch.tensor([3]), None, -100, 0.0, 0, 1, True)
+    loads, stores, launches = ns.pack_accesses()
+    assert launches == 2  # the statistics kernel, then the gradient kernel
+    vec = 16 // base.element_size()
+    assert loads >= 2 * (K // vec - 1) and stores >= K // vec - 1
+    ns.ce_forward(base[:, :K].contiguous().expand(2, K).contiguous(), torch.tensor([3, 4]), None, -100, 0.0, 0,
+                  1, True)
+    assert ns.pack_accesses()[2] == 1  # two rows on the 2-SM emulated GPU: one block per row
+

@@ -63,6 +63,33 @@ void dispatch_forward(const CeParams<scalar_t>& p, stream_t stream) {
   }
 }
 
+// Few rows, large rows (issue 10 item 4): with fewer rows than multiprocessors, a row of at least
+// two chunks is split over several blocks, enough for about two blocks per multiprocessor over
+// the grid, each chunk at least 16 KiB (256 threads x 4 packs, loaded back to back).
+constexpr int kSplitThreads = 256;
+constexpr int64_t kSplitChunkBytes = int64_t(kSplitThreads) * 16 * 4;
+
+inline int split_count(int64_t N, int64_t row_bytes, int sms) {
+  if (N <= 0 || N >= sms || row_bytes < 2 * kSplitChunkBytes) return 1;
+  const int64_t want = (2 * int64_t(sms) + N - 1) / N;
+  const int64_t most = row_bytes / kSplitChunkBytes;
+  return int(std::max<int64_t>(1, std::min<int64_t>(std::min(want, most), 1024)));
+}
+
+// The two kernels of a split row; `partial` holds N x splits RowStates (device memory).
+template <typename scalar_t>
+void launch_split(const CeParams<scalar_t>& p, int splits, RowState<acc_of<scalar_t>>* partial, stream_t stream) {
+  const dim3 grid(unsigned(splits), unsigned(p.N));
+  constexpr int64_t VEC = Pack<scalar_t>::kSize;
+  const int64_t per = ((p.K + VEC - 1) / VEC + splits - 1) / splits;  // packs per chunk
+  auto* stats = &ce_split_stats_kernel<scalar_t, kSplitThreads>;
+  LSE_LAUNCH(stats, grid, kSplitThreads, 0, stream)(p, partial, per);
+  LSE_LAUNCH_CHECK();
+  auto* grad = &ce_split_grad_kernel<scalar_t, kSplitThreads>;
+  LSE_LAUNCH(grad, grid, kSplitThreads, 0, stream)(p, partial, per);
+  LSE_LAUNCH_CHECK();
+}
+
 // The elementwise kernels: 256 threads per block, at most `blocks_per_sm` blocks per multiprocessor
 // (grid-stride loops cover the rest).
 template <typename scalar_t>

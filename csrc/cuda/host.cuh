@@ -37,6 +37,11 @@ inline at::Tensor run_ce_kernel(const at::Tensor& in, const at::Tensor& tgt, con
   }
   const at::Tensor inv_denom = reduction == kMean ? denom.reciprocal() : at::Tensor();
   const at::Tensor wsum = weighted ? w.sum() : at::Tensor();
+  // Few large rows: split over several blocks (not in place, where a chunk's gradient would
+  // overwrite logits another block still reads; not when reusing a saved gradient).
+  const bool can_split = !saved.defined() && !(grad.defined() && grad.data_ptr() == in.data_ptr());
+  const int splits = (can_split && N > 0) ? split_count(N, K * int64_t(in.element_size()), sm_count(in.get_device())) : 1;
+  const at::Tensor partial = splits > 1 ? at::empty({N * splits * 4}, in.options().dtype(acc)) : at::Tensor();
   if (N > 0) {
     const stream_t stream = current_stream();
     dispatch_dtype(in.scalar_type(), [&](auto tag) {
@@ -61,7 +66,11 @@ inline at::Tensor run_ce_kernel(const at::Tensor& in, const at::Tensor& tgt, con
       p.softcap = acc_t(softcap);
       p.z_loss = acc_t(z_loss);
       p.lse_rows = lse.defined() ? static_cast<acc_t*>(lse.data_ptr()) : nullptr;
-      dispatch_forward<scalar_t>(p, stream);
+      if (splits > 1) {
+        launch_split<scalar_t>(p, splits, static_cast<RowState<acc_t>*>(partial.data_ptr()), stream);
+      } else {
+        dispatch_forward<scalar_t>(p, stream);
+      }
     });
   }
   return denom;
