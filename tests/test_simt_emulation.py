@@ -330,3 +330,24 @@ def test_one_row_split_over_blocks(simt, emulated, dtype):
                   1, True)
     assert ns.pack_accesses()[2] == 1  # two rows on the 2-SM emulated GPU: one block per row
 
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_saved_gradient_reuse_is_vectorised(simt, emulated, dtype):
+    """Issue 10 item 8: a 16-bit backward whose incoming gradient scales the saved gradient exactly
+    (1 for float16; 1, 0 or 2^k for bfloat16) reuses it row by row inside ce_forward_kernel, now
+    in 16-byte packs (it was element by element). Rows off 16-byte alignment (K odd) keep a
+    scalar head; the result against the float64 reference."""
+    ns = simt.load()
+    g = torch.Generator().manual_seed(5)
+    N, K = 3, 4097
+    x = (torch.randn(N, K, generator=g) * 2).to(dtype)
+    t = torch.randint(0, K, (N,), generator=g)
+    _, saved = ns.ce_forward(x, t, None, -100, 0.1, 0, 0, True)
+    go = torch.full((N,), 1.0 if dtype == torch.float16 else 2.0)
+    ns.pack_accesses()
+    grad = ns.ce_grad(x, t, None, go, saved, -100, 0.1, 0, 0)
+    loads, stores, launches = ns.pack_accesses()
+    assert launches == 1 and loads >= N * (K // 8 - 1) and stores >= N * (K // 8 - 1), (loads, stores)
+    assert torch.equal(grad.float(), saved.float() * go[:, None])  # exact: a power of two
+    _, gref = _reference(x, t, None, label_smoothing=0.1, reduction="none")
+    assert_close_to(grad, gref * go.double()[:, None], dtype, "reused grad")

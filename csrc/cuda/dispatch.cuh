@@ -35,20 +35,44 @@ constexpr int big_row_cache() {
   return (std::is_same_v<scalar_t, c10::BFloat16> || std::is_same_v<scalar_t, double>) ? 4 : 6;
 }
 
+// The row kernels by row size: the largest row (bytes) each takes, for a 4-pack and a 6-pack
+// big_row_cache; larger rows take the 512-thread kernel. bench/sass_report.py reads this table
+// (its thresholds live only here): keep one {threads per row, bytes, bytes} entry per line.
+struct RowKernelLimit {
+  int row_threads;
+  int64_t max_bytes_cache4, max_bytes_cache6;
+};
+inline constexpr RowKernelLimit kRowKernelLimits[] = {
+    {8, 512, 512},        // 8 lanes x 4 packs (16 rows per block)
+    {32, 2048, 2048},     // a warp x 4 packs (4 rows per block)
+    {128, 16384, 16384},  // 128 threads x 8 packs
+    {256, 65536, 98304},  // 256 threads x big_row_cache x 4, two blocks per SM
+};
+
+template <typename scalar_t>
+constexpr int64_t row_limit(int i) {
+  return big_row_cache<scalar_t>() == 4 ? kRowKernelLimits[i].max_bytes_cache4 : kRowKernelLimits[i].max_bytes_cache6;
+}
+static_assert(kRowKernelLimits[0].max_bytes_cache4 == 8 * 16 * 4 && kRowKernelLimits[1].max_bytes_cache4 == 32 * 16 * 4 &&
+                  kRowKernelLimits[2].max_bytes_cache4 == 128 * 16 * 8 &&
+                  kRowKernelLimits[3].max_bytes_cache4 == 256 * 16 * 4 * 4 &&
+                  kRowKernelLimits[3].max_bytes_cache6 == 256 * 16 * 6 * 4,
+              "each kernel's limit is its threads x cached packs (x 4 for the 256-thread kernel)");
+
 // Threads per row from the row's size in bytes: keep up to CACHE 16-byte packs per thread.
 template <typename scalar_t>
 void dispatch_forward(const CeParams<scalar_t>& p, stream_t stream) {
   constexpr int kBig = big_row_cache<scalar_t>();
   const int64_t bytes = p.K * int64_t(sizeof(scalar_t));
-  if (bytes <= 8 * 16 * 4) {
+  if (bytes <= row_limit<scalar_t>(0)) {
     // small rows (fp32 K <= 128, 16-bit K <= 256): 8 lanes per row, 16 rows per block, 3
     // shuffle levels instead of 5 and no lane without a pack for K >= 8 x pack size
     launch_forward<scalar_t, 8, 16, 4>(p, stream);
-  } else if (bytes <= 32 * 16 * 4) {
+  } else if (bytes <= row_limit<scalar_t>(1)) {
     launch_forward<scalar_t, 32, 4, 4>(p, stream);
-  } else if (bytes <= 128 * 16 * 8) {
+  } else if (bytes <= row_limit<scalar_t>(2)) {
     launch_forward<scalar_t, 128, 1, 8>(p, stream);
-  } else if (bytes <= 256 * 16 * kBig * 4) {
+  } else if (bytes <= row_limit<scalar_t>(3)) {
     // Rows up to 96 KiB (bfloat16, double: 64 KiB): 256 threads per row and two blocks per SM (__launch_bounds__ min 2:
     // the same 128-register cap), so one block's reduction, barrier and exit overlap the other's
     // loads. Rows in flight x uncached part stays far below the L2 (at most 264 x 72 KiB).

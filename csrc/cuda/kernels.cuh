@@ -108,6 +108,45 @@ struct RowAccum {
 // 16-byte loads issued back to back in the loops over the packs beyond the register cache.
 constexpr int kUnroll = 4;
 
+// g[c] = s[c] * f over one row (g may equal s; every element is read and written by one thread),
+// multiplied in acc_t and rounded once: 16-byte packs, kUnroll in flight per thread, when both
+// rows have the same 16-byte alignment (the saved gradient and the new one: both allocated like
+// the input), element by element otherwise (issue 10 item 8: this was element by element always).
+template <typename scalar_t, int ROW_THREADS>
+__device__ __forceinline__ void scale_row(scalar_t* g, const scalar_t* s, int64_t K, acc_of<scalar_t> f) {
+  using acc_t = acc_of<scalar_t>;
+  using P = Pack<scalar_t>;
+  constexpr int VEC = P::kSize;
+  const int tid = threadIdx.x;
+  const int a = int(reinterpret_cast<uintptr_t>(s) % 16);
+  int64_t head = K, nvec = 0;
+  if (a == int(reinterpret_cast<uintptr_t>(g) % 16) && a % int(sizeof(scalar_t)) == 0) {
+    const int mis = a / int(sizeof(scalar_t));
+    head = mis ? std::min<int64_t>(VEC - mis, K) : 0;
+    nvec = (K - head) / VEC;
+  }
+  auto one = [&](int64_t c) { g[c] = static_cast<scalar_t>(static_cast<acc_t>(s[c]) * f); };
+  for (int64_t c = tid; c < head; c += ROW_THREADS) one(c);
+  for (int64_t v0 = tid; v0 < nvec; v0 += int64_t(kUnroll) * ROW_THREADS) {
+    P buf[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t v = v0 + int64_t(u) * ROW_THREADS;
+      if (v < nvec) buf[u] = load_pack(s + head + v * VEC);
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t v = v0 + int64_t(u) * ROW_THREADS;
+      if (v < nvec) {
+#pragma unroll
+        for (int i = 0; i < VEC; ++i) buf[u].v[i] = static_cast<scalar_t>(static_cast<acc_t>(buf[u].v[i]) * f);
+        store_pack(g + head + v * VEC, buf[u]);
+      }
+    }
+  }
+  for (int64_t c = head + nvec * VEC + tid; c < K; c += ROW_THREADS) one(c);
+}
+
 // Resident blocks per SM asked of ptxas: two for the 256-thread row kernel (so one block's
 // reduction and exit overlap the other's loads), one otherwise (the 512-thread kernel needs
 // its 128 registers; the smaller blocks reach several per SM anyway).
@@ -133,9 +172,7 @@ __global__ void __launch_bounds__(ROW_THREADS * ROWS_PER_BLOCK, min_blocks_of<RO
     const acc_t f = p.go[p.go_per_row ? row : 0];
     if (exact_multiplier<acc_t>(f, std::is_same_v<scalar_t, c10::Half>)) {
       const scalar_t* srow = p.saved + row * K;
-      if (!(srow == grow && f == acc_t(1)))
-        for (int64_t c = tid; c < K; c += ROW_THREADS)
-          grow[c] = static_cast<scalar_t>(static_cast<acc_t>(srow[c]) * f);
+      if (!(srow == grow && f == acc_t(1))) scale_row<scalar_t, ROW_THREADS>(grow, srow, K, f);
       live = false;
     }
   }
