@@ -59,6 +59,11 @@ REGS_PER_SM, REG_UNIT, MAX_WARPS, MAX_BLOCKS, MAX_THREADS = 65536, 256, 64, 32, 
 # Shapes the prediction is printed for: (label, dtype bytes, K).
 SHAPES = [("bf16 K=128256", 2, 128256), ("fp32 K=128256", 4, 128256), ("fp32 K=32000", 4, 32000),
           ("bf16 K=32000", 2, 32000), ("fp32 K=1000", 4, 1000), ("bf16 K=100", 2, 100), ("fp32 K=10", 4, 10)]
+# Few rows (issue 10 item 4): (label, dtype bytes, K, N) for the split kernels against one block per row.
+SPLIT_SHAPES = [("bf16 N=16 K=256000", 2, 256000, 16), ("fp32 N=4 K=128256", 4, 128256, 4),
+                ("bf16 N=64 K=128256", 2, 128256, 64)]
+# Probability targets (item 9): (label, logits bytes, target bytes, K).
+PROB_SHAPES = [("bf16+fp32 t K=128256", 2, 4, 128256), ("fp32 K=32000", 4, 4, 32000), ("bf16 K=1000", 2, 2, 1000)]
 
 
 def find_cuobjdump():
@@ -265,6 +270,12 @@ def kernel_config(name):
     m = re.search(r"ce_forward_kernel<([^,]+), (\d+), (\d+), (\d+)>", name)
     if m:
         return int(m.group(2)) * int(m.group(3)), int(m.group(2)), int(m.group(4)), m.group(1)
+    m = re.search(r"ce_prob_kernel<([^,]+), ([^,]+), (\d+), (\d+)>", name)
+    if m:  # no register cache
+        return int(m.group(3)) * int(m.group(4)), int(m.group(3)), 0, m.group(1)
+    m = re.search(r"ce_split_\w+_kernel<([^,]+), (\d+)>", name)
+    if m:
+        return int(m.group(2)), int(m.group(2)), 0, m.group(1)
     m = re.search(r"_kernel<([^,>]+)", name)
     return 256, None, None, (m.group(1) if m else "?")
 
@@ -309,6 +320,55 @@ def predict_row(gpu, elem, K, row_threads, cache, threads, blocks, p1, p2):
     return (2 * row_bytes / peak) / t
 
 
+def _bw(gpu, depth, threads, blocks, latency, sms_busy=None):
+    _, sms, peak, _, _ = GPUS[gpu]
+    inflight = depth * 16 * threads * blocks
+    return min(peak, (sms_busy or sms) * inflight / latency) if inflight else peak * 1e-3
+
+
+def split_count(N, row_bytes, sms, chunk=256 * 16 * 4):
+    """csrc/cuda/dispatch.cuh split_count (chunks per row; 1: one block per row)."""
+    if N <= 0 or N >= sms or row_bytes < 2 * chunk:
+        return 1
+    return max(1, min(-(-2 * sms // N), row_bytes // chunk, 1024))
+
+
+def predict_split(gpu, elem, K, N, stats, grad):
+    """Predicted fraction of the floor for N rows split over blocks: pass 1 (stats kernel) from HBM
+    over the SMs its grid fills, pass 2 (grad kernel) re-reads from L2 and writes the gradient.
+    Launch overheads (a few us per kernel) are not charged."""
+    _, sms, peak, lat, _ = GPUS[gpu]
+    row_bytes = K * elem
+    splits = split_count(N, row_bytes, sms)
+    blocks = splits * N
+    per_sm = min(stats["blocks"], -(-blocks // sms))
+    busy = min(sms, blocks)
+    t = N * row_bytes / _bw(gpu, max(stats["p1"].loop, 1), stats["threads"], per_sm, lat, busy)
+    per_sm2 = min(grad["blocks"], -(-blocks // sms))
+    t += N * row_bytes / _bw(gpu, max(grad["p1"].loop, 1), grad["threads"], per_sm2, L2_LATENCY, busy)
+    t += N * row_bytes / peak
+    return splits, (2 * N * row_bytes / peak) / t
+
+
+def predict_unsplit(gpu, elem, K, N, fwd):
+    """The same N rows with one block per row (ce_forward_kernel): only min(N, SMs) SMs read."""
+    _, sms, peak, lat, _ = GPUS[gpu]
+    busy = min(sms, N)
+    f = predict_row(gpu, elem, K, fwd["row_threads"], fwd["cache"], fwd["threads"], 1, fwd["p1"], fwd["p2"])
+    return f * busy / sms
+
+
+def predict_prob(gpu, elem, telem, K, r):
+    """Probability targets: logits + targets read in pass 1 (HBM) and again in pass 2 (HBM: the rows
+    in flight x (z + t) exceed the L2 at large K; charged from HBM at every K), gradient written."""
+    _, sms, peak, lat, _ = GPUS[gpu]
+    row = K * (elem + telem)
+    t = row / _bw(gpu, max(r["p1"].loop, 1), r["threads"], r["blocks"], lat)
+    t += row / _bw(gpu, max(r["p2"].loop, 1), r["threads"], r["blocks"], lat)
+    t += K * elem / peak
+    return (K * (2 * elem + telem) / peak) / t
+
+
 def collect(lib, tool):
     usage = parse_resource_usage(subprocess.run([tool, "--dump-resource-usage", lib], capture_output=True,
                                                 text=True, check=True).stdout)
@@ -320,7 +380,7 @@ def collect(lib, tool):
         u = usage.get((k.arch, k.name), {})
         full = short_name(names.get(k.name, k.name))
         threads, row_threads, cache, dtype = kernel_config(full)
-        p1_code, p2_code = split_passes(k.insns) if "ce_forward" in full else (k.insns, [])
+        p1_code, p2_code = split_passes(k.insns) if ("ce_forward" in full or "ce_prob" in full) else (k.insns, [])
         rows.append(dict(arch=k.arch, name=full, mangled=k.name, regs=u.get("REG", 0), stack=u.get("STACK", 0),
                          local=u.get("LOCAL", 0), shared=u.get("SHARED", 0), threads=threads,
                          row_threads=row_threads, cache=cache, dtype=dtype, p1=pass_stats(p1_code),
@@ -365,15 +425,67 @@ def report(rows, archs=None):
             kbl = r["p1"].loop * 16 * r["threads"] * r["blocks"] / 1024
             lines.append(f"  {gpu} {label:14} {r['name'][:40]:40} in flight {kb:5.1f} KB/SM cached, "
                          f"{kbl:5.1f} KB/SM loop (need {need:.1f}): predicted {100 * f:5.1f}% of floor")
+    lines.append("")
+    lines.append("Few rows, large rows (split over blocks, issue 10 item 4; PREDICTION, launch overheads not charged):")
+    for gpu, (arch, *_rest) in GPUS.items():
+        if archs and arch not in archs:
+            continue
+        for label, elem, K, N in SPLIT_SHAPES:
+            stats = _pick(rows, arch, "ce_split_stats_kernel", elem)
+            grad = _pick(rows, arch, "ce_split_grad_kernel", elem)
+            fwd = pick_forward(rows, arch, elem, K)
+            if not (stats and grad and fwd):
+                continue
+            splits, f = predict_split(gpu, elem, K, N, stats, grad)
+            lines.append(f"  {gpu} {label:20} {splits:3d} chunks per row: predicted {100 * f:5.1f}% of floor "
+                         f"(one block per row: {100 * predict_unsplit(gpu, elem, K, N, fwd):5.1f}%)")
+    lines.append("")
+    lines.append("Probability targets (ce_prob_kernel, item 9; PREDICTION; floor = read z + t once, write g once):")
+    for gpu, (arch, *_rest) in GPUS.items():
+        if archs and arch not in archs:
+            continue
+        for label, elem, telem, K in PROB_SHAPES:
+            threads = 32 if K * elem <= 2048 else 256
+            r = next((r for r in rows if r["arch"] == arch and "ce_prob_kernel" in r["name"]
+                      and r["row_threads"] == threads and dtype_bytes(r["dtype"]) == elem
+                      and (elem != 2 or "BFloat16" in r["dtype"])
+                      and re.search(r"ce_prob_kernel<BFloat16, float," if telem == 4 and elem == 2 else
+                                    r"ce_prob_kernel<([^,]+), \1,", r["name"])), None)
+            if not r:
+                continue
+            lines.append(f"  {gpu} {label:22} {r['name'][:44]:44} p1 loop {r['p1'].loop} p2 loop {r['p2'].loop}: "
+                         f"predicted {100 * predict_prob(gpu, elem, telem, K, r):5.1f}% of floor")
     return "\n".join(lines)
 
 
-# dispatch_forward (csrc/cuda/dispatch.cuh): the row kernel's threads per row by row bytes.
-# Mirrored here by hand: keep in step with the thresholds there.
-def dispatch(dtype, row_bytes):
-    big = 4 if dtype.strip() in ("BFloat16", "double") else 6  # big_row_cache<scalar_t>()
-    limits = [(8 * 16 * 4, 8), (32 * 16 * 4, 32), (128 * 16 * 8, 128), (256 * 16 * big * 4, 256)]
-    return next((t for limit, t in limits if row_bytes <= limit), 512)
+def _pick(rows, arch, kernel, elem):
+    return next((r for r in rows if r["arch"] == arch and kernel in r["name"] and dtype_bytes(r["dtype"]) == elem
+                 and (elem != 2 or "BFloat16" in r["dtype"])), None)
+
+
+DISPATCH_HEADER = Path(__file__).resolve().parents[1] / "csrc" / "cuda" / "dispatch.cuh"
+
+
+def row_kernel_limits(header=DISPATCH_HEADER):
+    """[(threads per row, max row bytes with a 4-pack big cache, with a 6-pack one)] from the
+    kRowKernelLimits table of csrc/cuda/dispatch.cuh (dispatch_forward's thresholds: one place)."""
+    text = Path(header).read_text()
+    m = re.search(r"kRowKernelLimits\[\]\s*=\s*\{(.*?)\n\};", text, re.S)
+    if not m:
+        raise RuntimeError(f"no kRowKernelLimits table in {header}")
+    rows = [tuple(int(v) for v in e) for e in re.findall(r"\{(\d+),\s*(\d+),\s*(\d+)\}", m.group(1))]
+    if not rows:
+        raise RuntimeError(f"kRowKernelLimits in {header} has no entries")
+    return rows
+
+
+def dispatch(dtype, row_bytes, limits=None):
+    """Threads per row dispatch_forward picks for a row of row_bytes (from its table)."""
+    big4 = dtype.strip() in ("BFloat16", "double")  # big_row_cache<scalar_t>() == 4
+    for threads, lim4, lim6 in (limits or row_kernel_limits()):
+        if row_bytes <= (lim4 if big4 else lim6):
+            return threads
+    return 512
 
 
 def pick_forward(rows, arch, elem, K):

@@ -151,3 +151,17 @@ def test_forward_kernels_issue_pass1_loads_back_to_back():
     assert fwd, "no ce_forward_kernel in the library's SASS"
     serial = [f"{r['arch']} {r['name']}: {r['p1'].straight}" for r in fwd if r["p1"].straight < 4]
     assert not serial, "pass-1 16-byte loads serialized (in flight before first use < 4): " + "; ".join(serial)
+
+
+def test_sass_report_reads_the_dispatch_table():
+    """bench/sass_report.py takes dispatch_forward's thresholds from csrc/cuda/dispatch.cuh's
+    kRowKernelLimits (one place), and picks the kernel the C++ dispatch would."""
+    S = _sass_report()
+    limits = S.row_kernel_limits()
+    assert [t for t, _, _ in limits] == [8, 32, 128, 256]
+    assert all(a[1] < b[1] and a[2] < b[2] for a, b in zip(limits, limits[1:]))
+    assert S.dispatch("float", 4 * 32000) == 512 and S.dispatch("BFloat16", 2 * 32000) == 256
+    assert S.dispatch("BFloat16", 2 * 50257) == 512 and S.dispatch("float", 4 * 24576) == 256
+    assert S.dispatch("float", 40) == 8 and S.dispatch("Half", 2 * 1000) == 32
+    with pytest.raises(RuntimeError, match="kRowKernelLimits"):
+        S.row_kernel_limits(Path(__file__))  # a file without the table: an error, not a guess

@@ -237,3 +237,117 @@ def test_ignore_index_inside_the_class_range_with_weights(emulated, K):
     t = torch.tensor([3, 1, 3, 0, K - 1, 3, 2])
     w = torch.rand(K, generator=g) + 0.1
     _check(x, t, w, torch.float32, reduction="mean", ignore_index=3, label_smoothing=0.1)
+
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("K", [1001, 4097])
+def test_misaligned_views_keep_16_byte_packs(simt, emulated, dtype, K):
+    """Issue 10 item 6: rows off 16-byte alignment (x.view(-1, K)[1:]: every input row; a padded
+    vocabulary sliced, logits[:, :K]: gradient rows at K x row elements) keep their 16-byte loads,
+    aligned to the input, instead of dropping the row to scalar code. The emulator counts pack
+    loads and stores: loads stay within one pack per row (the scalar head / tail) of an aligned
+    copy of the same data; the flat view's gradient shares its input's alignment, so its stores
+    stay packed too (the padded view's are split where a gradient row is aligned differently)."""
+    ns = simt.load()
+    g = torch.Generator().manual_seed(K + 1)
+    N = 5
+    es = torch.empty((), dtype=dtype).element_size()
+    flat = torch.randn(N * K + 1, generator=g).to(dtype)
+    padded = torch.randn(N, (K + 63) // 64 * 64, generator=g).to(dtype)
+    t = torch.randint(0, K, (N,), generator=g)
+    for name, x in (("flat", flat[1:].view(N, K)), ("padded", padded[:, :K])):
+        if name == "flat":
+            assert any(x[i].data_ptr() % 16 for i in range(N))  # and each row one element past its gradient row
+        else:  # input rows aligned, gradient rows (contiguous N x K) not all
+            assert not any(x[i].data_ptr() % 16 for i in range(N)) and any(i * K * es % 16 for i in range(N))
+        ns.pack_accesses()  # reset the counters
+        ns.ce_forward(x.contiguous(), t, None, -100, 0.1, 0, 1, True)
+        loads0, stores0, _ = ns.pack_accesses()
+        ns.ce_forward(x, t, None, -100, 0.1, 0, 1, True)
+        loads, stores, _ = ns.pack_accesses()
+        assert loads0 > 0 and stores0 > 0
+        assert loads >= 0.95 * loads0, (name, loads, loads0)
+        if name == "flat":
+            assert stores >= 0.95 * stores0, (name, stores, stores0)
+        _check(x, t, None, dtype, reduction="sum", label_smoothing=0.1)
+
+
+def _reference_ext(x, t, w, **kw):
+    xd = x.detach().double().requires_grad_()
+    out = L.reference.cross_entropy(xd, t, None if w is None else w.double(), **kw)
+    return out, xd
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_one_row_split_over_blocks(simt, emulated, dtype):
+    """Issue 10 item 4: with fewer rows than multiprocessors (the emulated GPU has 2), a row of at
+    least 32 KiB is split over several blocks (ce_split_stats_kernel + ce_split_grad_kernel):
+    one row here, with weights, both smoothing modes, z_loss, softcap and lse, a misaligned view,
+    an ignored row, a NaN row, an out-of-range target, and the recomputing backward
+    (reduction="none" with an incoming gradient, float16's path)."""
+    K = 20011  # 80 KB in float32: 2-4 chunks depending on the dtype
+    g = torch.Generator().manual_seed(11 + DTYPES.index(dtype))
+    base = (torch.randn(1, K + 1, generator=g) * 3).to(dtype)
+    w = (torch.rand(K, generator=g) + 0.1).to(dtype)
+    cases = [
+        (base[:, :K], dict(label_smoothing=0.1), None),
+        (base[:, 1:], dict(label_smoothing=0.2, smoothing_mode="off_target", reduction="sum"), w),
+        (base[:, :K], dict(label_smoothing=0.1, z_loss=1e-3, softcap=15.0, reduction="none"), w),
+        (base[:, 1:], dict(z_loss=1e-2, reduction="none"), None),
+    ]
+    for i, (x, kw, wt) in enumerate(cases):
+        t = torch.randint(0, K, (1,), generator=g)
+        xx = x.detach().clone().requires_grad_()
+        out, lse = L.cross_entropy(xx, t, weight=wt, return_lse=True, **kw)
+        go = torch.full_like(out, 1.5)  # an incoming gradient other than 1
+        out.backward(go)
+        ref, xd = _reference_ext(x, t, wt, **kw)
+        (ref * go.double()).sum().backward()
+        assert_close_to(out, ref, dtype, f"split loss {kw}")
+        assert_close_to(xx.grad, xd.grad, dtype, f"split grad {kw}", ulps=2)
+        zc = x.double() if "softcap" not in kw else kw["softcap"] * torch.tanh(x.double() / kw["softcap"])
+        assert_close_to(lse, torch.logsumexp(zc, 1), dtype, "split lse")
+    x = base[:, :K].clone()
+    for t, nan in ((torch.tensor([-100]), False), (torch.tensor([K + 3]), True), (torch.tensor([5]), True)):
+        if t.item() == 5:
+            x[0, K // 2] = float("nan")
+        xx = x.clone().requires_grad_()
+        out = L.cross_entropy(xx, t, reduction="sum", label_smoothing=0.1)
+        out.backward()
+        assert bool(out.isnan()) == nan and bool(xx.grad.isnan().all()) == nan
+        if not nan:
+            assert torch.equal(xx.grad, torch.zeros_like(xx.grad))
+    # the split kernels ran: the loads of one forward are at least the row's packs
+    ns = simt.load()
+    ns.pack_accesses()
+    ns.ce_forward(base[:, :K].contiguous(), torch.tensor([3]), None, -100, 0.0, 0, 1, True)
+    loads, stores, launches = ns.pack_accesses()
+    assert launches == 2  # the statistics kernel, then the gradient kernel
+    vec = 16 // base.element_size()
+    assert loads >= 2 * (K // vec - 1) and stores >= K // vec - 1
+    ns.ce_forward(base[:, :K].contiguous().expand(2, K).contiguous(), torch.tensor([3, 4]), None, -100, 0.0, 0,
+                  1, True)
+    assert ns.pack_accesses()[2] == 1  # two rows on the 2-SM emulated GPU: one block per row
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_saved_gradient_reuse_is_vectorised(simt, emulated, dtype):
+    """Issue 10 item 8: a 16-bit backward whose incoming gradient scales the saved gradient exactly
+    (1 for float16; 1, 0 or 2^k for bfloat16) reuses it row by row inside ce_forward_kernel, now
+    in 16-byte packs (it was element by element). Rows off 16-byte alignment (K odd) keep a
+    scalar head; the result against the float64 reference."""
+    ns = simt.load()
+    g = torch.Generator().manual_seed(5)
+    N, K = 3, 4097
+    x = (torch.randn(N, K, generator=g) * 2).to(dtype)
+    t = torch.randint(0, K, (N,), generator=g)
+    _, saved = ns.ce_forward(x, t, None, -100, 0.1, 0, 0, True)
+    go = torch.full((N,), 1.0 if dtype == torch.float16 else 2.0)
+    ns.pack_accesses()
+    grad = ns.ce_grad(x, t, None, go, saved, -100, 0.1, 0, 0)
+    loads, stores, launches = ns.pack_accesses()
+    assert launches == 1 and loads >= N * (K // 8 - 1) and stores >= N * (K // 8 - 1), (loads, stores)
+    assert torch.equal(grad.float(), saved.float() * go[:, None])  # exact: a power of two
+    _, gref = _reference(x, t, None, label_smoothing=0.1, reduction="none")
+    assert_close_to(grad, gref * go.double()[:, None], dtype, "reused grad")

@@ -37,6 +37,11 @@ inline at::Tensor run_ce_kernel(const at::Tensor& in, const at::Tensor& tgt, con
   }
   const at::Tensor inv_denom = reduction == kMean ? denom.reciprocal() : at::Tensor();
   const at::Tensor wsum = weighted ? w.sum() : at::Tensor();
+  // Few large rows: split over several blocks (not in place, where a chunk's gradient would
+  // overwrite logits another block still reads; not when reusing a saved gradient).
+  const bool can_split = !saved.defined() && !(grad.defined() && grad.data_ptr() == in.data_ptr());
+  const int splits = (can_split && N > 0) ? split_count(N, K * int64_t(in.element_size()), sm_count(in.get_device())) : 1;
+  const at::Tensor partial = splits > 1 ? at::empty({N * splits * 4}, in.options().dtype(acc)) : at::Tensor();
   if (N > 0) {
     const stream_t stream = current_stream();
     dispatch_dtype(in.scalar_type(), [&](auto tag) {
@@ -61,10 +66,26 @@ inline at::Tensor run_ce_kernel(const at::Tensor& in, const at::Tensor& tgt, con
       p.softcap = acc_t(softcap);
       p.z_loss = acc_t(z_loss);
       p.lse_rows = lse.defined() ? static_cast<acc_t*>(lse.data_ptr()) : nullptr;
-      dispatch_forward<scalar_t>(p, stream);
+      if (splits > 1) {
+        launch_split<scalar_t>(p, splits, static_cast<RowState<acc_t>*>(partial.data_ptr()), stream);
+      } else {
+        dispatch_forward<scalar_t>(p, stream);
+      }
     });
   }
   return denom;
+}
+
+// The gradient of `in` (N x K, contiguous), placed at the input's address modulo 16 bytes: when
+// the input rows are contiguous with an offset (x.view(-1, K)[1:]), each gradient row then has
+// its input row's alignment and the kernel's 16-byte stores stay whole (issue 10 item 6).
+inline at::Tensor grad_aligned_like(const at::Tensor& in, int64_t N, int64_t K) {
+  const int64_t es = in.element_size();
+  const int64_t off = int64_t(reinterpret_cast<uintptr_t>(in.data_ptr()) % 16) / es;
+  if (off == 0 || N * K == 0 || (N > 1 && in.stride(0) != K)) return at::empty({N, K}, in.options());
+  // set_ on the padded buffer's storage: a plain tensor with a storage offset, not a view
+  const at::Tensor buf = at::empty({N * K + 16 / es}, in.options());
+  return at::empty({0}, in.options()).set_(buf.storage(), off, {N, K}, {K, 1});
 }
 
 inline std::tuple<at::Tensor, at::Tensor> ce_forward_cuda(const at::Tensor& input, const at::Tensor& target,
@@ -77,8 +98,7 @@ inline std::tuple<at::Tensor, at::Tensor> ce_forward_cuda(const at::Tensor& inpu
   const at::Tensor tgt = target.contiguous();
   const int64_t N = in.size(0), K = in.size(1);
   at::Tensor rows = at::empty({N}, in.options().dtype(acc_type_of(in.scalar_type())));
-  at::Tensor grad = at::empty(compute_grad ? std::vector<int64_t>{N, K} : std::vector<int64_t>{0},
-                              in.options());
+  at::Tensor grad = compute_grad ? grad_aligned_like(in, N, K) : at::empty({0}, in.options());
   const at::Tensor denom = run_ce_kernel(in, tgt, weight, ignore_index, eps, mode, reduction, rows,
                                          compute_grad ? grad : at::Tensor(), at::Tensor(), at::Tensor());
   return {finish_loss(rows, denom, reduction), grad};
@@ -113,7 +133,7 @@ inline at::Tensor ce_grad_cuda(const at::Tensor& input, const at::Tensor& target
     s = saved->contiguous();
   }
   at::Tensor rows = at::empty({N}, in.options().dtype(acc_type_of(in.scalar_type())));
-  at::Tensor grad = at::empty({N, K}, in.options());
+  at::Tensor grad = grad_aligned_like(in, N, K);
   run_ce_kernel(in, tgt, weight, ignore_index, eps, mode, reduction, rows, grad, go, s);
   return grad;
 }
@@ -150,8 +170,7 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> ce_forward_ext_cuda(
   const int64_t N = in.size(0), K = in.size(1);
   at::Tensor rows = at::empty({N}, in.options().dtype(acc_type_of(in.scalar_type())));
   at::Tensor lse = at::empty({N}, rows.options());
-  at::Tensor grad = at::empty(compute_grad ? std::vector<int64_t>{N, K} : std::vector<int64_t>{0},
-                              in.options());
+  at::Tensor grad = compute_grad ? grad_aligned_like(in, N, K) : at::empty({0}, in.options());
   const at::Tensor denom = run_ce_kernel(in, tgt, weight, ignore_index, eps, mode, reduction, rows,
                                          compute_grad ? grad : at::Tensor(), at::Tensor(), at::Tensor(),
                                          z_loss, softcap, lse);
@@ -171,7 +190,7 @@ inline at::Tensor ce_grad_ext_cuda(const at::Tensor& input, const at::Tensor& ta
   const int64_t N = in.size(0), K = in.size(1);
   const at::Tensor go = incoming_gradient(grad_output, in.scalar_type(), N, reduction);
   at::Tensor rows = at::empty({N}, in.options().dtype(acc_type_of(in.scalar_type())));
-  at::Tensor grad = at::empty({N, K}, in.options());
+  at::Tensor grad = grad_aligned_like(in, N, K);
   run_ce_kernel(in, tgt, weight, ignore_index, eps, mode, reduction, rows, grad, go, at::Tensor(), z_loss,
                 softcap);
   return grad;

@@ -108,6 +108,45 @@ struct RowAccum {
 // 16-byte loads issued back to back in the loops over the packs beyond the register cache.
 constexpr int kUnroll = 4;
 
+// g[c] = s[c] * f over one row (g may equal s; every element is read and written by one thread),
+// multiplied in acc_t and rounded once: 16-byte packs, kUnroll in flight per thread, when both
+// rows have the same 16-byte alignment (the saved gradient and the new one: both allocated like
+// the input), element by element otherwise (issue 10 item 8: this was element by element always).
+template <typename scalar_t, int ROW_THREADS>
+__device__ __forceinline__ void scale_row(scalar_t* g, const scalar_t* s, int64_t K, acc_of<scalar_t> f) {
+  using acc_t = acc_of<scalar_t>;
+  using P = Pack<scalar_t>;
+  constexpr int VEC = P::kSize;
+  const int tid = threadIdx.x;
+  const int a = int(reinterpret_cast<uintptr_t>(s) % 16);
+  int64_t head = K, nvec = 0;
+  if (a == int(reinterpret_cast<uintptr_t>(g) % 16) && a % int(sizeof(scalar_t)) == 0) {
+    const int mis = a / int(sizeof(scalar_t));
+    head = mis ? std::min<int64_t>(VEC - mis, K) : 0;
+    nvec = (K - head) / VEC;
+  }
+  auto one = [&](int64_t c) { g[c] = static_cast<scalar_t>(static_cast<acc_t>(s[c]) * f); };
+  for (int64_t c = tid; c < head; c += ROW_THREADS) one(c);
+  for (int64_t v0 = tid; v0 < nvec; v0 += int64_t(kUnroll) * ROW_THREADS) {
+    P buf[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t v = v0 + int64_t(u) * ROW_THREADS;
+      if (v < nvec) buf[u] = load_pack(s + head + v * VEC);
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t v = v0 + int64_t(u) * ROW_THREADS;
+      if (v < nvec) {
+#pragma unroll
+        for (int i = 0; i < VEC; ++i) buf[u].v[i] = static_cast<scalar_t>(static_cast<acc_t>(buf[u].v[i]) * f);
+        store_pack(g + head + v * VEC, buf[u]);
+      }
+    }
+  }
+  for (int64_t c = head + nvec * VEC + tid; c < K; c += ROW_THREADS) one(c);
+}
+
 // Resident blocks per SM asked of ptxas: two for the 256-thread row kernel (so one block's
 // reduction and exit overlap the other's loads), one otherwise (the 512-thread kernel needs
 // its 128 registers; the smaller blocks reach several per SM anyway).
@@ -133,9 +172,7 @@ __global__ void __launch_bounds__(ROW_THREADS * ROWS_PER_BLOCK, min_blocks_of<RO
     const acc_t f = p.go[p.go_per_row ? row : 0];
     if (exact_multiplier<acc_t>(f, std::is_same_v<scalar_t, c10::Half>)) {
       const scalar_t* srow = p.saved + row * K;
-      if (!(srow == grow && f == acc_t(1)))
-        for (int64_t c = tid; c < K; c += ROW_THREADS)
-          grow[c] = static_cast<scalar_t>(static_cast<acc_t>(srow[c]) * f);
+      if (!(srow == grow && f == acc_t(1))) scale_row<scalar_t, ROW_THREADS>(grow, srow, K, f);
       live = false;
     }
   }
@@ -143,13 +180,15 @@ __global__ void __launch_bounds__(ROW_THREADS * ROWS_PER_BLOCK, min_blocks_of<RO
   const bool weighted = p.weight != nullptr;
   const acc_t cap = p.softcap;
 
-  // Scalar head up to 16-byte alignment, packs, scalar tail. If the gradient row is aligned
-  // differently from the input row (an odd-offset view), the whole row takes the scalar path.
+  // Scalar head up to the input row's 16-byte boundary, packs, scalar tail. The packs follow
+  // the input's alignment; a gradient row aligned differently (a view with an offset, a padded
+  // vocabulary sliced) stores each pack in the widest pieces its address allows (g_align:
+  // 16, 8, 4 or 2 bytes, uniform over the row).
   const int mis = int((reinterpret_cast<uintptr_t>(z) % 16) / sizeof(scalar_t));
   int64_t head = mis ? VEC - mis : 0;
-  if (grow && int((reinterpret_cast<uintptr_t>(grow) % 16) / sizeof(scalar_t)) != mis) head = K;
   if (head > K) head = K;
   if (!live) head = 0;
+  const int g_align = grow ? address_alignment(grow + head) : 16;
   const int64_t nvec = live ? (K - head) / VEC : 0;
   const int64_t tail = head + nvec * VEC;
 
@@ -267,7 +306,11 @@ __global__ void __launch_bounds__(ROW_THREADS * ROWS_PER_BLOCK, min_blocks_of<RO
     P out;
 #pragma unroll
     for (int i = 0; i < VEC; ++i) out.v[i] = grad_of(static_cast<acc_t>(pk.v[i]), c0 + i);
-    store_pack_stream(g + c0, out);
+    if (g_align == 16) {
+      store_pack_stream(g + c0, out);
+    } else {
+      store_pack_split(g + c0, out, g_align);
+    }
   };
   for (int64_t c = tid; c < head; c += ROW_THREADS) g[c] = grad_of(static_cast<acc_t>(z[c]), c);
 #pragma unroll
@@ -291,6 +334,181 @@ __global__ void __launch_bounds__(ROW_THREADS * ROWS_PER_BLOCK, min_blocks_of<RO
     }
   }
   for (int64_t c = tail + tid; c < K; c += ROW_THREADS) g[c] = grad_of(static_cast<acc_t>(z[c]), c);
+}
+
+// ---- Few rows, large rows (issue 10 item 4): a row split over several blocks ----------------
+// With fewer rows than multiprocessors, one block per row leaves most SMs idle. The row is cut
+// into gridDim.x chunks of whole 16-byte packs (the scalar head goes with chunk 0, the scalar tail
+// with the last). ce_split_stats_kernel (grid: chunks x rows) folds each chunk into a RowState
+// around the row's reference z_y (the same in every chunk, so the partials merge exactly as the
+// threads of one block do); ce_split_grad_kernel (same grid) merges a row's partials in a fixed
+// order, writes the row's loss / lse (chunk 0) and the gradient of its chunk, re-reading the
+// chunk (from L2: few rows are in flight). Forward and the recomputing backward (no saved
+// gradient); the same row formulas as ce_forward_kernel.
+
+// The packs [v0, v1) of chunk b, and its scalar element ranges.
+struct SplitChunk {
+  int64_t head, nvec, v0, v1;
+  bool first, last;
+};
+
+// `per` (packs per chunk, from the host: ceil(ceil(K / VEC) / chunks), so the chunks cover every
+// row's packs) keeps a 64-bit division out of the kernel.
+template <typename scalar_t>
+__device__ __forceinline__ SplitChunk split_chunk(const scalar_t* z, int64_t K, int64_t per) {
+  constexpr int VEC = Pack<scalar_t>::kSize;
+  SplitChunk ch;
+  const int mis = int((reinterpret_cast<uintptr_t>(z) % 16) / sizeof(scalar_t));
+  ch.head = mis ? VEC - mis : 0;
+  if (ch.head > K) ch.head = K;
+  ch.nvec = (K - ch.head) / VEC;
+  ch.v0 = std::min<int64_t>(ch.nvec, int64_t(blockIdx.x) * per);
+  ch.v1 = std::min<int64_t>(ch.nvec, ch.v0 + per);
+  ch.first = blockIdx.x == 0;
+  ch.last = blockIdx.x == gridDim.x - 1;
+  return ch;
+}
+
+template <typename scalar_t, int THREADS>
+__global__ void __launch_bounds__(THREADS)
+    ce_split_stats_kernel(const CeParams<scalar_t> p, RowState<acc_of<scalar_t>>* partial, int64_t per) {
+  using acc_t = acc_of<scalar_t>;
+  using P = Pack<scalar_t>;
+  constexpr int VEC = P::kSize;
+  const int64_t row = blockIdx.y;
+  const int tid = threadIdx.x;
+  const int64_t K = p.K;
+  const scalar_t* __restrict__ z = p.in + row * p.in_row_stride;
+  const SplitChunk ch = split_chunk(z, K, per);
+  const int64_t y = p.target[row];
+  const bool live = y != p.ignore_index && y >= 0 && y < K;
+  const acc_t cap = p.softcap;
+  const acc_t zy = !live ? acc_t(0)
+                   : cap > acc_t(0) ? softcap_apply<acc_t>(static_cast<acc_t>(z[y]), cap)
+                                    : static_cast<acc_t>(z[y]);
+  const acc_t ref = (zy > acc_t(-INFINITY) && zy < acc_t(INFINITY)) ? zy : acc_t(0);
+  RowAccum<scalar_t> acc{{acc_t(-INFINITY), acc_t(0), acc_t(0), acc_t(0)}, ref, p.weight, cap};
+  if (live) {
+    if (ch.first)
+      for (int64_t c = tid; c < ch.head; c += THREADS) acc.add(acc.capped(static_cast<acc_t>(z[c])), c);
+    for (int64_t v0 = ch.v0 + tid; v0 < ch.v1; v0 += int64_t(kUnroll) * THREADS) {
+      P buf[kUnroll];
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        const int64_t v = v0 + int64_t(u) * THREADS;
+        if (v < ch.v1) buf[u] = load_pack_keep(z + ch.head + v * VEC);  // read again by the grad kernel
+      }
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        const int64_t v = v0 + int64_t(u) * THREADS;
+        if (v < ch.v1) acc.add_pack(buf[u], ch.head + v * VEC);
+      }
+    }
+    if (ch.last)
+      for (int64_t c = ch.head + ch.nvec * VEC + tid; c < K; c += THREADS)
+        acc.add(acc.capped(static_cast<acc_t>(z[c])), c);
+  }
+  const RowState<acc_t> st = row_reduce<acc_t, THREADS>(acc.st);
+  if (tid == 0) partial[row * gridDim.x + blockIdx.x] = st;
+}
+
+template <typename scalar_t, int THREADS>
+__global__ void __launch_bounds__(THREADS)
+    ce_split_grad_kernel(const CeParams<scalar_t> p, const RowState<acc_of<scalar_t>>* partial, int64_t per) {
+  using acc_t = acc_of<scalar_t>;
+  using P = Pack<scalar_t>;
+  constexpr int VEC = P::kSize;
+  const int64_t row = blockIdx.y;
+  const int tid = threadIdx.x;
+  const int64_t K = p.K;
+  const scalar_t* __restrict__ z = p.in + row * p.in_row_stride;
+  const SplitChunk ch = split_chunk(z, K, per);
+  scalar_t* grow = p.grad ? p.grad + row * K : nullptr;
+  // this chunk's elements, for the rows filled with one value
+  const int64_t e0 = ch.first ? 0 : ch.head + ch.v0 * VEC;
+  const int64_t e1 = ch.last ? K : ch.head + ch.v1 * VEC;
+  auto fill_chunk = [&](acc_t v) {
+    if (grow)
+      for (int64_t c = e0 + tid; c < e1; c += THREADS) grow[c] = static_cast<scalar_t>(v);
+  };
+  auto write_row = [&](acc_t loss, acc_t lse) {
+    if (ch.first && tid == 0) {
+      p.loss_rows[row] = loss;
+      if (p.lse_rows) p.lse_rows[row] = lse;
+    }
+  };
+  const int64_t y = p.target[row];
+  if (y == p.ignore_index) {
+    write_row(acc_t(0), acc_t(0));
+    fill_chunk(acc_t(0));
+    return;
+  }
+  if (y < 0 || y >= K) {
+    write_row(acc_t(NAN), acc_t(NAN));
+    fill_chunk(acc_t(NAN));
+    return;
+  }
+  RowState<acc_t> st = partial[row * gridDim.x];
+  for (unsigned j = 1; j < gridDim.x; ++j) merge(st, partial[row * gridDim.x + j]);
+  const acc_t m = st.m;
+  if (!row_max_is_finite(m)) {
+    write_row(acc_t(NAN), acc_t(NAN));
+    fill_chunk(acc_t(NAN));
+    return;
+  }
+  const acc_t cap = p.softcap;
+  auto capped = [&](acc_t x) { return cap > acc_t(0) ? softcap_apply<acc_t>(x, cap) : x; };
+  const acc_t zy = capped(static_cast<acc_t>(z[y]));
+  const acc_t ref = (zy > acc_t(-INFINITY) && zy < acc_t(INFINITY)) ? zy : acc_t(0);
+  const bool weighted = p.weight != nullptr;
+  const acc_t wy = weighted ? static_cast<acc_t>(p.weight[y]) : acc_t(1);
+  const acc_t W = weighted ? *p.weight_sum : acc_t(K);
+  const acc_t log_s = lse_log(st.s);
+  const acc_t lse = m + log_s;
+  const acc_t S = weighted ? st.Tw + W * (ref - m) : st.T + acc_t(K) * (ref - m);
+  write_row(ce_row_loss<acc_t>(log_s, zy - m, S, p.sm, wy, W) + z_loss_row<acc_t>(lse, p.z_loss), lse);
+  if (!grow) return;
+  scalar_t* __restrict__ g = grow;
+  acc_t scale = p.inv_denom ? *p.inv_denom : acc_t(1);
+  if (p.go) scale *= p.go[p.go_per_row ? row : 0];
+  const acc_t inv_s = rcp_normal(st.s);  // st.s >= 1
+  GradCoefs<acc_t> gc = ce_grad_coefs<acc_t>(inv_s, p.sm, scale, weighted, wy, W);
+  gc.kp += z_loss_kp<acc_t>(lse, inv_s, p.z_loss, scale);
+  auto grad_of = [&](acc_t xc, int64_t c) -> scalar_t {
+    const acc_t zc = capped(xc);
+    acc_t gv = fast_exp(zc - m) * gc.kp - gc.kw * (weighted ? static_cast<acc_t>(p.weight[c]) : acc_t(1));
+    if (c == y) gv -= gc.ky;
+    if (cap > acc_t(0)) gv *= softcap_dz_dx<acc_t>(zc, cap);
+    return static_cast<scalar_t>(gv);
+  };
+  const int g_align = address_alignment(g + ch.head);
+  if (ch.first)
+    for (int64_t c = tid; c < ch.head; c += THREADS) g[c] = grad_of(static_cast<acc_t>(z[c]), c);
+  for (int64_t v0 = ch.v0 + tid; v0 < ch.v1; v0 += int64_t(kUnroll) * THREADS) {
+    P buf[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t v = v0 + int64_t(u) * THREADS;
+      if (v < ch.v1) buf[u] = load_pack_last(z + ch.head + v * VEC);
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t v = v0 + int64_t(u) * THREADS;
+      if (v < ch.v1) {
+        const int64_t c0 = ch.head + v * VEC;
+        P out;
+#pragma unroll
+        for (int i = 0; i < VEC; ++i) out.v[i] = grad_of(static_cast<acc_t>(buf[u].v[i]), c0 + i);
+        if (g_align == 16) {
+          store_pack_stream(g + c0, out);
+        } else {
+          store_pack_split(g + c0, out, g_align);
+        }
+      }
+    }
+  }
+  if (ch.last)
+    for (int64_t c = ch.head + ch.nvec * VEC + tid; c < K; c += THREADS) g[c] = grad_of(static_cast<acc_t>(z[c]), c);
 }
 
 template <typename scalar_t>

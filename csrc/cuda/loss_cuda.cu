@@ -1,5 +1,5 @@
-// CUDA implementations: the fused single-pass kernel for class-index targets, the in-place
-// gradient scaling that skips itself when the incoming gradient is exactly 1, and a composite
+// CUDA implementations: the fused single-pass kernel for class-index targets (split over several
+// blocks for a few huge rows), the in-place gradient scaling that skips itself when the incoming gradient is exactly 1, and a composite
 // (slower, several passes) path for probability targets. No host synchronisation anywhere.
 //
 // Kernel shape: each row is handled by ROW_THREADS threads (a warp for small K, a block for

@@ -44,6 +44,21 @@ __device__ __forceinline__ V* vec_ptr(T* p) {
   return reinterpret_cast<V*>(p);
 }
 
+// 1/x for a normal, positive x (a row's sum of exp, >= 1): the hardware reciprocal and one Newton
+// step (within an ulp of 1/x), without the IEEE division's slow-path subroutine, whose call
+// makes ptxas keep registers on the stack in the prob / split kernels.
+__device__ __forceinline__ float rcp_normal(float x) {
+  const float r = __fdividef(1.0f, x);
+  return fmaf(fmaf(-x, r, 1.0f), r, r);
+}
+__device__ __forceinline__ double rcp_normal(double x) { return 1.0 / x; }
+
+// Stores v (a piece of a pack: 8 or 4 bytes) at p, which must be aligned to v's size.
+template <typename T, typename V>
+__device__ __forceinline__ void store_piece(T* p, V v) {
+  *reinterpret_cast<V*>(p) = v;
+}
+
 // 16-byte accesses with L2 hints (sm_80+), for rows larger than the register cache:
 // load_keep_l2 reads a line that is read again soon (cache policy L2::evict_last), load_last_l2
 // reads it for the last time (L2::evict_first), store_stream writes a line this kernel does not

@@ -2,6 +2,7 @@
 #pragma once
 
 #include <cstdint>
+#include <cstring>
 
 #include "../row_math.h"
 #include "platform.cuh"
@@ -38,6 +39,34 @@ __device__ __forceinline__ Pack<T> load_pack_last(const T* p) {
 template <typename T>
 __device__ __forceinline__ void store_pack_stream(T* p, const Pack<T>& x) {
   store_stream(vec_ptr<Pack<T>>(p), x);
+}
+
+// The largest power of two (at most 16) dividing p's address: how wide a store at p may be.
+template <typename T>
+__device__ __forceinline__ int address_alignment(const T* p) {
+  const unsigned a = unsigned(reinterpret_cast<uintptr_t>(p) & 15u);
+  return a == 0 ? 16 : int(a & (0u - a));
+}
+
+// A 16-byte pack stored at an address aligned to only `align` bytes (8, 4 or 2; the element
+// size at least): two 8-byte, four 4-byte or eight 2-byte stores (a gradient row aligned
+// differently from the input row its packs follow).
+template <typename T>
+__device__ __forceinline__ void store_pack_split(T* p, const Pack<T>& x, int align) {
+  if (align >= 8) {
+    uint64_t w[2];
+    memcpy(w, x.v, 16);
+    store_piece(p, w[0]);
+    store_piece(p + 8 / sizeof(T), w[1]);
+  } else if (align >= 4 || sizeof(T) >= 4) {
+    uint32_t w[4];
+    memcpy(w, x.v, 16);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) store_piece(p + i * 4 / sizeof(T), w[i]);
+  } else {
+#pragma unroll
+    for (int i = 0; i < Pack<T>::kSize; ++i) p[i] = x.v[i];
+  }
 }
 
 // exp(x) for the kernels: float uses the hardware ex2 (relative error ~2^-22), double the

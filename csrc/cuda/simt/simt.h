@@ -28,6 +28,7 @@
 #include <sys/mman.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
@@ -477,6 +478,13 @@ inline std::mutex& launch_mutex() {
   return m;
 }
 
+// Counters for the tests: 16-byte pack loads [0] and stores [1] (vec_ptr to a const / non-const
+// pack), and kernel launches [2], since the last reset (every schedule's accesses count).
+inline std::atomic<int64_t>* counters() {
+  static std::atomic<int64_t> n[3] = {0, 0, 0};
+  return n;
+}
+
 // How many schedules every launch runs (>= 2); LSE_SIMT_SCHEDULES raises it (seeded shuffles).
 inline int schedule_count() {
   const char* e = std::getenv("LSE_SIMT_SCHEDULES");
@@ -504,6 +512,7 @@ inline void run_grid(const std::function<void()>& body, dim3 grid, dim3 block) {
   std::vector<std::vector<unsigned char>> before, first;
   const int schedules = schedule_count();
   for (auto& r : regions) before.emplace_back(r.data, r.data + r.size);
+  counters()[2].fetch_add(1, std::memory_order_relaxed);
 
   blockDim = block;
   gridDim = grid;
@@ -616,12 +625,18 @@ inline V load_last_l2(const V* p) { return *p; }
 template <typename V>
 inline void store_stream(V* p, const V& v) { *p = v; }
 
+// rcp_normal (platform.cuh: the hardware reciprocal and a Newton step on the GPU, within an
+// ulp): the exact quotient here.
+inline float rcp_normal(float x) { return 1.0f / x; }
+inline double rcp_normal(double x) { return 1.0 / x; }
+
 // ex2.approx.f32 on the GPU (relative error ~2^-22); the CPU's exp2f here.
 inline float ex2_approx(float x) { return exp2f(x); }
 
 template <typename V, typename T>
 inline V* vec_ptr(T* p) {
   static_assert(alignof(V) == 16 && sizeof(V) == 16, "a 16-byte pack");
+  simt::counters()[std::is_const_v<V> ? 0 : 1].fetch_add(1, std::memory_order_relaxed);
   if (reinterpret_cast<uintptr_t>(p) % 16 != 0) {
     char buf[64];
     std::snprintf(buf, sizeof buf, "%p", static_cast<const void*>(p));
@@ -630,6 +645,19 @@ inline V* vec_ptr(T* p) {
                simt::thread_name(simt::self()));
   }
   return reinterpret_cast<V*>(p);
+}
+
+// A piece of a pack (8 or 4 bytes) stored at p, checked for its own alignment.
+template <typename T, typename V>
+inline void store_piece(T* p, V v) {
+  static_assert(sizeof(V) == 8 || sizeof(V) == 4, "a piece of a pack");
+  if (reinterpret_cast<uintptr_t>(p) % sizeof(V) != 0) {
+    char buf[64];
+    std::snprintf(buf, sizeof buf, "%p", static_cast<const void*>(p));
+    simt::fail("misaligned " + std::to_string(sizeof(V)) + "-byte access at " + std::string(buf) + " by " +
+               simt::thread_name(simt::self()));
+  }
+  std::memcpy(static_cast<void*>(p), &v, sizeof(V));
 }
 
 }  // namespace cuda

@@ -179,6 +179,13 @@ Tensor ce_backward(const Tensor& grad, const Tensor& grad_output, int64_t reduct
   return at::mul_out(out, grad, grad_output.reshape({}));
 }
 
+// The emulator's counters since the last call: 16-byte pack loads, pack stores (every schedule
+// of every launch counts) and kernel launches.
+std::vector<int64_t> pack_accesses() {
+  auto* c = simt::counters();
+  return {c[0].exchange(0), c[1].exchange(0), c[2].exchange(0)};
+}
+
 // Runs one of the emulator's deliberately broken kernels (simt_selftest.h) by name.
 std::string selftest(const std::string& name) { return simt_selftest::run(name); }
 
@@ -223,6 +230,7 @@ TORCH_LIBRARY(labelsmooth_simt, m) {
       "ce_prob_grad_ext_(Tensor(a!) input, Tensor target, Tensor? weight, Tensor grad_output, "
       "float label_smoothing, int smoothing_mode, int reduction, float z_loss, float softcap) -> ()");
   m.def("selftest(str name) -> str", &selftest);
+  m.def("pack_accesses() -> int[]", &pack_accesses);
 }
 
 TORCH_LIBRARY_IMPL(labelsmooth_simt, CPU, m) {
