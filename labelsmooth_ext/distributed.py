@@ -29,6 +29,7 @@ import struct
 import torch
 import torch.distributed as dist
 
+from . import _ops
 from . import functional as _F
 from .reference import smoothing_coefficients
 
@@ -36,6 +37,18 @@ __all__ = ["vocab_parallel_cross_entropy", "set_collective_strategy"]
 
 _STRATEGIES = ("allgather", "allreduce")
 _strategy = "allgather"
+_local_pass = "fused"
+
+
+def set_local_pass(kind: str) -> None:
+    """Benchmarks and tests only: "fused" (the default: the vocab_parallel_stats and
+    vocab_parallel_grad operators, one read of the slice before the collective and one read +
+    one write after it) or "composite" (the former ATen-op local pass, several N x K_r
+    temporaries)."""
+    global _local_pass
+    if kind not in ("fused", "composite"):
+        raise ValueError(f"local pass must be 'fused' or 'composite', got {kind!r}")
+    _local_pass = kind
 
 
 
@@ -434,7 +447,69 @@ def _combine(p, cfg):
 
 
 def _forward(x, tgt, w, cfg):
-    """(loss, grad or None) of the local rows x (R, K_r) in the input dtype."""
+    """(loss, grad or None) of the local rows x (R, K_r) in the input dtype: the fused local
+    passes (vocab_parallel_stats before the collective, vocab_parallel_grad after it)."""
+    if _local_pass == "composite":
+        return _forward_composite(x, tgt, w, cfg)
+    ops = _ops.ops
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    cap = 0.0 if cfg.softcap is None else cfg.softcap
+    a, b = cfg.a, cfg.b
+    # one read of the slice: (m, s, zy, lin, wy) per row, softcap applied while loading
+    m, s, zy, lin, wy_local = ops.vocab_parallel_stats(x, tgt, w, cfg.start, cfg.ignore_index,
+                                                       cap).unbind(0)
+    if w is not None:
+        wsum = w.to(acc).sum()
+    else:
+        wsum = torch.full((), float(x.shape[1]), dtype=acc, device=x.device)
+    p = dict(m=m, m_safe=torch.where(m == -math.inf, torch.zeros_like(m), m), s=s, zy=zy,
+             lin=lin if a != 0.0 else None, wy=wy_local if w is not None else None, wsum=wsum)
+    if cfg.world > 1:
+        big_m, big_s, big_zy, big_lin, big_wy, big_w = _combine(p, cfg)
+    else:
+        big_m, big_s, big_zy, big_lin, big_wy = m, s, zy, p["lin"], p["wy"]
+        big_w = wsum
+    valid = tgt != cfg.ignore_index
+    zero = m.new_zeros(())
+    # row_math.h ce_row_loss, relative to the global max M: no large terms cancel
+    log_s = torch.log(big_s)
+    lse = big_m + log_s
+    wy = big_wy if big_wy is not None else valid.to(acc)
+    row = b * wy * (log_s - (big_zy - big_m))
+    if a != 0.0:
+        row = row + a * (big_w * log_s - big_lin)
+    if cfg.z_loss:
+        row = row + cfg.z_loss * lse * lse
+    row = torch.where(valid, row, zero)
+    loss, denom = _reduce(row, valid, wy, cfg)
+    grad = None
+    if cfg.need_grad:
+        # ce_grad_coefs with e_c = p_c = exp(z_c - lse): kp = (b w_y + a W + 2 c lse) * scale,
+        # kw = a * scale, ky = b w_y * scale (scale = 1/D for the mean)
+        scale = (1.0 / denom) if denom is not None else torch.ones((), dtype=acc, device=x.device)
+        kp = (b * wy + a * big_w + 2.0 * cfg.z_loss * lse) * scale
+        coefs = torch.stack([lse, kp, (a * scale).expand_as(lse), b * wy * scale])
+        grad = ops.vocab_parallel_grad(x, tgt, w, coefs, cfg.start, cfg.ignore_index, cap)
+    return loss.to(x.dtype), grad
+
+
+def _reduce(row, valid, wy, cfg):
+    """(loss, mean denominator or None) from the per-row losses."""
+    red = cfg.reduction
+    if red == _F.REDUCTIONS["mean"]:
+        denom = torch.where(valid, wy, torch.zeros_like(wy)).sum()
+        for g in cfg.denominator_groups:
+            from torch.distributed import _functional_collectives as funcol
+            denom = _wait(funcol.all_reduce(denom, "sum", g))
+        return row.sum() / denom, denom
+    if red == _F.REDUCTIONS["sum"]:
+        return row.sum(), None
+    return row, None
+
+
+def _forward_composite(x, tgt, w, cfg):
+    """The former local pass in ATen ops (several passes and N x K_r temporaries), kept as the
+    benchmark's baseline and a cross-check of the fused one (set_local_pass)."""
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     z = x.to(acc)
     th = None
