@@ -33,7 +33,7 @@ from . import _ops
 from . import functional as _F
 from .reference import smoothing_coefficients
 
-__all__ = ["vocab_parallel_cross_entropy", "set_collective_strategy"]
+__all__ = ["vocab_parallel_cross_entropy", "check_vocab_parallel", "set_collective_strategy"]
 
 _STRATEGIES = ("allgather", "allreduce")
 _strategy = "allgather"
@@ -87,7 +87,7 @@ class _Config:
 
     __slots__ = ("group", "world", "start", "sizes", "num_classes", "a", "b", "z_loss", "softcap",
                  "ignore_index", "reduction", "strategy", "need_grad", "weighted",
-                 "denominator_groups")
+                 "denominator_groups", "checked")
 
     def __init__(self, **kw):
         for k, v in kw.items():
@@ -154,7 +154,7 @@ def _check_local(local_logits, target, weight, ignore_index, reduction, label_sm
 
 _META_FIELDS = ("error", "classes", "rows", "shape_hash", "dtype", "reduction", "smoothing_mode",
                 "ignore_index", "label_smoothing", "z_loss", "softcap", "weight_len", "tgt_min",
-                "tgt_max", "tgt_fingerprint", "tgt_checked")
+                "tgt_max", "tgt_fingerprint", "tgt_checked", "vocab_sizes")
 _NO_TARGET = 2 ** 62
 
 
@@ -268,6 +268,75 @@ def _check_gathered(metas, rank, world):
     return k
 
 
+_EXCHANGE_REASON = (
+    "labelsmooth_ext.distributed: the metadata exchange (every rank's slice size, shapes, dtypes, "
+    "options and target range, checked on the host so that bad input raises on every rank) "
+    "cannot be traced; for torch.compile(fullgraph=True) pass vocab_sizes=(the slice size of "
+    "every rank), and run check_vocab_parallel(...) eagerly to keep the cross-rank checks")
+
+
+def _disable(fn):
+    try:
+        return torch.compiler.disable(fn, reason=_EXCHANGE_REASON)
+    except TypeError:  # torch < 2.7: no reason argument
+        return torch.compiler.disable(fn)
+
+
+@_disable
+def _exchange_and_check(local_logits, target, group, rank, world, weight, ignore_index, reduction,
+                        label_smoothing, smoothing_mode, z_loss, softcap, vocab_sizes):
+    """The metadata exchange and every check (local and cross-rank), eagerly. Returns (the slice
+    sizes of every rank, the global number of classes); raises the same error on every rank."""
+    err, err_code = None, 0
+    try:
+        _check_local(local_logits, target, weight, ignore_index, reduction, label_smoothing,
+                     smoothing_mode, z_loss, softcap)
+    except (ValueError, TypeError) as e:
+        if world == 1:
+            raise
+        err, err_code = str(e), _ERR_CODES[type(e)]
+    meta = _local_meta(local_logits, target, weight, ignore_index, reduction, label_smoothing,
+                       smoothing_mode, z_loss, softcap, err_code, check_targets=True)
+    meta["vocab_sizes"] = -1 if vocab_sizes is None else hash(tuple(vocab_sizes))
+    if world == 1:
+        metas = [meta]
+    else:
+        from torch.distributed import _functional_collectives as funcol
+
+        dev = _comm_device(group, local_logits)
+        mine = torch.tensor([meta[f] for f in _META_FIELDS], dtype=torch.long, device=dev)
+        allm = funcol.all_gather_tensor(mine, 0, group)
+        allm = _wait(allm)
+        rows = allm.view(world, len(_META_FIELDS)).tolist()
+        metas = [dict(zip(_META_FIELDS, r)) for r in rows]
+        if any(m["error"] for m in metas):
+            _raise_reported(group, world, metas, err, None)
+    k = _check_gathered(metas, rank, world)
+    sizes = [m["classes"] for m in metas]
+    if len({m["vocab_sizes"] for m in metas}) != 1:
+        raise ValueError("vocab_parallel_cross_entropy: vocab_sizes differs across ranks; every "
+                         "rank must pass the same slice sizes (or none)")
+    if vocab_sizes is not None and list(vocab_sizes) != sizes:
+        raise ValueError(f"vocab_parallel_cross_entropy: vocab_sizes={tuple(vocab_sizes)} but the "
+                         f"ranks hold slices of {tuple(sizes)} classes")
+    return sizes, k
+
+
+def _check_vocab_sizes(vocab_sizes, world):
+    if vocab_sizes is None:
+        return None
+    try:
+        sizes = tuple(vocab_sizes)
+    except TypeError:
+        raise TypeError(f"vocab_sizes must be a sequence of ints (the slice size of every rank), "
+                        f"got {vocab_sizes!r}") from None
+    if len(sizes) != world or any(not isinstance(v, int) or isinstance(v, bool) or v < 0
+                                  for v in sizes):
+        raise ValueError(f"vocab_sizes must hold {world} ints >= 0 (the slice size of every rank "
+                         f"of the group, in group order), got {vocab_sizes!r}")
+    return sizes
+
+
 def _resolve_group(group):
     """(group, rank, world). No process group initialised and group=None: one process."""
     if group is None and not (dist.is_available() and dist.is_initialized()):
@@ -287,7 +356,8 @@ def _resolve_group(group):
 
 def vocab_parallel_cross_entropy(local_logits, target, group=None, *, weight=None,
                                  ignore_index=-100, reduction="mean", label_smoothing=0.0,
-                                 smoothing_mode="uniform", z_loss=0.0, softcap=None):
+                                 smoothing_mode="uniform", z_loss=0.0, softcap=None,
+                                 vocab_sizes=None):
     """Cross-entropy of logits split by class across the ranks of ``group``.
 
     local_logits: this rank's contiguous slice of the classes, (N, K_r), (N, K_r, d1, ...) or
@@ -302,47 +372,70 @@ def vocab_parallel_cross_entropy(local_logits, target, group=None, *, weight=Non
         ('mean' divides it by the same denominator), and every logit becomes
         softcap * tanh(logit / softcap) before anything else.
 
+    vocab_sizes: the slice size of every rank of the group, in group order (optional). Eagerly
+        it is checked against the slices the ranks hold. Under torch.compile it replaces the
+        metadata exchange, which cannot be traced: with it, torch.compile(fullgraph=True)
+        traces the whole loss (the O(N) collective included); the cross-rank checks are then
+        not made in the graph (run check_vocab_parallel eagerly, e.g. on the first batch), and
+        a target outside the global range gives a NaN loss and gradient for its row.
+
     Returns the loss (the same value on every rank; for reduction='none' the per-row losses).
     Its gradient with respect to local_logits is this rank's slice of the full gradient.
     """
     return _vocab_parallel(local_logits, target, group, weight, ignore_index, reduction,
-                           label_smoothing, smoothing_mode, z_loss, softcap, ())
+                           label_smoothing, smoothing_mode, z_loss, softcap, (), vocab_sizes)
 
 
-def _vocab_parallel(local_logits, target, group, weight, ignore_index, reduction, label_smoothing,
-                    smoothing_mode, z_loss, softcap, denominator_groups):
-    group, rank, world = _resolve_group(group)
-    compiling = torch.compiler.is_compiling()
-    err, err_code = None, 0
-    try:
-        _check_local(local_logits, target, weight, ignore_index, reduction, label_smoothing,
-                     smoothing_mode, z_loss, softcap)
-    except (ValueError, TypeError) as e:
-        if world == 1:
-            raise
-        err, err_code = str(e), _ERR_CODES[type(e)]
-    meta = _local_meta(local_logits, target, weight, ignore_index, reduction, label_smoothing,
-                       smoothing_mode, z_loss, softcap, err_code, check_targets=not compiling)
-    if world == 1:
-        metas = [meta]
-    else:
-        from torch.distributed import _functional_collectives as funcol
+def check_vocab_parallel(local_logits, target, group=None, *, weight=None, ignore_index=-100,
+                         reduction="mean", label_smoothing=0.0, smoothing_mode="uniform",
+                         z_loss=0.0, softcap=None, vocab_sizes=None):
+    """Every check vocab_parallel_cross_entropy makes eagerly (one all-gather of a few int64 per
+    rank; the same error on every rank), without computing the loss. Returns the slice sizes
+    of every rank: the vocab_sizes to pass to a compiled vocab_parallel_cross_entropy. Call it
+    outside torch.compile."""
+    _, rank, world = _resolve_group(group)
+    group = _resolve_group(group)[0]
+    sizes, k = _exchange_and_check(local_logits, target, group, rank, world, weight, ignore_index,
+                                   reduction, label_smoothing, smoothing_mode, z_loss, softcap,
+                                   _check_vocab_sizes(vocab_sizes, world))
+    _check_off_target(smoothing_mode, k, label_smoothing)
+    return tuple(sizes)
 
-        dev = _comm_device(group, local_logits)
-        mine = torch.tensor([meta[f] for f in _META_FIELDS], dtype=torch.long, device=dev)
-        allm = funcol.all_gather_tensor(mine, 0, group)
-        allm = _wait(allm)
-        rows = allm.view(world, len(_META_FIELDS)).tolist()
-        metas = [dict(zip(_META_FIELDS, r)) for r in rows]
-        if any(m["error"] for m in metas):
-            _raise_reported(group, world, metas, err, None)
-    k = _check_gathered(metas, rank, world)
+
+def _check_off_target(smoothing_mode, k, label_smoothing):
     eps = float(label_smoothing)
     if smoothing_mode == "off_target" and k == 1 and eps > 0:
         raise ValueError("smoothing_mode='off_target' needs at least 2 classes when "
                          f"label_smoothing > 0 (got 1 class in all, label_smoothing={eps})")
-    a, b = smoothing_coefficients(k, eps, smoothing_mode)
-    sizes = [m["classes"] for m in metas]
+
+
+def _vocab_parallel(local_logits, target, group, weight, ignore_index, reduction, label_smoothing,
+                    smoothing_mode, z_loss, softcap, denominator_groups, vocab_sizes=None):
+    group, rank, world = _resolve_group(group)
+    vocab_sizes = _check_vocab_sizes(vocab_sizes, world)
+    if world == 1 and vocab_sizes is None and isinstance(local_logits, torch.Tensor) \
+            and local_logits.dim() > 0:
+        vocab_sizes = (local_logits.shape[0 if local_logits.dim() == 1 else 1],)
+    if torch.compiler.is_compiling() and vocab_sizes is not None:
+        # Traced: no host-side exchange. The local checks run at trace time; a target outside
+        # the global range poisons its row (NaN loss and gradient) on the device instead of
+        # raising; cross-rank consistency is what check_vocab_parallel checks eagerly.
+        _check_local(local_logits, target, weight, ignore_index, reduction, label_smoothing,
+                     smoothing_mode, z_loss, softcap)
+        sizes = list(vocab_sizes)
+        class_dim = 0 if local_logits.dim() == 1 else 1
+        if local_logits.shape[class_dim] != sizes[rank]:
+            raise ValueError(f"vocab_parallel_cross_entropy: local_logits holds "
+                             f"{local_logits.shape[class_dim]} classes but vocab_sizes[{rank}] = "
+                             f"{sizes[rank]} (vocab_sizes={tuple(sizes)})")
+        k, checked = sum(sizes), False
+    else:
+        sizes, k = _exchange_and_check(local_logits, target, group, rank, world, weight,
+                                       ignore_index, reduction, label_smoothing, smoothing_mode,
+                                       z_loss, softcap, vocab_sizes)
+        checked = True
+    _check_off_target(smoothing_mode, k, label_smoothing)
+    a, b = smoothing_coefficients(k, float(label_smoothing), smoothing_mode)
     start = sum(sizes[:rank])
     kr = sizes[rank]
     if weight is not None:
@@ -353,13 +446,14 @@ def _vocab_parallel(local_logits, target, group, weight, ignore_index, reduction
                   z_loss=float(z_loss), softcap=None if softcap is None else float(softcap),
                   ignore_index=ignore_index, reduction=_F.REDUCTIONS[reduction],
                   strategy=_strategy, need_grad=local_logits.requires_grad and torch.is_grad_enabled(),
-                  weighted=weight is not None, denominator_groups=tuple(denominator_groups))
+                  weighted=weight is not None, denominator_groups=tuple(denominator_groups),
+                  checked=checked)
     if local_logits.dim() == 1:
         rows = local_logits.unsqueeze(0)
     elif local_logits.dim() == 2:
         rows = local_logits
     else:  # (N, K_r, d1, ...) -> (N d1 ..., K_r); explicit row count: K_r may be 0
-        rows = local_logits.movedim(1, -1).reshape(metas[rank]["rows"], kr)
+        rows = local_logits.movedim(1, -1).reshape(target.numel(), kr)
     loss = _VocabParallelCE.apply(rows, target.reshape(-1).long(), weight, cfg)
     if cfg.reduction == _F.REDUCTIONS["none"]:
         loss = loss.reshape(target.shape)
@@ -481,6 +575,10 @@ def _forward(x, tgt, w, cfg):
     if cfg.z_loss:
         row = row + cfg.z_loss * lse * lse
     row = torch.where(valid, row, zero)
+    if not cfg.checked:  # traced without the host checks: poison rows whose target is no class
+        bad = valid & ((tgt < 0) | (tgt >= cfg.num_classes))
+        row = torch.where(bad, torch.full_like(row, math.nan), row)
+        lse = torch.where(bad, torch.full_like(lse, math.nan), lse)
     loss, denom = _reduce(row, valid, wy, cfg)
     grad = None
     if cfg.need_grad:
