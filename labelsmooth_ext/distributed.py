@@ -7,21 +7,25 @@ modes), and each rank's gradient is its slice of the single-process gradient.
 
 How (per call):
 
-1. A metadata exchange (one all-gather of 16 int64 per rank): slice sizes (hence offsets and
-   the global K), row shapes, dtypes, options, the target's range and fingerprint. Every rank
-   checks the gathered facts the same way, so bad input raises on *every* rank, never a hang.
-   A local error (a wrong argument on one rank) is reported through the same exchange.
-2. The local pass: per row the local max, the sum of exponentials relative to it, the target
-   logit when the target is local, the linear sum the smoothing term needs, the target weight.
-   **This pass is composite** (several ATen passes over the local slice), written with ATen
-   ops in one autograd.Function; a fused kernel is to replace it.
+1. A metadata exchange (one all-gather of 17 int64 per rank): slice sizes (hence offsets and
+   the global K), row shapes, dtypes, options, the target's range and fingerprint, the
+   vocab_sizes given. Every rank checks the gathered facts the same way, so bad input raises on
+   *every* rank, never a hang. A local error (a wrong argument on one rank) is reported through
+   the same exchange. It runs on the host (torch.compiler.disable'd); under torch.compile,
+   vocab_sizes= replaces it (check_vocab_parallel runs the checks eagerly).
+2. The local pass, fused: the vocab_parallel_stats operator reads each row of the slice once
+   and gives the local max, the sum of exponentials relative to it, the linear sum the
+   smoothing term needs, the target logit and weight where the target is local (softcap applied
+   while loading).
 3. One collective of O(N) numbers: an all-gather of the partials merged locally ("allgather",
    the default), or an all-reduce(max) followed by an all-reduce(sum) ("allreduce").
-4. The gradient of the local slice is computed in the forward and saved; the backward scales it
-   by the incoming gradient, as ``labelsmooth_ext.cross_entropy`` does.
+4. The gradient of the local slice: the vocab_parallel_grad operator reads the slice once more
+   and writes the gradient once (p_c = exp(z_c - lse) with the global lse), in the forward;
+   the backward scales it by the incoming gradient, as ``labelsmooth_ext.cross_entropy`` does.
 
 Communication per rank is O(N), never O(N x K). The collectives are
-``torch.distributed._functional_collectives`` calls on the given group.
+``torch.distributed._functional_collectives`` calls on the given group, so with vocab_sizes the
+whole loss traces under torch.compile(fullgraph=True).
 """
 import math
 import struct
@@ -291,13 +295,15 @@ def _exchange_and_check(local_logits, target, group, rank, world, weight, ignore
     try:
         _check_local(local_logits, target, weight, ignore_index, reduction, label_smoothing,
                      smoothing_mode, z_loss, softcap)
+        vocab_sizes = _check_vocab_sizes(vocab_sizes, world)
     except (ValueError, TypeError) as e:
         if world == 1:
             raise
         err, err_code = str(e), _ERR_CODES[type(e)]
     meta = _local_meta(local_logits, target, weight, ignore_index, reduction, label_smoothing,
                        smoothing_mode, z_loss, softcap, err_code, check_targets=True)
-    meta["vocab_sizes"] = -1 if vocab_sizes is None else hash(tuple(vocab_sizes))
+    if not err_code:
+        meta["vocab_sizes"] = -1 if vocab_sizes is None else hash(tuple(vocab_sizes))
     if world == 1:
         metas = [meta]
     else:
@@ -397,7 +403,7 @@ def check_vocab_parallel(local_logits, target, group=None, *, weight=None, ignor
     group = _resolve_group(group)[0]
     sizes, k = _exchange_and_check(local_logits, target, group, rank, world, weight, ignore_index,
                                    reduction, label_smoothing, smoothing_mode, z_loss, softcap,
-                                   _check_vocab_sizes(vocab_sizes, world))
+                                   vocab_sizes)
     _check_off_target(smoothing_mode, k, label_smoothing)
     return tuple(sizes)
 
@@ -412,11 +418,11 @@ def _check_off_target(smoothing_mode, k, label_smoothing):
 def _vocab_parallel(local_logits, target, group, weight, ignore_index, reduction, label_smoothing,
                     smoothing_mode, z_loss, softcap, denominator_groups, vocab_sizes=None):
     group, rank, world = _resolve_group(group)
-    vocab_sizes = _check_vocab_sizes(vocab_sizes, world)
     if world == 1 and vocab_sizes is None and isinstance(local_logits, torch.Tensor) \
             and local_logits.dim() > 0:
         vocab_sizes = (local_logits.shape[0 if local_logits.dim() == 1 else 1],)
     if torch.compiler.is_compiling() and vocab_sizes is not None:
+        vocab_sizes = _check_vocab_sizes(vocab_sizes, world)
         # Traced: no host-side exchange. The local checks run at trace time; a target outside
         # the global range poisons its row (NaN loss and gradient) on the device instead of
         # raising; cross-rank consistency is what check_vocab_parallel checks eagerly.

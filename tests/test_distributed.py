@@ -223,6 +223,14 @@ def _bad_inputs(name, world, rank):
         kw["z_loss"] = -1.0
     elif name == "zero_softcap":
         kw["softcap"] = 0.0
+    elif name == "vocab_sizes_wrong":
+        kw["vocab_sizes"] = list(reversed(sizes))
+    elif name == "vocab_sizes_differ":
+        if last:
+            kw["vocab_sizes"] = [K] + [0] * (world - 1)
+    elif name == "vocab_sizes_bad_one_rank":
+        if rank == 0:
+            kw["vocab_sizes"] = [K]
     elif name == "off_target_one_class":
         local = x[:, :1].clone() if rank == 0 else x[:, :0].clone()
         t = torch.zeros(N, dtype=torch.long)
@@ -246,6 +254,9 @@ ERRORS = {  # name -> (exception type, fragment of the message)
     "negative_z_loss": (ValueError, "z_loss must be"),
     "zero_softcap": (ValueError, "softcap must be"),
     "off_target_one_class": (ValueError, "off_target"),
+    "vocab_sizes_wrong": (ValueError, "but the ranks hold slices of"),
+    "vocab_sizes_differ": (ValueError, "vocab_sizes differs across ranks"),
+    "vocab_sizes_bad_one_rank": (ValueError, "vocab_sizes must hold"),
 }
 
 
