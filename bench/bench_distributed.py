@@ -34,6 +34,13 @@ import time
 
 import torch
 import torch.distributed as dist
+
+# `python bench/bench_distributed.py` from a source checkout: the checkout's labelsmooth_ext
+# (the spawned workers import it too, and inherit this path through the environment)
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if _ROOT not in sys.path:
+    sys.path.insert(0, _ROOT)
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [_ROOT, os.environ.get("PYTHONPATH")]))
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
@@ -50,14 +57,21 @@ class CountCollectives:
         from torch.distributed import _functional_collectives as funcol
 
         self.sent = self.received = self.calls = 0
-        self._saved = {n: getattr(funcol, n) for n in self.NAMES}
+        self._saved = {n: getattr(funcol, n) for n in self.NAMES if hasattr(funcol, n)}
+        self._depth = 0
 
         def wrap(fn):
             def counted(t, *a, **kw):
-                out = fn(t, *a, **kw)
-                self.calls += 1
-                self.sent += t.numel() * t.element_size()
-                self.received += out.numel() * out.element_size()
+                # only the outermost call: all_gather_tensor calls all_gather_single in newer torch
+                self._depth += 1
+                try:
+                    out = fn(t, *a, **kw)
+                finally:
+                    self._depth -= 1
+                if self._depth == 0:
+                    self.calls += 1
+                    self.sent += t.numel() * t.element_size()
+                    self.received += out.numel() * out.element_size()
                 return out
             return counted
 
@@ -96,7 +110,8 @@ def _steps(local, target, start, group, mesh, eps):
         return torch.exp(local, out=out)
 
     def gather():
-        full = funcol.all_gather_tensor(local.detach().t().contiguous(), 0, group)
+        gather_fn = getattr(funcol, "all_gather_single", None) or funcol.all_gather_tensor
+        full = gather_fn(local.detach().t().contiguous(), 0, group)
         full = (full.wait() if hasattr(full, "wait") else full).t().requires_grad_()
         F.cross_entropy(full, target, label_smoothing=eps).backward()
         return full.grad[:, start:start + local.shape[1]]

@@ -311,8 +311,7 @@ def _exchange_and_check(local_logits, target, group, rank, world, weight, ignore
 
         dev = _comm_device(group, local_logits)
         mine = torch.tensor([meta[f] for f in _META_FIELDS], dtype=torch.long, device=dev)
-        allm = funcol.all_gather_tensor(mine, 0, group)
-        allm = _wait(allm)
+        allm = _all_gather(mine, group)
         rows = allm.view(world, len(_META_FIELDS)).tolist()
         metas = [dict(zip(_META_FIELDS, r)) for r in rows]
         if any(m["error"] for m in metas):
@@ -472,6 +471,15 @@ def _wait(t):
     return t.wait() if hasattr(t, "wait") else t
 
 
+def _all_gather(t, group):
+    """The ranks' t concatenated along dim 0: all_gather_single (all_gather_tensor, which newer
+    torch deprecates in its favour, on torch 2.4, which has only that)."""
+    from torch.distributed import _functional_collectives as funcol
+
+    fn = getattr(funcol, "all_gather_single", None) or funcol.all_gather_tensor
+    return _wait(fn(t, 0, group))
+
+
 def _local_partials(z, tgt, w, cfg):
     """Per row: m (local max, -inf for an empty slice), m_safe (m, or 0 where m = -inf),
     e = exp(z - m_safe), s = sum e, zy (target logit where it is local, else 0), lin =
@@ -515,7 +523,7 @@ def _combine(p, cfg):
     if cfg.strategy == "allgather":
         parts = [m, s, zy] + ([lin] if lin is not None else []) + ([wy] if wy is not None else [])
         flat = torch.cat([torch.stack(parts).reshape(-1), p["wsum"].reshape(1)])
-        g = _wait(funcol.all_gather_tensor(flat, 0, cfg.group)).view(cfg.world, -1)
+        g = _all_gather(flat, cfg.group).view(cfg.world, -1)
         c = len(parts)
         st = g[:, :c * r].view(cfg.world, c, r)
         wsums = g[:, c * r]

@@ -34,6 +34,7 @@ VpParams<scalar_t> vp_params(const at::Tensor& in, const at::Tensor& tgt, const 
   p.start = class_start;
   p.ignore_index = ignore_index;
   p.softcap = acc_t(softcap);
+  p.inv_softcap = softcap > 0.0 ? acc_t(1.0 / softcap) : acc_t(0);
   return p;
 }
 
