@@ -307,8 +307,6 @@ def _exchange_and_check(local_logits, target, group, rank, world, weight, ignore
     if world == 1:
         metas = [meta]
     else:
-        from torch.distributed import _functional_collectives as funcol
-
         dev = _comm_device(group, local_logits)
         mine = torch.tensor([meta[f] for f in _META_FIELDS], dtype=torch.long, device=dev)
         allm = _all_gather(mine, group)
@@ -698,6 +696,11 @@ class _VocabParallelCE(torch.autograd.Function):
         if ctx.reduction == _F.REDUCTIONS["none"]:
             g = grad * grad_loss.reshape(-1, 1).to(grad.dtype)
         else:
+            # As the single-process CPU backward: an incoming gradient of exactly 1 (checked on
+            # the host, so CPU only; never when traced) hands the saved gradient over, no pass.
+            if not grad.is_cuda and not _ops._traced(grad, grad_loss) \
+                    and float(grad_loss) == 1.0 and not _ops._graph_kept():
+                return grad, None, None, None
             g = grad * grad_loss.to(grad.dtype)
         return g, None, None, None
 

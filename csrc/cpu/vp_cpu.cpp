@@ -12,6 +12,11 @@
 
 namespace labelsmooth_ext {
 namespace cpu {
+
+// loss_cpu.cpp: fresh 4 KiB pages of a gradient as large as the logits cost more in page faults
+// than the kernel; this takes 2 MiB-aligned huge pages and reuses the last freed block.
+at::Tensor grad_rows_buffer(int64_t N, int64_t K, const at::TensorOptions& opts);
+
 namespace {
 
 ScalarKind vp_kind_of(at::ScalarType t) {
@@ -84,8 +89,8 @@ at::Tensor vocab_parallel_grad_cpu(const at::Tensor& input, const at::Tensor& ta
   const at::Tensor w = weight_in_acc(weight, in.scalar_type());
   const at::Tensor co = coefs.contiguous();
   const int64_t N = in.size(0), K = in.size(1);
-  at::Tensor grad = at::empty({N, K}, in.options());
-  if (N == 0 || K == 0) return grad;
+  if (N == 0 || K == 0) return at::empty({N, K}, in.options());
+  at::Tensor grad = grad_rows_buffer(N, K, in.options());
   VpGradArgs a{};
   a.input = in.data_ptr();
   a.in_row_stride = in.stride(0);

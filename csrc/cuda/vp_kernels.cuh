@@ -1,7 +1,7 @@
 // Vocabulary-parallel kernels (issue 14: the tensor-parallel loss of labelsmooth_ext/distributed.py),
 // device code and launch, shared by the nvcc build and the SIMT emulation. They reuse the forward
-// kernel's row state, row reduction and packs (reduce.cuh), and row_math.h's formulas; the row
-// accumulator is kernels.cuh's RowAccum with the softcap as a multiplication (VpAccum below).
+// kernel's row accumulator (kernels.cuh RowAccum: online max / rescaled sum of exp, linear sums),
+// row reduction and packs (reduce.cuh), and row_math.h's formulas.
 //
 // vp_stats_kernel: one read of a row of this rank's slice (16-byte loads, kUnroll in flight per
 //   thread) gives (m, s, zy, lin, wy); the softcap is applied while loading.
@@ -27,54 +27,7 @@ struct VpParams {
   scalar_t* grad;             // vp_grad: (N, K) contiguous
   int64_t N, K, start, ignore_index;
   acc_t softcap;      // > 0: z = softcap * tanh(x / softcap)
-  acc_t inv_softcap;  // 1 / softcap (0 without), from the host: no double division on the device
-};
-
-// kernels.cuh's RowAccum with the softcap as x * (1 / cap): a double division per element makes
-// ptxas call its out-of-line slow path, which costs a stack frame on sm_90 (the same online max /
-// rescaled sum of exp, one rescale per pack, and linear sums around `ref`).
-template <typename scalar_t>
-struct VpAccum {
-  using acc_t = acc_of<scalar_t>;
-  static constexpr int VEC = Pack<scalar_t>::kSize;
-  RowState<acc_t> st;
-  acc_t ref;
-  const acc_t* weight;  // nullptr: unweighted
-  acc_t cap, inv_cap;   // softcap (0: none) and its reciprocal
-
-  __device__ __forceinline__ acc_t capped(acc_t x) const { return cap > acc_t(0) ? cap * lse_tanh(x * inv_cap) : x; }
-
-  __device__ __forceinline__ void linear(acc_t x, int64_t c) {
-    st.T += x - ref;
-    if (weight) st.Tw += weight[c] * (x - ref);
-  }
-
-  __device__ __forceinline__ void add(acc_t x, int64_t c) {
-    linear(x, c);
-    const acc_t mn = nan_max(st.m, x);
-    if (mn == acc_t(-INFINITY)) return;
-    st.s = st.s * fast_exp(st.m - mn) + fast_exp(x - mn);
-    st.m = mn;
-  }
-
-  __device__ __forceinline__ void add_pack(const Pack<scalar_t>& pk, int64_t c0) {
-    acc_t v[VEC];
-#pragma unroll
-    for (int i = 0; i < VEC; ++i) {
-      v[i] = capped(static_cast<acc_t>(pk.v[i]));
-      linear(v[i], c0 + i);
-    }
-    acc_t vm = v[0];
-#pragma unroll
-    for (int i = 1; i < VEC; ++i) vm = nan_max(vm, v[i]);
-    const acc_t mn = nan_max(st.m, vm);
-    if (mn == acc_t(-INFINITY)) return;
-    acc_t s = st.s * fast_exp(st.m - mn);
-#pragma unroll
-    for (int i = 0; i < VEC; ++i) s += fast_exp(v[i] - mn);
-    st.s = s;
-    st.m = mn;
-  }
+  acc_t inv_softcap;  // 1 / softcap (0 without), from the host: no double division in vp_grad
 };
 
 template <typename scalar_t, int ROW_THREADS, int ROWS_PER_BLOCK>
@@ -108,12 +61,13 @@ __global__ void __launch_bounds__(ROW_THREADS * ROWS_PER_BLOCK)
 
   // The linear sums are taken around a value of the row (its first capped logit) so that large
   // logits do not cancel; moved to the max at the end.
-  VpAccum<scalar_t> acc{{acc_t(-INFINITY), acc_t(0), acc_t(0), acc_t(0)}, acc_t(0), p.weight, cap, p.inv_softcap};
+  acc_t ref = acc_t(0);
   if (live && K > 0) {
-    const acc_t z0 = acc.capped(static_cast<acc_t>(z[0]));
-    if (z0 > acc_t(-INFINITY) && z0 < acc_t(INFINITY)) acc.ref = z0;
+    const acc_t x0 = static_cast<acc_t>(z[0]);
+    const acc_t z0 = cap > acc_t(0) ? softcap_apply<acc_t>(x0, cap) : x0;
+    if (z0 > acc_t(-INFINITY) && z0 < acc_t(INFINITY)) ref = z0;
   }
-  const acc_t ref = acc.ref;
+  RowAccum<scalar_t> acc{{acc_t(-INFINITY), acc_t(0), acc_t(0), acc_t(0)}, ref, p.weight, cap};
   for (int64_t c = tid; c < hd; c += ROW_THREADS) acc.add(acc.capped(static_cast<acc_t>(z[c])), c);
   for (int64_t v0 = tid; v0 < nv; v0 += int64_t(kUnroll) * ROW_THREADS) {
     P buf[kUnroll];
