@@ -82,6 +82,7 @@ sources = [
     "csrc/cpu/loss_cpu.cpp",
     "csrc/cpu/kernels_default.cpp",
     "csrc/cpu/kernels_avx2.cpp",
+    "csrc/cpu/vp_cpu.cpp",
 ]
 cxx_flags = ["-O3", "-Wno-unknown-pragmas", "-Wno-psabi", "-fvisibility-inlines-hidden"]
 nvcc_flags = ["-O3", "-lineinfo", "--expt-relaxed-constexpr"]

@@ -6,10 +6,18 @@ Not part of any test run. Spawns 2 processes (loopback, gloo, one thread each), 
 half of the classes of (N, K) float32 logits, label_smoothing=0.1, 10% of rows ignored, and
 times one forward + backward step (median over reps, the slower rank of each rep) of:
 
-- ours: labelsmooth_ext.distributed.vocab_parallel_cross_entropy (both collective strategies)
+- ours: labelsmooth_ext.distributed.vocab_parallel_cross_entropy with the fused local passes
+  (the vocab_parallel_stats / vocab_parallel_grad operators; both collective strategies), and
+  with the former composite local pass (ATen ops, several N x K_r temporaries) for comparison
 - gather: all-gather the full logits, F.cross_entropy on them, backward, keep the local slice
 - loss_parallel: PyTorch's DTensor loss_parallel() on Shard(1) logits, which has no label
   smoothing, so it is compared with ours at label_smoothing=0 too
+- floor: one torch.exp(x, out=y) over the local slice (one read, one exp, one write per element:
+  the CPU floor of the performance notes); a fused forward + backward needs about two of them
+  (a read before the collective, a read + exp + write after it)
+
+The methods are timed round-robin (one step of each per round, --reps rounds after a warm-up
+round), so a change of machine load during the run reaches every method alike.
 
 Bytes communicated per rank and step are counted, not estimated: every functional collective
 (torch.distributed._functional_collectives.*) a step issues is wrapped, and the bytes of the
@@ -26,6 +34,13 @@ import time
 
 import torch
 import torch.distributed as dist
+
+# `python bench/bench_distributed.py` from a source checkout: the checkout's labelsmooth_ext
+# (the spawned workers import it too, and inherit this path through the environment)
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if _ROOT not in sys.path:
+    sys.path.insert(0, _ROOT)
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [_ROOT, os.environ.get("PYTHONPATH")]))
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
@@ -42,14 +57,21 @@ class CountCollectives:
         from torch.distributed import _functional_collectives as funcol
 
         self.sent = self.received = self.calls = 0
-        self._saved = {n: getattr(funcol, n) for n in self.NAMES}
+        self._saved = {n: getattr(funcol, n) for n in self.NAMES if hasattr(funcol, n)}
+        self._depth = 0
 
         def wrap(fn):
             def counted(t, *a, **kw):
-                out = fn(t, *a, **kw)
-                self.calls += 1
-                self.sent += t.numel() * t.element_size()
-                self.received += out.numel() * out.element_size()
+                # only the outermost call: all_gather_tensor calls all_gather_single in newer torch
+                self._depth += 1
+                try:
+                    out = fn(t, *a, **kw)
+                finally:
+                    self._depth -= 1
+                if self._depth == 0:
+                    self.calls += 1
+                    self.sent += t.numel() * t.element_size()
+                    self.received += out.numel() * out.element_size()
                 return out
             return counted
 
@@ -70,16 +92,26 @@ def _steps(local, target, start, group, mesh, eps):
     from torch.distributed.tensor import DTensor, Shard
     from torch.distributed.tensor.parallel import loss_parallel
 
-    def ours(strategy, e):
+    def ours(strategy, e, local_pass="fused"):
         def step():
             D.set_collective_strategy(strategy)
-            x = local.detach().requires_grad_()
-            D.vocab_parallel_cross_entropy(x, target, group, label_smoothing=e).backward()
+            D.set_local_pass(local_pass)
+            try:
+                x = local.detach().requires_grad_()
+                D.vocab_parallel_cross_entropy(x, target, group, label_smoothing=e).backward()
+            finally:
+                D.set_local_pass("fused")
             return x.grad
         return step
 
+    out = torch.empty_like(local)
+
+    def floor():
+        return torch.exp(local, out=out)
+
     def gather():
-        full = funcol.all_gather_tensor(local.detach().t().contiguous(), 0, group)
+        gather_fn = getattr(funcol, "all_gather_single", None) or funcol.all_gather_tensor
+        full = gather_fn(local.detach().t().contiguous(), 0, group)
         full = (full.wait() if hasattr(full, "wait") else full).t().requires_grad_()
         F.cross_entropy(full, target, label_smoothing=eps).backward()
         return full.grad[:, start:start + local.shape[1]]
@@ -92,11 +124,13 @@ def _steps(local, target, start, group, mesh, eps):
         return x.grad
 
     return {
-        f"ours (allgather), eps={eps}": ours("allgather", eps),
-        f"ours (allreduce), eps={eps}": ours("allreduce", eps),
+        f"ours, fused local pass (allgather), eps={eps}": ours("allgather", eps),
+        f"ours, fused local pass (allreduce), eps={eps}": ours("allreduce", eps),
+        f"ours, composite local pass (allgather), eps={eps}": ours("allgather", eps, "composite"),
         f"gather full logits + F.cross_entropy, eps={eps}": gather,
-        "ours (allgather), eps=0": ours("allgather", 0.0),
+        "ours, fused local pass (allgather), eps=0": ours("allgather", 0.0),
         "loss_parallel(), eps=0 (no smoothing)": lp,
+        "floor: one torch.exp pass over the local slice": floor,
     }
 
 
@@ -117,21 +151,27 @@ def _worker(rank, world, port, args, out):
     target[torch.rand(n, generator=gen) < 0.1] = -100
     torch.manual_seed(1 + rank)
     local = torch.randn(n, sizes[rank]) * 2
-    rows = []
-    for name, step in _steps(local, target, start, group, mesh, args.eps).items():
-        step()  # warm-up
-        times = []
-        for _ in range(args.reps):
+    steps = _steps(local, target, start, group, mesh, args.eps)
+    times = {name: [] for name in steps}
+    load = []
+    for rnd in range(args.reps + 1):  # round 0: warm-up
+        for name, step in steps.items():
             dist.barrier()
             t0 = time.perf_counter()
             step()
             dt = torch.tensor([time.perf_counter() - t0])
             dist.all_reduce(dt, op=dist.ReduceOp.MAX)
-            times.append(float(dt))
+            if rnd:
+                times[name].append(float(dt))
+        load.append(os.getloadavg()[0])
+    rows = []
+    for name, step in steps.items():
         with CountCollectives() as c:
             step()
-        rows.append(dict(name=name, median_s=statistics.median(times), min_s=min(times),
+        ts = times[name]
+        rows.append(dict(name=name, median_s=statistics.median(ts), min_s=min(ts),
                          sent_bytes=c.sent, received_bytes=c.received, collectives=c.calls))
+    rows.append(dict(name="__load__", loadavg_1min_per_round=load))
     if rank == 0:
         with open(out, "w") as f:
             json.dump(rows, f)
@@ -161,20 +201,27 @@ def main():
     mp.spawn(_worker, args=(args.world, port, args, out), nprocs=args.world)
     with open(out) as f:
         rows = json.load(f)
+    load = next(r for r in rows if r["name"] == "__load__")["loadavg_1min_per_round"]
+    rows = [r for r in rows if r["name"] != "__load__"]
     base = next(r for r in rows if r["name"].startswith("gather"))
+    fused = rows[0]
+    floor = next(r for r in rows if r["name"].startswith("floor"))
     print(f"N={args.rows} K={args.classes} float32, {args.world} gloo ranks (1 thread each), "
           f"label_smoothing={args.eps}, forward + backward; torch {torch.__version__}")
-    print("| method | median ms | min ms | vs gather | sent / rank | received / rank | collectives |")
-    print("|---|---|---|---|---|---|---|")
+    print(f"1-minute load average per round: {', '.join(f'{v:.1f}' for v in load)} "
+          f"({os.cpu_count()} CPUs)")
+    print("| method | median ms | min ms | gather / it | it / fused | it / floor | sent / rank | "
+          "received / rank | collectives |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['name']} | {r['median_s'] * 1e3:.1f} | {r['min_s'] * 1e3:.1f} | "
-              f"{base['median_s'] / r['median_s']:.2f}x | {_fmt_bytes(r['sent_bytes'])} | "
+              f"{base['median_s'] / r['median_s']:.2f}x | {r['median_s'] / fused['median_s']:.2f}x | "
+              f"{r['median_s'] / floor['median_s']:.2f}x | {_fmt_bytes(r['sent_bytes'])} | "
               f"{_fmt_bytes(r['received_bytes'])} | {r['collectives']} |")
     if args.json:
-        with open(args.json) as f:
-            data = json.load(f)
         with open(args.json, "w") as f:
-            json.dump({"args": vars(args), "torch": torch.__version__, "rows": data}, f, indent=1)
+            json.dump({"args": vars(args), "torch": torch.__version__, "cpu_count": os.cpu_count(),
+                       "loadavg_1min_per_round": load, "rows": rows}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -127,6 +127,46 @@ void check_ext_args(const char* fn, double z_loss, double softcap) {
                     ": softcap must be a finite number > 0 (0 here means no softcap), got ", softcap);
 }
 
+// The vocabulary-parallel operators (vocab_parallel_stats / vocab_parallel_grad): rows of this
+// rank's class slice (K_r may be 0), global class-index targets, the slice's weights.
+void check_vp_args(const char* fn, const at::Tensor& input, const at::Tensor& target,
+                   const std::optional<at::Tensor>& weight, double softcap) {
+  const auto dt = input.scalar_type();
+  TORCH_CHECK_TYPE(dt == at::kFloat || dt == at::kDouble || dt == at::kHalf || dt == at::kBFloat16,
+                   fn, ": input must be float32, float64, float16 or bfloat16, got ", dtype_name(dt));
+  TORCH_CHECK_VALUE(input.dim() == 2, fn, ": input must be 2-d (rows, classes of this rank's slice), got shape ",
+                    input.sizes());
+  TORCH_CHECK_TYPE(target.scalar_type() == at::kLong, fn, ": target must be int64, got ",
+                   dtype_name(target.scalar_type()));
+  TORCH_CHECK_VALUE(target.dim() == 1 && target.size(0) == input.size(0), fn, ": target must have shape (",
+                    input.size(0), ",), got ", target.sizes());
+  TORCH_CHECK_VALUE(target.device() == input.device(), fn, ": target is on ", target.device(),
+                    " but input is on ", input.device());
+  TORCH_CHECK_VALUE(std::isfinite(softcap) && softcap >= 0.0, fn,
+                    ": softcap must be a finite number > 0 (0 here means no softcap), got ", softcap);
+  if (weight.has_value() && weight->defined()) {
+    const auto& w = *weight;
+    TORCH_CHECK_VALUE(w.dim() == 1 && w.size(0) == input.size(1), fn, ": weight must be this rank's slice, of shape (",
+                      input.size(1), ",), got ", w.sizes());
+    const bool acc_weight = w.scalar_type() == at::kFloat && (dt == at::kHalf || dt == at::kBFloat16);
+    TORCH_CHECK_TYPE(w.scalar_type() == dt || acc_weight, fn, ": weight dtype ", dtype_name(w.scalar_type()),
+                     " must match the input dtype ", dtype_name(dt), " (or be float32 for a float16 / bfloat16 input)");
+    TORCH_CHECK_VALUE(w.device() == input.device(), fn, ": weight is on ", w.device(), " but input is on ",
+                      input.device());
+  }
+}
+
+void check_vp_coefs(const char* fn, const at::Tensor& input, const at::Tensor& coefs) {
+  const auto acc = acc_type_of(input.scalar_type());
+  TORCH_CHECK_VALUE(coefs.dim() == 2 && coefs.size(0) == 4 && coefs.size(1) == input.size(0), fn,
+                    ": coefs must have shape (4, ", input.size(0), ") (lse, kp, kw, ky per row), got ",
+                    coefs.sizes());
+  TORCH_CHECK_TYPE(coefs.scalar_type() == acc, fn, ": coefs must be ", dtype_name(acc), " for ",
+                   dtype_name(input.scalar_type()), " input, got ", dtype_name(coefs.scalar_type()));
+  TORCH_CHECK_VALUE(coefs.device() == input.device(), fn, ": coefs is on ", coefs.device(), " but input is on ",
+                    input.device());
+}
+
 void check_inplace_target(const at::Tensor& input) {
   TORCH_CHECK_VALUE(input.dim() == 2 && input.is_contiguous(),
                     "labelsmooth_ext::ce_grad_ext_: inplace_backward writes the gradient into the logits, "
@@ -255,6 +295,23 @@ TORCH_LIBRARY(labelsmooth_ext, m) {
   m.def(
       "ce_prob_grad_ext_(Tensor(a!) input, Tensor target, Tensor? weight, Tensor grad_output, "
       "float label_smoothing, int smoothing_mode, int reduction, float z_loss, float softcap) -> ()");
+  // Tensor parallel (labelsmooth_ext/distributed.py): rows of this rank's contiguous class slice
+  // [class_start, class_start + K_r) of a vocabulary split across ranks; target holds global class
+  // indices. One read of the slice per row gives (5, N) statistics in the loss dtype: the local
+  // max m (-inf for an empty or all -inf slice), s = sum exp(z - m') and lin = sum_c w_c (z_c - m')
+  // with m' = m (0 where m = -inf), the target logit z_y where the target is in this slice (else 0),
+  // and its weight w_y (1 unweighted; 0 where the target is elsewhere). softcap > 0 caps every
+  // logit first (0: none). Ignored rows give (0, 1, 0, 0, 0). A non-finite m gives NaN s and lin.
+  m.def(
+      "vocab_parallel_stats(Tensor input, Tensor target, Tensor? weight, int class_start, "
+      "int ignore_index, float softcap) -> Tensor");
+  // The gradient slice in one read + one write, given per-row coefficients (4, N) in the loss
+  // dtype (lse, kp, kw, ky; row_math.h ce_grad_coefs with e_c = exp(z_c - lse), the global lse):
+  //   g_c = (exp(z_c - lse) * kp - kw * w_c - [c == y - class_start] * ky) * dz/dx  (softcap),
+  // rounded once to the input dtype; ignored rows exactly 0, rows with a non-finite lse NaN.
+  m.def(
+      "vocab_parallel_grad(Tensor input, Tensor target, Tensor? weight, Tensor coefs, int class_start, "
+      "int ignore_index, float softcap) -> Tensor");
   m.def("build_info() -> str", &build_info);
 }
 

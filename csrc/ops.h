@@ -26,6 +26,12 @@ void check_ext_args(const char* fn, double z_loss, double softcap);
 // The logits that the in-place backward overwrites: contiguous 2-d rows (no overlap, no gap).
 void check_inplace_target(const at::Tensor& input);
 
+// The vocabulary-parallel operators' arguments (input 2-d rows of the slice, target (N,) int64,
+// weight the slice's (K_r,), softcap >= 0) and the gradient's per-row coefficients (4, N).
+void check_vp_args(const char* fn, const at::Tensor& input, const at::Tensor& target,
+                   const std::optional<at::Tensor>& weight, double softcap);
+void check_vp_coefs(const char* fn, const at::Tensor& input, const at::Tensor& coefs);
+
 // grad_output (one value per row of grad) shaped to broadcast over grad's rows.
 at::Tensor per_row_view(const at::Tensor& grad_output, const at::Tensor& grad);
 

@@ -536,3 +536,17 @@ def _inplace_backward(ctx, grad_loss):
     if input._version == before:
         torch.autograd.graph.increment_version(input)
     return (input,) + (None,) * (ctx.n_inputs - 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Tensor parallel (labelsmooth_ext/distributed.py, issue 14): the fused local passes over this
+# rank's class slice. No autograd of their own: distributed.py's autograd.Function uses them.
+
+@torch.library.register_fake("labelsmooth_ext::vocab_parallel_stats")
+def _(input, target, weight, class_start, ignore_index, softcap):
+    return input.new_empty((5, input.shape[0]), dtype=_acc_dtype(input.dtype))
+
+
+@torch.library.register_fake("labelsmooth_ext::vocab_parallel_grad")
+def _(input, target, weight, coefs, class_start, ignore_index, softcap):
+    return torch.empty_like(input, memory_format=torch.contiguous_format)

@@ -7,21 +7,25 @@ modes), and each rank's gradient is its slice of the single-process gradient.
 
 How (per call):
 
-1. A metadata exchange (one all-gather of 16 int64 per rank): slice sizes (hence offsets and
-   the global K), row shapes, dtypes, options, the target's range and fingerprint. Every rank
-   checks the gathered facts the same way, so bad input raises on *every* rank, never a hang.
-   A local error (a wrong argument on one rank) is reported through the same exchange.
-2. The local pass: per row the local max, the sum of exponentials relative to it, the target
-   logit when the target is local, the linear sum the smoothing term needs, the target weight.
-   **This pass is composite** (several ATen passes over the local slice), written with ATen
-   ops in one autograd.Function; a fused kernel is to replace it.
+1. A metadata exchange (one all-gather of 17 int64 per rank): slice sizes (hence offsets and
+   the global K), row shapes, dtypes, options, the target's range and fingerprint, the
+   vocab_sizes given. Every rank checks the gathered facts the same way, so bad input raises on
+   *every* rank, never a hang. A local error (a wrong argument on one rank) is reported through
+   the same exchange. It runs on the host (torch.compiler.disable'd); under torch.compile,
+   vocab_sizes= replaces it (check_vocab_parallel runs the checks eagerly).
+2. The local pass, fused: the vocab_parallel_stats operator reads each row of the slice once
+   and gives the local max, the sum of exponentials relative to it, the linear sum the
+   smoothing term needs, the target logit and weight where the target is local (softcap applied
+   while loading).
 3. One collective of O(N) numbers: an all-gather of the partials merged locally ("allgather",
    the default), or an all-reduce(max) followed by an all-reduce(sum) ("allreduce").
-4. The gradient of the local slice is computed in the forward and saved; the backward scales it
-   by the incoming gradient, as ``labelsmooth_ext.cross_entropy`` does.
+4. The gradient of the local slice: the vocab_parallel_grad operator reads the slice once more
+   and writes the gradient once (p_c = exp(z_c - lse) with the global lse), in the forward;
+   the backward scales it by the incoming gradient, as ``labelsmooth_ext.cross_entropy`` does.
 
 Communication per rank is O(N), never O(N x K). The collectives are
-``torch.distributed._functional_collectives`` calls on the given group.
+``torch.distributed._functional_collectives`` calls on the given group, so with vocab_sizes the
+whole loss traces under torch.compile(fullgraph=True).
 """
 import math
 import struct
@@ -29,13 +33,26 @@ import struct
 import torch
 import torch.distributed as dist
 
+from . import _ops
 from . import functional as _F
 from .reference import smoothing_coefficients
 
-__all__ = ["vocab_parallel_cross_entropy", "set_collective_strategy"]
+__all__ = ["vocab_parallel_cross_entropy", "check_vocab_parallel", "set_collective_strategy"]
 
 _STRATEGIES = ("allgather", "allreduce")
 _strategy = "allgather"
+_local_pass = "fused"
+
+
+def set_local_pass(kind: str) -> None:
+    """Benchmarks and tests only: "fused" (the default: the vocab_parallel_stats and
+    vocab_parallel_grad operators, one read of the slice before the collective and one read +
+    one write after it) or "composite" (the former ATen-op local pass, several N x K_r
+    temporaries)."""
+    global _local_pass
+    if kind not in ("fused", "composite"):
+        raise ValueError(f"local pass must be 'fused' or 'composite', got {kind!r}")
+    _local_pass = kind
 
 
 
@@ -74,7 +91,7 @@ class _Config:
 
     __slots__ = ("group", "world", "start", "sizes", "num_classes", "a", "b", "z_loss", "softcap",
                  "ignore_index", "reduction", "strategy", "need_grad", "weighted",
-                 "denominator_groups")
+                 "denominator_groups", "checked")
 
     def __init__(self, **kw):
         for k, v in kw.items():
@@ -141,7 +158,7 @@ def _check_local(local_logits, target, weight, ignore_index, reduction, label_sm
 
 _META_FIELDS = ("error", "classes", "rows", "shape_hash", "dtype", "reduction", "smoothing_mode",
                 "ignore_index", "label_smoothing", "z_loss", "softcap", "weight_len", "tgt_min",
-                "tgt_max", "tgt_fingerprint", "tgt_checked")
+                "tgt_max", "tgt_fingerprint", "tgt_checked", "vocab_sizes")
 _NO_TARGET = 2 ** 62
 
 
@@ -255,6 +272,74 @@ def _check_gathered(metas, rank, world):
     return k
 
 
+_EXCHANGE_REASON = (
+    "labelsmooth_ext.distributed: the metadata exchange (every rank's slice size, shapes, dtypes, "
+    "options and target range, checked on the host so that bad input raises on every rank) "
+    "cannot be traced; for torch.compile(fullgraph=True) pass vocab_sizes=(the slice size of "
+    "every rank), and run check_vocab_parallel(...) eagerly to keep the cross-rank checks")
+
+
+def _disable(fn):
+    try:
+        return torch.compiler.disable(fn, reason=_EXCHANGE_REASON)
+    except TypeError:  # torch < 2.7: no reason argument
+        return torch.compiler.disable(fn)
+
+
+@_disable
+def _exchange_and_check(local_logits, target, group, rank, world, weight, ignore_index, reduction,
+                        label_smoothing, smoothing_mode, z_loss, softcap, vocab_sizes):
+    """The metadata exchange and every check (local and cross-rank), eagerly. Returns (the slice
+    sizes of every rank, the global number of classes); raises the same error on every rank."""
+    err, err_code = None, 0
+    try:
+        _check_local(local_logits, target, weight, ignore_index, reduction, label_smoothing,
+                     smoothing_mode, z_loss, softcap)
+        vocab_sizes = _check_vocab_sizes(vocab_sizes, world)
+    except (ValueError, TypeError) as e:
+        if world == 1:
+            raise
+        err, err_code = str(e), _ERR_CODES[type(e)]
+    meta = _local_meta(local_logits, target, weight, ignore_index, reduction, label_smoothing,
+                       smoothing_mode, z_loss, softcap, err_code, check_targets=True)
+    if not err_code:
+        meta["vocab_sizes"] = -1 if vocab_sizes is None else hash(tuple(vocab_sizes))
+    if world == 1:
+        metas = [meta]
+    else:
+        dev = _comm_device(group, local_logits)
+        mine = torch.tensor([meta[f] for f in _META_FIELDS], dtype=torch.long, device=dev)
+        allm = _all_gather(mine, group)
+        rows = allm.view(world, len(_META_FIELDS)).tolist()
+        metas = [dict(zip(_META_FIELDS, r)) for r in rows]
+        if any(m["error"] for m in metas):
+            _raise_reported(group, world, metas, err, None)
+    k = _check_gathered(metas, rank, world)
+    sizes = [m["classes"] for m in metas]
+    if len({m["vocab_sizes"] for m in metas}) != 1:
+        raise ValueError("vocab_parallel_cross_entropy: vocab_sizes differs across ranks; every "
+                         "rank must pass the same slice sizes (or none)")
+    if vocab_sizes is not None and list(vocab_sizes) != sizes:
+        raise ValueError(f"vocab_parallel_cross_entropy: vocab_sizes={tuple(vocab_sizes)} but the "
+                         f"ranks hold slices of {tuple(sizes)} classes")
+    return sizes, k
+
+
+def _check_vocab_sizes(vocab_sizes, world):
+    if vocab_sizes is None:
+        return None
+    try:
+        sizes = tuple(vocab_sizes)
+    except TypeError:
+        raise TypeError(f"vocab_sizes must be a sequence of ints (the slice size of every rank), "
+                        f"got {vocab_sizes!r}") from None
+    if len(sizes) != world or any(not isinstance(v, int) or isinstance(v, bool) or v < 0
+                                  for v in sizes):
+        raise ValueError(f"vocab_sizes must hold {world} ints >= 0 (the slice size of every rank "
+                         f"of the group, in group order), got {vocab_sizes!r}")
+    return sizes
+
+
 def _resolve_group(group):
     """(group, rank, world). No process group initialised and group=None: one process."""
     if group is None and not (dist.is_available() and dist.is_initialized()):
@@ -274,7 +359,8 @@ def _resolve_group(group):
 
 def vocab_parallel_cross_entropy(local_logits, target, group=None, *, weight=None,
                                  ignore_index=-100, reduction="mean", label_smoothing=0.0,
-                                 smoothing_mode="uniform", z_loss=0.0, softcap=None):
+                                 smoothing_mode="uniform", z_loss=0.0, softcap=None,
+                                 vocab_sizes=None):
     """Cross-entropy of logits split by class across the ranks of ``group``.
 
     local_logits: this rank's contiguous slice of the classes, (N, K_r), (N, K_r, d1, ...) or
@@ -289,47 +375,70 @@ def vocab_parallel_cross_entropy(local_logits, target, group=None, *, weight=Non
         ('mean' divides it by the same denominator), and every logit becomes
         softcap * tanh(logit / softcap) before anything else.
 
+    vocab_sizes: the slice size of every rank of the group, in group order (optional). Eagerly
+        it is checked against the slices the ranks hold. Under torch.compile it replaces the
+        metadata exchange, which cannot be traced: with it, torch.compile(fullgraph=True)
+        traces the whole loss (the O(N) collective included); the cross-rank checks are then
+        not made in the graph (run check_vocab_parallel eagerly, e.g. on the first batch), and
+        a target outside the global range gives a NaN loss and gradient for its row.
+
     Returns the loss (the same value on every rank; for reduction='none' the per-row losses).
     Its gradient with respect to local_logits is this rank's slice of the full gradient.
     """
     return _vocab_parallel(local_logits, target, group, weight, ignore_index, reduction,
-                           label_smoothing, smoothing_mode, z_loss, softcap, ())
+                           label_smoothing, smoothing_mode, z_loss, softcap, (), vocab_sizes)
 
 
-def _vocab_parallel(local_logits, target, group, weight, ignore_index, reduction, label_smoothing,
-                    smoothing_mode, z_loss, softcap, denominator_groups):
-    group, rank, world = _resolve_group(group)
-    compiling = torch.compiler.is_compiling()
-    err, err_code = None, 0
-    try:
-        _check_local(local_logits, target, weight, ignore_index, reduction, label_smoothing,
-                     smoothing_mode, z_loss, softcap)
-    except (ValueError, TypeError) as e:
-        if world == 1:
-            raise
-        err, err_code = str(e), _ERR_CODES[type(e)]
-    meta = _local_meta(local_logits, target, weight, ignore_index, reduction, label_smoothing,
-                       smoothing_mode, z_loss, softcap, err_code, check_targets=not compiling)
-    if world == 1:
-        metas = [meta]
-    else:
-        from torch.distributed import _functional_collectives as funcol
+def check_vocab_parallel(local_logits, target, group=None, *, weight=None, ignore_index=-100,
+                         reduction="mean", label_smoothing=0.0, smoothing_mode="uniform",
+                         z_loss=0.0, softcap=None, vocab_sizes=None):
+    """Every check vocab_parallel_cross_entropy makes eagerly (one all-gather of a few int64 per
+    rank; the same error on every rank), without computing the loss. Returns the slice sizes
+    of every rank: the vocab_sizes to pass to a compiled vocab_parallel_cross_entropy. Call it
+    outside torch.compile."""
+    _, rank, world = _resolve_group(group)
+    group = _resolve_group(group)[0]
+    sizes, k = _exchange_and_check(local_logits, target, group, rank, world, weight, ignore_index,
+                                   reduction, label_smoothing, smoothing_mode, z_loss, softcap,
+                                   vocab_sizes)
+    _check_off_target(smoothing_mode, k, label_smoothing)
+    return tuple(sizes)
 
-        dev = _comm_device(group, local_logits)
-        mine = torch.tensor([meta[f] for f in _META_FIELDS], dtype=torch.long, device=dev)
-        allm = funcol.all_gather_tensor(mine, 0, group)
-        allm = _wait(allm)
-        rows = allm.view(world, len(_META_FIELDS)).tolist()
-        metas = [dict(zip(_META_FIELDS, r)) for r in rows]
-        if any(m["error"] for m in metas):
-            _raise_reported(group, world, metas, err, None)
-    k = _check_gathered(metas, rank, world)
+
+def _check_off_target(smoothing_mode, k, label_smoothing):
     eps = float(label_smoothing)
     if smoothing_mode == "off_target" and k == 1 and eps > 0:
         raise ValueError("smoothing_mode='off_target' needs at least 2 classes when "
                          f"label_smoothing > 0 (got 1 class in all, label_smoothing={eps})")
-    a, b = smoothing_coefficients(k, eps, smoothing_mode)
-    sizes = [m["classes"] for m in metas]
+
+
+def _vocab_parallel(local_logits, target, group, weight, ignore_index, reduction, label_smoothing,
+                    smoothing_mode, z_loss, softcap, denominator_groups, vocab_sizes=None):
+    group, rank, world = _resolve_group(group)
+    if world == 1 and vocab_sizes is None and isinstance(local_logits, torch.Tensor) \
+            and local_logits.dim() > 0:
+        vocab_sizes = (local_logits.shape[0 if local_logits.dim() == 1 else 1],)
+    if torch.compiler.is_compiling() and vocab_sizes is not None:
+        vocab_sizes = _check_vocab_sizes(vocab_sizes, world)
+        # Traced: no host-side exchange. The local checks run at trace time; a target outside
+        # the global range poisons its row (NaN loss and gradient) on the device instead of
+        # raising; cross-rank consistency is what check_vocab_parallel checks eagerly.
+        _check_local(local_logits, target, weight, ignore_index, reduction, label_smoothing,
+                     smoothing_mode, z_loss, softcap)
+        sizes = list(vocab_sizes)
+        class_dim = 0 if local_logits.dim() == 1 else 1
+        if local_logits.shape[class_dim] != sizes[rank]:
+            raise ValueError(f"vocab_parallel_cross_entropy: local_logits holds "
+                             f"{local_logits.shape[class_dim]} classes but vocab_sizes[{rank}] = "
+                             f"{sizes[rank]} (vocab_sizes={tuple(sizes)})")
+        k, checked = sum(sizes), False
+    else:
+        sizes, k = _exchange_and_check(local_logits, target, group, rank, world, weight,
+                                       ignore_index, reduction, label_smoothing, smoothing_mode,
+                                       z_loss, softcap, vocab_sizes)
+        checked = True
+    _check_off_target(smoothing_mode, k, label_smoothing)
+    a, b = smoothing_coefficients(k, float(label_smoothing), smoothing_mode)
     start = sum(sizes[:rank])
     kr = sizes[rank]
     if weight is not None:
@@ -340,13 +449,14 @@ def _vocab_parallel(local_logits, target, group, weight, ignore_index, reduction
                   z_loss=float(z_loss), softcap=None if softcap is None else float(softcap),
                   ignore_index=ignore_index, reduction=_F.REDUCTIONS[reduction],
                   strategy=_strategy, need_grad=local_logits.requires_grad and torch.is_grad_enabled(),
-                  weighted=weight is not None, denominator_groups=tuple(denominator_groups))
+                  weighted=weight is not None, denominator_groups=tuple(denominator_groups),
+                  checked=checked)
     if local_logits.dim() == 1:
         rows = local_logits.unsqueeze(0)
     elif local_logits.dim() == 2:
         rows = local_logits
     else:  # (N, K_r, d1, ...) -> (N d1 ..., K_r); explicit row count: K_r may be 0
-        rows = local_logits.movedim(1, -1).reshape(metas[rank]["rows"], kr)
+        rows = local_logits.movedim(1, -1).reshape(target.numel(), kr)
     loss = _VocabParallelCE.apply(rows, target.reshape(-1).long(), weight, cfg)
     if cfg.reduction == _F.REDUCTIONS["none"]:
         loss = loss.reshape(target.shape)
@@ -357,6 +467,15 @@ def _vocab_parallel(local_logits, target, group, weight, ignore_index, reduction
 
 def _wait(t):
     return t.wait() if hasattr(t, "wait") else t
+
+
+def _all_gather(t, group):
+    """The ranks' t concatenated along dim 0: all_gather_single (all_gather_tensor, which newer
+    torch deprecates in its favour, on torch 2.4, which has only that)."""
+    from torch.distributed import _functional_collectives as funcol
+
+    fn = getattr(funcol, "all_gather_single", None) or funcol.all_gather_tensor
+    return _wait(fn(t, 0, group))
 
 
 def _local_partials(z, tgt, w, cfg):
@@ -402,7 +521,7 @@ def _combine(p, cfg):
     if cfg.strategy == "allgather":
         parts = [m, s, zy] + ([lin] if lin is not None else []) + ([wy] if wy is not None else [])
         flat = torch.cat([torch.stack(parts).reshape(-1), p["wsum"].reshape(1)])
-        g = _wait(funcol.all_gather_tensor(flat, 0, cfg.group)).view(cfg.world, -1)
+        g = _all_gather(flat, cfg.group).view(cfg.world, -1)
         c = len(parts)
         st = g[:, :c * r].view(cfg.world, c, r)
         wsums = g[:, c * r]
@@ -434,7 +553,73 @@ def _combine(p, cfg):
 
 
 def _forward(x, tgt, w, cfg):
-    """(loss, grad or None) of the local rows x (R, K_r) in the input dtype."""
+    """(loss, grad or None) of the local rows x (R, K_r) in the input dtype: the fused local
+    passes (vocab_parallel_stats before the collective, vocab_parallel_grad after it)."""
+    if _local_pass == "composite":
+        return _forward_composite(x, tgt, w, cfg)
+    ops = _ops.ops
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    cap = 0.0 if cfg.softcap is None else cfg.softcap
+    a, b = cfg.a, cfg.b
+    # one read of the slice: (m, s, zy, lin, wy) per row, softcap applied while loading
+    m, s, zy, lin, wy_local = ops.vocab_parallel_stats(x, tgt, w, cfg.start, cfg.ignore_index,
+                                                       cap).unbind(0)
+    if w is not None:
+        wsum = w.to(acc).sum()
+    else:
+        wsum = torch.full((), float(x.shape[1]), dtype=acc, device=x.device)
+    p = dict(m=m, m_safe=torch.where(m == -math.inf, torch.zeros_like(m), m), s=s, zy=zy,
+             lin=lin if a != 0.0 else None, wy=wy_local if w is not None else None, wsum=wsum)
+    if cfg.world > 1:
+        big_m, big_s, big_zy, big_lin, big_wy, big_w = _combine(p, cfg)
+    else:
+        big_m, big_s, big_zy, big_lin, big_wy = m, s, zy, p["lin"], p["wy"]
+        big_w = wsum
+    valid = tgt != cfg.ignore_index
+    zero = m.new_zeros(())
+    # row_math.h ce_row_loss, relative to the global max M: no large terms cancel
+    log_s = torch.log(big_s)
+    lse = big_m + log_s
+    wy = big_wy if big_wy is not None else valid.to(acc)
+    row = b * wy * (log_s - (big_zy - big_m))
+    if a != 0.0:
+        row = row + a * (big_w * log_s - big_lin)
+    if cfg.z_loss:
+        row = row + cfg.z_loss * lse * lse
+    row = torch.where(valid, row, zero)
+    if not cfg.checked:  # traced without the host checks: poison rows whose target is no class
+        bad = valid & ((tgt < 0) | (tgt >= cfg.num_classes))
+        row = torch.where(bad, torch.full_like(row, math.nan), row)
+        lse = torch.where(bad, torch.full_like(lse, math.nan), lse)
+    loss, denom = _reduce(row, valid, wy, cfg)
+    grad = None
+    if cfg.need_grad:
+        # ce_grad_coefs with e_c = p_c = exp(z_c - lse): kp = (b w_y + a W + 2 c lse) * scale,
+        # kw = a * scale, ky = b w_y * scale (scale = 1/D for the mean)
+        scale = (1.0 / denom) if denom is not None else torch.ones((), dtype=acc, device=x.device)
+        kp = (b * wy + a * big_w + 2.0 * cfg.z_loss * lse) * scale
+        coefs = torch.stack([lse, kp, (a * scale).expand_as(lse), b * wy * scale])
+        grad = ops.vocab_parallel_grad(x, tgt, w, coefs, cfg.start, cfg.ignore_index, cap)
+    return loss.to(x.dtype), grad
+
+
+def _reduce(row, valid, wy, cfg):
+    """(loss, mean denominator or None) from the per-row losses."""
+    red = cfg.reduction
+    if red == _F.REDUCTIONS["mean"]:
+        denom = torch.where(valid, wy, torch.zeros_like(wy)).sum()
+        for g in cfg.denominator_groups:
+            from torch.distributed import _functional_collectives as funcol
+            denom = _wait(funcol.all_reduce(denom, "sum", g))
+        return row.sum() / denom, denom
+    if red == _F.REDUCTIONS["sum"]:
+        return row.sum(), None
+    return row, None
+
+
+def _forward_composite(x, tgt, w, cfg):
+    """The former local pass in ATen ops (several passes and N x K_r temporaries), kept as the
+    benchmark's baseline and a cross-check of the fused one (set_local_pass)."""
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     z = x.to(acc)
     th = None
@@ -511,6 +696,11 @@ class _VocabParallelCE(torch.autograd.Function):
         if ctx.reduction == _F.REDUCTIONS["none"]:
             g = grad * grad_loss.reshape(-1, 1).to(grad.dtype)
         else:
+            # As the single-process CPU backward: an incoming gradient of exactly 1 (checked on
+            # the host, so CPU only; never when traced) hands the saved gradient over, no pass.
+            if not grad.is_cuda and not _ops._traced(grad, grad_loss) \
+                    and float(grad_loss) == 1.0 and not _ops._graph_kept():
+                return grad, None, None, None
             g = grad * grad_loss.to(grad.dtype)
         return g, None, None, None
 

@@ -223,6 +223,14 @@ def _bad_inputs(name, world, rank):
         kw["z_loss"] = -1.0
     elif name == "zero_softcap":
         kw["softcap"] = 0.0
+    elif name == "vocab_sizes_wrong":
+        kw["vocab_sizes"] = list(reversed(sizes))
+    elif name == "vocab_sizes_differ":
+        if last:
+            kw["vocab_sizes"] = [K] + [0] * (world - 1)
+    elif name == "vocab_sizes_bad_one_rank":
+        if rank == 0:
+            kw["vocab_sizes"] = [K]
     elif name == "off_target_one_class":
         local = x[:, :1].clone() if rank == 0 else x[:, :0].clone()
         t = torch.zeros(N, dtype=torch.long)
@@ -246,6 +254,9 @@ ERRORS = {  # name -> (exception type, fragment of the message)
     "negative_z_loss": (ValueError, "z_loss must be"),
     "zero_softcap": (ValueError, "softcap must be"),
     "off_target_one_class": (ValueError, "off_target"),
+    "vocab_sizes_wrong": (ValueError, "but the ranks hold slices of"),
+    "vocab_sizes_differ": (ValueError, "vocab_sizes differs across ranks"),
+    "vocab_sizes_bad_one_rank": (ValueError, "vocab_sizes must hold"),
 }
 
 
@@ -320,6 +331,69 @@ def _run_compile(world, rank, group):
     ref.backward()
     _close(loss, ref, 1e-12, "compiled loss")
     _close(local.grad, x64.grad[:, start:start + sizes[rank]], 1e-12, "compiled gradient")
+
+
+def _run_compile_fullgraph(world, rank, group):
+    """torch.compile(fullgraph=True) with vocab_sizes: the whole loss is one graph (the O(N)
+    collective included); loss and gradient slice equal the float64 reference for each option
+    set; without vocab_sizes fullgraph fails saying what to pass; a target outside the global
+    range poisons its row (NaN) instead of giving a number."""
+    gen = torch.Generator().manual_seed(12)
+    x = torch.randn(N, K, generator=gen, dtype=torch.float64)
+    t = torch.randint(0, K, (N,), generator=gen)
+    t[2] = -100
+    w = torch.rand(K, generator=gen, dtype=torch.float64) + 0.5
+    sizes = SPLITS[world]["uneven"]
+    start = sum(sizes[:rank])
+    sl = slice(start, start + sizes[rank])
+    vs = D.check_vocab_parallel(x[:, sl], t, group, label_smoothing=0.1)  # the eager checks
+    assert vs == tuple(sizes), vs
+    # the second case's target of row 4 is outside the global range: that row alone is NaN
+    bad = t.clone()
+    bad[4] = K + 3
+    cases = [dict(label_smoothing=0.2, smoothing_mode="off_target", weight="local", z_loss=1e-3,
+                  softcap=5.0),
+             dict(label_smoothing=0.1, weight="full", reduction="none", strategy="allreduce",
+                  target=bad)]
+    for case in cases:
+        kw = dict(case)
+        strategy = kw.pop("strategy", "allgather")
+        wmode = kw.pop("weight", None)
+        wt = {None: None, "full": w, "local": w[sl]}[wmode]
+        tt = kw.pop("target", t)
+        D.set_collective_strategy(strategy)
+        try:
+            torch._dynamo.reset()
+
+            def f(a, b):
+                return D.vocab_parallel_cross_entropy(a, b, group, weight=wt, vocab_sizes=vs, **kw)
+
+            local = x[:, sl].clone().requires_grad_()
+            loss = torch.compile(f, fullgraph=True)(local, tt)
+            g = torch.linspace(0.5, 1.5, N, dtype=torch.float64) if kw.get("reduction") == "none" \
+                else torch.tensor(1.3, dtype=torch.float64)
+            loss.backward(g)
+        finally:
+            D.set_collective_strategy("allgather")
+        x64 = x.clone().requires_grad_()
+        ref = R.cross_entropy(x64, t, None if wmode is None else w, **kw)
+        ref.backward(g)
+        keep = tt == t
+        if not bool(keep.all()):
+            assert loss[~keep].isnan().all() and local.grad[~keep].isnan().all(), loss
+            loss, ref, got_g, ref_g = loss[keep], ref[keep], local.grad[keep], x64.grad[keep]
+        else:
+            got_g, ref_g = local.grad, x64.grad
+        _close(loss, ref, 1e-12, f"compiled loss {case}")
+        _close(got_g, ref_g[:, sl], 1e-12, f"compiled gradient {case}")
+    torch._dynamo.reset()
+    try:
+        torch.compile(lambda a, b: D.vocab_parallel_cross_entropy(a, b, group), fullgraph=True)(
+            x[:, sl].clone(), t)
+    except Exception as e:  # noqa: BLE001 - dynamo's error type varies across torch versions
+        assert "vocab_sizes" in str(e), f"fullgraph error does not say what to pass: {e}"
+    else:
+        raise AssertionError("fullgraph=True without vocab_sizes traced the host-side exchange")
 
 
 def _run_dtensor_1d(world, rank, group):
@@ -438,7 +512,7 @@ def _worker(rank, world, port, out_dir, suites, backend):
             else:
                 fn = {"world_sizes": _run_world_sizes, "dtensor_1d": _run_dtensor_1d,
                       "dtensor_2d": _run_dtensor_2d, "__hang__": _hang,
-                      "compile": _run_compile}[suite]
+                      "compile": _run_compile, "compile_fullgraph": _run_compile_fullgraph}[suite]
                 items = [(suite, lambda fn=fn: fn(world, rank, group))]
             for name, fn in items:
                 try:
@@ -591,6 +665,10 @@ def test_single_process_errors_raise_directly():
                            "with LSE_DIST_COMPILE_TEST=1")
 def test_torch_compile_with_graph_breaks():
     _check(spawn(2, ["compile"], timeout=600), "compile", 2)
+
+
+def test_torch_compile_fullgraph():
+    _check(spawn(2, ["compile_fullgraph"], timeout=max(SPAWN_TIMEOUT, 400)), "compile_fullgraph", 2)
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2,

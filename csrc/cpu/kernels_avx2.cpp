@@ -20,4 +20,6 @@
 #define CPU_CAPABILITY_AVX2
 #include "kernels.h"
 LSE_DEFINE_CPU_ENTRY_POINTS(AVX2)
+#include "vp_kernels.h"  // tensor parallel (issue 14)
+LSE_DEFINE_VP_ENTRY_POINTS(AVX2)
 #endif

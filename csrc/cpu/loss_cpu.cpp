@@ -567,6 +567,9 @@ at::Tensor ce_forward_grad_cpu_(at::Tensor& input, const at::Tensor& target,
 
 }  // namespace
 
+// The gradient buffer of the row kernels (huge pages, one-block cache), for vp_cpu.cpp.
+at::Tensor grad_rows_buffer(int64_t N, int64_t K, const at::TensorOptions& opts) { return empty_rows(N, K, opts); }
+
 TORCH_LIBRARY_FRAGMENT(labelsmooth_ext, m) {
   m.def("cpu_kernel_constants() -> str", &cpu_kernel_constants);
 }

@@ -14,6 +14,7 @@
 #include <torch/library.h>
 
 #include "host.cuh"
+#include "vp_host.cuh"
 
 namespace labelsmooth_ext {
 namespace cuda {
@@ -31,6 +32,12 @@ TORCH_LIBRARY_IMPL(labelsmooth_ext, CUDA, m) {
   m.impl("ce_prob_forward_ext", &ce_prob_forward_ext_cuda);
   m.impl("ce_prob_grad_ext", &ce_prob_grad_ext_cuda);
   m.impl("ce_prob_grad_ext_", &ce_prob_grad_ext_cuda_);
+}
+
+// Tensor parallel (issue 14): the vocabulary-parallel local passes.
+TORCH_LIBRARY_IMPL(labelsmooth_ext, CUDA, m) {
+  m.impl("vocab_parallel_stats", &vocab_parallel_stats_cuda);
+  m.impl("vocab_parallel_grad", &vocab_parallel_grad_cuda);
 }
 
 }  // namespace cuda

@@ -16,6 +16,7 @@
 #include <torch/library.h>
 
 #include "../host.cuh"
+#include "../vp_host.cuh"
 #include "simt.h"
 #include "simt_selftest.h"
 
@@ -250,6 +251,35 @@ TORCH_LIBRARY_IMPL(labelsmooth_simt, CPU, m) {
 
 TORCH_LIBRARY_IMPL(labelsmooth_simt, CompositeExplicitAutograd, m) {
   m.impl("ce_backward", &ce_backward);
+}
+
+// Tensor parallel (issue 14): the vocabulary-parallel local passes, emulated.
+Tensor vocab_parallel_stats(const Tensor& input, const Tensor& target, const std::optional<Tensor>& weight,
+                            int64_t class_start, int64_t ignore_index, double softcap) {
+  GuardedScope scope;
+  return cuda::vocab_parallel_stats_cuda(guarded(input), guarded(target), guarded(weight), class_start,
+                                         ignore_index, softcap);
+}
+
+Tensor vocab_parallel_grad(const Tensor& input, const Tensor& target, const std::optional<Tensor>& weight,
+                           const Tensor& coefs, int64_t class_start, int64_t ignore_index, double softcap) {
+  GuardedScope scope;
+  return cuda::vocab_parallel_grad_cuda(guarded(input), guarded(target), guarded(weight), guarded(coefs),
+                                        class_start, ignore_index, softcap);
+}
+
+TORCH_LIBRARY_FRAGMENT(labelsmooth_simt, m) {
+  m.def(
+      "vocab_parallel_stats(Tensor input, Tensor target, Tensor? weight, int class_start, "
+      "int ignore_index, float softcap) -> Tensor");
+  m.def(
+      "vocab_parallel_grad(Tensor input, Tensor target, Tensor? weight, Tensor coefs, int class_start, "
+      "int ignore_index, float softcap) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(labelsmooth_simt, CPU, m) {
+  m.impl("vocab_parallel_stats", &vocab_parallel_stats);
+  m.impl("vocab_parallel_grad", &vocab_parallel_grad);
 }
 
 }  // namespace simt_ops
