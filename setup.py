@@ -80,6 +80,7 @@ info = {"torch_version": torch.__version__, "cuda": with_cuda, "cuda_archs": cud
 sources = [
     "csrc/ops.cpp",
     "csrc/cpu/loss_cpu.cpp",
+    "csrc/cpu/autograd_cpu.cpp",
     "csrc/cpu/kernels_default.cpp",
     "csrc/cpu/kernels_avx2.cpp",
     "csrc/cpu/vp_cpu.cpp",

@@ -47,9 +47,13 @@ class Case:
 
 
 def default_cases(device, full=True):
-    shapes = [("classification", 256, 1000, ()), ("language-model", 4096, 32000, ())]
+    """ImageNet-style classification, a tiny classifier and a language model; with `full` also
+    K-dimensional inputs: segmentation (VOC-like N=8, K=21; ADE20K-like N=4, K=150; 128x128)
+    and an odd spatial size (N=2, K=19, 97x131: no dimension a multiple of the vector width)."""
+    shapes = [("classification", 256, 1000, ()), ("tiny", 32, 10, ()), ("language-model", 4096, 32000, ())]
     if full:
-        shapes.append(("segmentation", 8, 21, (128, 128)))
+        shapes += [("segmentation", 8, 21, (128, 128)), ("ade20k", 4, 150, (128, 128)),
+                   ("odd-spatial", 2, 19, (97, 131))]
     if device == "cuda":
         shapes.append(("language-model", 8192, 128256, ()))
     return [Case(nm, n, k, sp, dt, device) for nm, n, k, sp in shapes for dt in ("float32", "bfloat16")]
@@ -201,8 +205,15 @@ def bytes_moved(case, mode):
     return elems if mode == "forward" else 2 * elems
 
 
+def reps_for(case, reps):
+    """Small cases take well under a millisecond a call: time more calls for a stable median."""
+    n = case.rows * case.k
+    return reps * 40 if n < 1 << 16 else reps * 8 if n < 1 << 20 else reps
+
+
 def run_case(case, impls, modes, reps, progress=None):
     x, t = make_inputs(case)
+    reps = reps_for(case, reps)
     fl = floors(x, reps)
     expected = float(F.cross_entropy(x.double(), t, label_smoothing=EPS))
     results = []
@@ -372,7 +383,8 @@ def add_arguments(p):
     p.add_argument("--device", choices=["cpu", "cuda", "all"], default="all",
                    help="devices to run (default: every available one)")
     p.add_argument("--reps", type=int, default=5, help="timed calls per measurement (median)")
-    p.add_argument("--full", action="store_true", help="also the segmentation shape")
+    p.add_argument("--full", action="store_true",
+                   help="also the K-dimensional (segmentation, ADE20K, odd spatial size) shapes")
     p.add_argument("--impls", default="labelsmooth_ext,torch,torch.compile",
                    help="comma-separated subset of " + ", ".join(IMPLEMENTATIONS)
                    + " (default: all but the pure-PyTorch reference)")

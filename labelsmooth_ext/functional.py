@@ -137,6 +137,38 @@ def _is_dtensor(x):
     return isinstance(x, dtensor_api("DTensor"))
 
 
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+_CE_FORWARD = _ops.ops.ce_forward.default
+
+
+def _fast_cross_entropy(input, target, ignore_index, reduction, label_smoothing, smoothing_mode):
+    """The common CPU call in a few checks (None when it is not that call; cross_entropy then
+    runs its full checks): plain CPU tensors, class-index int64 targets of the right shape, no
+    class weights, outside autocast, torch.compile and torch.func. The operator checks the rest
+    (target values, dtypes) in C++ and CPU autograd is C++ too (csrc/cpu/autograd_cpu.cpp)."""
+    red = REDUCTIONS.get(reduction) if type(reduction) is str else None
+    mode = SMOOTHING_MODES.get(smoothing_mode) if type(smoothing_mode) is str else None
+    if (red is None or mode is None or type(label_smoothing) is not float or type(ignore_index) is not int
+            or not 0.0 <= label_smoothing <= 1.0 or type(input) not in _PLAIN or type(target) is not torch.Tensor
+            or not input.is_cpu or not target.is_cpu or target.dtype is not torch.int64
+            or input.dtype not in _FLOAT_DTYPES or _ops._emulated_ops is not None):
+        return None
+    dims = input.dim()
+    if dims < 2 or target.dim() != dims - 1 or target.shape[0] != input.shape[0] or (dims > 2 and tuple(
+            target.shape[1:]) != tuple(input.shape[2:])) or (mode == 1 and input.shape[1] == 1):
+        return None
+    if torch.is_autocast_enabled("cpu") or torch.compiler.is_compiling() or _ops.functorch_transforms():
+        return None
+    # float16 stores no gradient (see cross_entropy)
+    store_grad = input.requires_grad and input.dtype is not torch.float16 and torch.is_grad_enabled()
+    rows = input if dims == 2 else input.reshape(input.shape[0], input.shape[1], math.prod(input.shape[2:]))
+    loss, _ = _CE_FORWARD(rows, target.reshape(-1) if dims > 2 else target, None, ignore_index,
+                          label_smoothing, mode, red, store_grad)
+    if red == 0 and dims > 2:
+        loss = loss.reshape(target.shape)
+    return loss if loss.dtype is input.dtype else loss.to(input.dtype)
+
+
 def cross_entropy(
     input,
     target,
@@ -171,6 +203,11 @@ def cross_entropy(
     inplace_backward=True: the backward writes the gradient over the logits (no logits-sized
     gradient buffer); the logits are unchanged until then. See README.
     """
+    if (weight is None and size_average is None and reduce is None and softcap is None and z_loss == 0.0
+            and type(z_loss) is float and inplace_backward is False and return_lse is False):
+        loss = _fast_cross_entropy(input, target, ignore_index, reduction, label_smoothing, smoothing_mode)
+        if loss is not None:
+            return loss
     llm = _check_llm_options(z_loss, softcap, inplace_backward, return_lse)
     if size_average is not None or reduce is not None:
         reduction = legacy_reduction(size_average, reduce)
