@@ -16,6 +16,54 @@ namespace labelsmooth_ext {
 namespace cpu {
 namespace CPU_CAPABILITY {
 
+// Softcap helpers of the vocabulary-parallel rows (the row kernels of kernels.h have their own
+// three-pass softcap design, ce_rows_softcap): z = cap * tanh(x / cap) of a row (src, any input
+// dtype) into the accumulation-type buffer z, returning the max of z, in one pass;
+// tanh(u) = 1 - 2 / (exp(2u) + 1) with the kernels' vector exp (absolute error a few ulp of 1 in
+// tanh). exp(2u) = inf gives 1, 0 gives -1, NaN stays NaN.
+template <typename scalar_t, typename acc_t>
+acc_t vp_softcap_load(const scalar_t* src, acc_t* z, int64_t K, acc_t cap) {
+  using Vec = Vectorized<acc_t>;
+  constexpr int64_t V = Vec::size();
+  const Vec vc(cap), v2inv(acc_t(2) / cap), one(1), two(2);
+  Vec vm(-std::numeric_limits<acc_t>::infinity());
+  int64_t c = 0;
+  for (; c + V <= K; c += V) {
+    Vec x;
+    if constexpr (std::is_same_v<scalar_t, acc_t>) {
+      x = Vec::loadu(src + c);
+    } else {
+      at::vec::load_to_float<scalar_t>(src + c, x);
+    }
+    const Vec zc = vc * (one - two / (vexp(x * v2inv) + one));
+    zc.store(z + c);
+    vm = at::vec::maximum(vm, zc);
+  }
+  acc_t m = -std::numeric_limits<acc_t>::infinity();
+  alignas(64) acc_t buf[V];
+  vm.store(buf);
+  for (int64_t i = 0; i < V; ++i) m = nan_max(m, buf[i]);
+  for (; c < K; ++c) {
+    z[c] = softcap_apply<acc_t>(static_cast<acc_t>(src[c]), cap);
+    m = nan_max(m, z[c]);
+  }
+  return m;
+}
+
+// Gradient block times dz/dx = 1 - (z / cap)^2 (softcap), in place.
+template <typename acc_t>
+void vp_softcap_dz(acc_t* g, const acc_t* z, int64_t n, acc_t cap) {
+  using Vec = Vectorized<acc_t>;
+  constexpr int64_t V = Vec::size();
+  const Vec vinv(acc_t(1) / cap), one(1);
+  int64_t c = 0;
+  for (; c + V <= n; c += V) {
+    const Vec t = Vec::loadu(z + c) * vinv;
+    (Vec::loadu(g + c) * (one - t * t)).store(g + c);
+  }
+  for (; c < n; ++c) g[c] *= softcap_dz_dx<acc_t>(z[c], cap);
+}
+
 template <typename scalar_t>
 void vp_stats_rows(const VpStatsArgs& A) {
   using acc_t = acc_for<scalar_t>;
@@ -49,7 +97,7 @@ void vp_stats_rows(const VpStatsArgs& A) {
       const acc_t* z;
       acc_t m;
       if (capped) {
-        m = softcap_pass<scalar_t, acc_t>(in + r * A.in_row_stride, buf.data(), K, cap);
+        m = vp_softcap_load<scalar_t, acc_t>(in + r * A.in_row_stride, buf.data(), K, cap);
         z = buf.data();
       } else if constexpr (kDirect) {
         z = in + r * A.in_row_stride;
@@ -108,7 +156,7 @@ void vp_grad_rows(const VpGradArgs& A) {
       }
       const acc_t* z;
       if (capped) {
-        softcap_pass<scalar_t, acc_t>(in + r * A.in_row_stride, capped_row.data(), K, cap);
+        vp_softcap_load<scalar_t, acc_t>(in + r * A.in_row_stride, capped_row.data(), K, cap);
         z = capped_row.data();
       } else if constexpr (kDirect) {
         z = in + r * A.in_row_stride;
@@ -123,7 +171,7 @@ void vp_grad_rows(const VpGradArgs& A) {
         const int64_t n = std::min<int64_t>(kStoreBlock, K - b0);
         grad_pass<acc_t>(buf + b0, w ? w + b0 : nullptr, n, ckp[r], ckw[r]);
         if (yl >= b0 && yl < b0 + n) buf[yl] -= cky[r];  // in acc_t, before the one rounding
-        if (capped) softcap_grad_pass<acc_t>(buf + b0, z + b0, n, cap);
+        if (capped) vp_softcap_dz<acc_t>(buf + b0, z + b0, n, cap);
         store_out<scalar_t, acc_t>(grow + b0, buf + b0, n);
       }
     }
