@@ -22,8 +22,7 @@
 
 namespace labelsmooth_ext {
 namespace cpu {
-namespace {
-
+// kind_of and use_avx2 are shared with vp_cpu.cpp (declared there).
 ScalarKind kind_of(at::ScalarType t) {
   switch (t) {
     case at::kFloat: return ScalarKind::kFloat;
@@ -46,6 +45,8 @@ bool use_avx2() {
   return false;
 #endif
 }
+
+namespace {
 
 // The gradient is as large as the logits and written once. Fresh 4 KiB pages cost a page
 // fault each on first touch, which on Linux costs more than the kernel itself at LLM sizes;

@@ -16,29 +16,39 @@ namespace cpu {
 // loss_cpu.cpp: fresh 4 KiB pages of a gradient as large as the logits cost more in page faults
 // than the kernel; this takes 2 MiB-aligned huge pages and reuses the last freed block.
 at::Tensor grad_rows_buffer(int64_t N, int64_t K, const at::TensorOptions& opts);
+// loss_cpu.cpp: the kernel build for a dtype, and whether the AVX2 build runs (the CPU has it and
+// LABELSMOOTH_EXT_CPU_CAPABILITY does not ask for the baseline).
+ScalarKind kind_of(at::ScalarType t);
+bool use_avx2();
 
 namespace {
 
-ScalarKind vp_kind_of(at::ScalarType t) {
-  switch (t) {
-    case at::kFloat: return ScalarKind::kFloat;
-    case at::kDouble: return ScalarKind::kDouble;
-    case at::kBFloat16: return ScalarKind::kBFloat16;
-    case at::kHalf: return ScalarKind::kHalf;
-    default: TORCH_INTERNAL_ASSERT(false, "unsupported dtype ", t);
-  }
+// The fields VpStatsArgs and VpGradArgs share.
+template <typename Args>
+void fill_vp_common(Args& a, const at::Tensor& in, const at::Tensor& tgt, const at::Tensor& w,
+                    int64_t class_start, int64_t ignore_index, double softcap) {
+  a.input = in.data_ptr();
+  a.in_row_stride = in.stride(0);
+  a.target = tgt.data_ptr<int64_t>();
+  a.weight = w.defined() ? w.data_ptr() : nullptr;
+  a.N = in.size(0);
+  a.K = in.size(1);
+  a.start = class_start;
+  a.ignore_index = ignore_index;
+  a.softcap = softcap;
 }
 
-// As loss_cpu.cpp's choice (same environment variable): the AVX2 build where the CPU has it.
-bool vp_use_avx2() {
+// Runs the AVX2 build of a kernel where use_avx2(), else the baseline build.
 #ifdef LSE_HAVE_AVX2_KERNELS
-  static const bool cpu_has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-                              __builtin_cpu_supports("f16c");
-  const char* env = std::getenv("LABELSMOOTH_EXT_CPU_CAPABILITY");
-  return cpu_has && !(env && (std::strcmp(env, "default") == 0 || std::strcmp(env, "DEFAULT") == 0));
+#define LSE_VP_AVX2(fn) (&fn)
 #else
-  return false;
+#define LSE_VP_AVX2(fn) nullptr
 #endif
+template <typename Args>
+void run_vp_best(void (*avx2_fn)(ScalarKind, const Args&), void (*default_fn)(ScalarKind, const Args&),
+                 ScalarKind k, const Args& a) {
+  if (avx2_fn != nullptr && use_avx2()) return avx2_fn(k, a);
+  default_fn(k, a);
 }
 
 at::Tensor weight_in_acc(const std::optional<at::Tensor>& weight, at::ScalarType input_dtype) {
@@ -53,28 +63,13 @@ at::Tensor vocab_parallel_stats_cpu(const at::Tensor& input, const at::Tensor& t
   const at::Tensor in = rows_with_unit_class_stride(input);
   const at::Tensor tgt = target.contiguous();
   const at::Tensor w = weight_in_acc(weight, in.scalar_type());
-  const int64_t N = in.size(0), K = in.size(1);
+  const int64_t N = in.size(0);
   at::Tensor stats = at::empty({5, N}, in.options().dtype(acc_type_of(in.scalar_type())));
   if (N == 0) return stats;
   VpStatsArgs a{};
-  a.input = in.data_ptr();
-  a.in_row_stride = in.stride(0);
-  a.target = tgt.data_ptr<int64_t>();
-  a.weight = w.defined() ? w.data_ptr() : nullptr;
+  fill_vp_common(a, in, tgt, w, class_start, ignore_index, softcap);
   a.stats = stats.data_ptr();
-  a.N = N;
-  a.K = K;
-  a.start = class_start;
-  a.ignore_index = ignore_index;
-  a.softcap = softcap;
-  const ScalarKind k = vp_kind_of(in.scalar_type());
-#ifdef LSE_HAVE_AVX2_KERNELS
-  if (vp_use_avx2()) {
-    vp_stats_AVX2(k, a);
-    return stats;
-  }
-#endif
-  vp_stats_DEFAULT(k, a);
+  run_vp_best<VpStatsArgs>(LSE_VP_AVX2(vp_stats_AVX2), &vp_stats_DEFAULT, kind_of(in.scalar_type()), a);
   return stats;
 }
 
@@ -92,25 +87,10 @@ at::Tensor vocab_parallel_grad_cpu(const at::Tensor& input, const at::Tensor& ta
   if (N == 0 || K == 0) return at::empty({N, K}, in.options());
   at::Tensor grad = grad_rows_buffer(N, K, in.options());
   VpGradArgs a{};
-  a.input = in.data_ptr();
-  a.in_row_stride = in.stride(0);
-  a.target = tgt.data_ptr<int64_t>();
-  a.weight = w.defined() ? w.data_ptr() : nullptr;
+  fill_vp_common(a, in, tgt, w, class_start, ignore_index, softcap);
   a.coefs = co.data_ptr();
   a.grad = grad.data_ptr();
-  a.N = N;
-  a.K = K;
-  a.start = class_start;
-  a.ignore_index = ignore_index;
-  a.softcap = softcap;
-  const ScalarKind k = vp_kind_of(in.scalar_type());
-#ifdef LSE_HAVE_AVX2_KERNELS
-  if (vp_use_avx2()) {
-    vp_grad_AVX2(k, a);
-    return grad;
-  }
-#endif
-  vp_grad_DEFAULT(k, a);
+  run_vp_best<VpGradArgs>(LSE_VP_AVX2(vp_grad_AVX2), &vp_grad_DEFAULT, kind_of(in.scalar_type()), a);
   return grad;
 }
 
