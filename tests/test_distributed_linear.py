@@ -202,3 +202,22 @@ def test_linear_single_process_bad_width_raises():
     with pytest.raises(ValueError, match=r"local_linear_weight must be \(K_r, H\)"):
         D.vocab_parallel_linear_cross_entropy(x, torch.randn(K, H + 1, dtype=torch.float64),
                                               torch.zeros(4, dtype=torch.long))
+
+
+def test_linear_logits_only_one_chunk_at_a_time(monkeypatch):
+    """The fused local operators only ever see one chunk of logits (chunk_size rows), never the
+    N x K_r logits; the result still equals the oracle."""
+    import types
+
+    real = D._ops.ops
+    seen = []
+
+    def stats(z, *args):
+        seen.append(tuple(z.shape))
+        return real.vocab_parallel_stats(z, *args)
+
+    fake = types.SimpleNamespace(vocab_parallel_stats=stats,
+                                 vocab_parallel_grad=real.vocab_parallel_grad)
+    monkeypatch.setattr(D, "_ops", types.SimpleNamespace(ops=fake))
+    _run_case(dict(label_smoothing=0.1, bias=True, chunk=5), 1, 0, None)
+    assert seen == [(5, K), (5, K), (3, K)], seen
