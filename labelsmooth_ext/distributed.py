@@ -992,6 +992,15 @@ def vocab_parallel_linear_cross_entropy(input, local_linear_weight, target, grou
             weight = weight[start:start + kr]
     need = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (input, local_linear_weight, local_linear_bias))
+    if world > 1:  # the gradient path has collectives: every rank must take it, or none
+        flags = torch.tensor([int(need), int(not need)], dtype=torch.long,
+                             device=_comm_device(group, input))
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=group)
+        if int(flags.min()) == 1:
+            raise ValueError("vocab_parallel_linear_cross_entropy: a gradient is needed on some "
+                             "ranks and not on others (requires_grad of input / "
+                             "local_linear_weight / local_linear_bias, or torch.no_grad, differs "
+                             "across ranks); every rank must take the same path")
     cfg = _Config(group=group, world=world, start=start, sizes=sizes, num_classes=k, a=a, b=b,
                   z_loss=float(z_loss), softcap=None if softcap is None else float(softcap),
                   ignore_index=ignore_index, reduction=_F.REDUCTIONS[reduction],

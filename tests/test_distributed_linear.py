@@ -144,6 +144,18 @@ def _run_bad_width(world, rank, group):
     raise AssertionError("no ValueError raised")
 
 
+def _run_grad_some_ranks(world, rank, group):
+    """Only rank 0 asks for a gradient: the same ValueError on every rank, no hang."""
+    x, W, b, t, w, g_none, sl = _inputs({}, world, rank)
+    Wl = W[sl].clone().requires_grad_(rank == 0)
+    try:
+        D.vocab_parallel_linear_cross_entropy(x, Wl, t, group)
+    except ValueError as e:
+        assert "gradient is needed on some ranks" in str(e), str(e)
+        return
+    raise AssertionError("no ValueError raised")
+
+
 def _worker(rank, world, port, out_dir, suites, backend):
     os.environ["GLOO_SOCKET_IFNAME"] = "lo"
     torch.set_num_threads(1)
@@ -155,6 +167,7 @@ def _worker(rank, world, port, out_dir, suites, backend):
         group = torch.distributed.group.WORLD
         items = [(n, lambda s=s: _run_case(s, world, rank, group)) for n, s in CASES.items()]
         items.append(("bad_width", lambda: _run_bad_width(world, rank, group)))
+        items.append(("grad_some_ranks", lambda: _run_grad_some_ranks(world, rank, group)))
         # the group still works after the error
         items.append(("after_error", lambda: _run_case(dict(label_smoothing=0.1, bias=True),
                                                        world, rank, group)))
@@ -181,12 +194,12 @@ def lin3():
     return spawn(3, ["linear"], timeout=SPAWN_TIMEOUT, worker=_worker)
 
 
-@pytest.mark.parametrize("name", list(CASES) + ["bad_width", "after_error"])
+@pytest.mark.parametrize("name", list(CASES) + ["bad_width", "grad_some_ranks", "after_error"])
 def test_linear_world2(lin2, name):
     _check(lin2, name, 2)
 
 
-@pytest.mark.parametrize("name", list(CASES) + ["bad_width", "after_error"])
+@pytest.mark.parametrize("name", list(CASES) + ["bad_width", "grad_some_ranks", "after_error"])
 def test_linear_world3(lin3, name):
     _check(lin3, name, 3)
 
