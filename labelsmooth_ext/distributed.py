@@ -1008,7 +1008,9 @@ def vocab_parallel_linear_cross_entropy(input, local_linear_weight, target, grou
                   denominator_groups=(), checked=True)
     x2 = input.reshape(-1, input.shape[-1])
     n = x2.shape[0]
-    chunk = chunk_size or auto_chunk_size(n, kr, input.dtype, input.device)
+    # two chunk buffers (the logits and their gradient, vocab_parallel_grad does not write in
+    # place): linear_cross_entropy's automatic size for twice the classes keeps the same budget
+    chunk = chunk_size or auto_chunk_size(n, 2 * kr, input.dtype, input.device)
     loss = _VocabParallelLinearCE.apply(x2, local_linear_weight, local_linear_bias,
                                         tflat.long(), weight, cfg, max(1, chunk))
     if cfg.reduction == _F.REDUCTIONS["none"]:
