@@ -980,9 +980,16 @@ def vocab_parallel_linear_cross_entropy(input, local_linear_weight, target, grou
         if world == 1:
             raise
         pre = e
-    sizes, k = _exchange_and_check(proxy, tflat, group, rank, world, weight, ignore_index,
-                                   reduction, label_smoothing, smoothing_mode, z_loss, softcap,
-                                   vocab_sizes, pre_error=pre)
+    try:
+        sizes, k = _exchange_and_check(proxy, tflat, group, rank, world, weight, ignore_index,
+                                       reduction, label_smoothing, smoothing_mode, z_loss, softcap,
+                                       vocab_sizes, pre_error=pre)
+    except (ValueError, TypeError, IndexError) as e:  # the same on every rank: name this entry
+        msg = str(e)
+        if msg.startswith("vocab_parallel_cross_entropy:"):
+            msg = "vocab_parallel_linear_cross_entropy:" + msg[len("vocab_parallel_cross_entropy:"):]
+            raise type(e)(msg.replace("local_logits", "local logits (input @ local_linear_weight.T)")) from None
+        raise
     _check_off_target(smoothing_mode, k, label_smoothing)
     a, b = smoothing_coefficients(k, float(label_smoothing), smoothing_mode)
     start, kr = sum(sizes[:rank]), sizes[rank]
