@@ -37,7 +37,8 @@ from . import _ops
 from . import functional as _F
 from .reference import smoothing_coefficients
 
-__all__ = ["vocab_parallel_cross_entropy", "check_vocab_parallel", "set_collective_strategy"]
+__all__ = ["vocab_parallel_cross_entropy", "vocab_parallel_linear_cross_entropy",
+           "check_vocab_parallel", "set_collective_strategy"]
 
 _STRATEGIES = ("allgather", "allreduce")
 _strategy = "allgather"
@@ -288,11 +289,16 @@ def _disable(fn):
 
 @_disable
 def _exchange_and_check(local_logits, target, group, rank, world, weight, ignore_index, reduction,
-                        label_smoothing, smoothing_mode, z_loss, softcap, vocab_sizes):
+                        label_smoothing, smoothing_mode, z_loss, softcap, vocab_sizes,
+                        pre_error=None):
     """The metadata exchange and every check (local and cross-rank), eagerly. Returns (the slice
-    sizes of every rank, the global number of classes); raises the same error on every rank."""
+    sizes of every rank, the global number of classes); raises the same error on every rank.
+    pre_error: a ValueError / TypeError a caller's own local checks found on this rank (reported
+    through the same exchange)."""
     err, err_code = None, 0
     try:
+        if pre_error is not None:
+            raise pre_error
         _check_local(local_logits, target, weight, ignore_index, reduction, label_smoothing,
                      smoothing_mode, z_loss, softcap)
         vocab_sizes = _check_vocab_sizes(vocab_sizes, world)
@@ -772,3 +778,248 @@ def _dtensor_cross_entropy(input, target, weight, ignore_index, reduction, label
     out_pl = tuple(Replicate() if i == tp else (Partial() if pl.is_shard() else Replicate())
                    for i, pl in enumerate(placements))
     return DTensor.from_local(loss, mesh, out_pl, run_check=False)
+
+
+# ----------------------------------------------------------------------------- fused linear
+
+def _check_linear_local(input, w_out, b_out, target):
+    """Checks of the linear layer's arguments that need no other rank (ValueError / TypeError
+    naming the argument)."""
+    if not isinstance(input, torch.Tensor):
+        raise TypeError(f"input must be a torch.Tensor, got {type(input).__name__}")
+    if input.dtype not in _FLOAT_CODES:
+        raise TypeError(f"input must be a floating tensor, got {input.dtype}")
+    if input.dim() not in (2, 3):
+        raise ValueError(f"input must be (N, H) or (B, T, H), got shape {tuple(input.shape)}")
+    if not isinstance(w_out, torch.Tensor):
+        raise TypeError(f"local_linear_weight must be a torch.Tensor, got {type(w_out).__name__}")
+    if w_out.dim() != 2 or w_out.shape[1] != input.shape[-1]:
+        raise ValueError(f"local_linear_weight must be (K_r, H) = (this rank's classes, "
+                         f"{input.shape[-1]} = the input's last dimension), got shape "
+                         f"{tuple(w_out.shape)}")
+    if w_out.dtype != input.dtype:
+        raise TypeError(f"local_linear_weight dtype {w_out.dtype} must match the input dtype "
+                        f"{input.dtype}")
+    if w_out.device != input.device:
+        raise ValueError(f"local_linear_weight is on {w_out.device} but input is on {input.device}")
+    if b_out is not None:
+        if not isinstance(b_out, torch.Tensor):
+            raise TypeError(f"local_linear_bias must be a torch.Tensor or None, got "
+                            f"{type(b_out).__name__}")
+        if tuple(b_out.shape) != (w_out.shape[0],):
+            raise ValueError(f"local_linear_bias must be ({w_out.shape[0]},) = this rank's "
+                             f"classes, got shape {tuple(b_out.shape)}")
+        if b_out.dtype != input.dtype or b_out.device != input.device:
+            raise TypeError(f"local_linear_bias ({b_out.dtype}, {b_out.device}) must match the "
+                            f"input ({input.dtype}, {input.device})")
+    if not isinstance(target, torch.Tensor):
+        raise TypeError(f"target must be a torch.Tensor, got {type(target).__name__}")
+    if tuple(target.shape) != tuple(input.shape[:-1]):
+        raise ValueError(f"target shape {tuple(target.shape)} must be the input shape without "
+                         f"its last dimension, {tuple(input.shape[:-1])}")
+
+
+def _tp_linear_loop(x, w_out, b_out, tgt, w, cfg, chunk, row_scale, need_grad):
+    """The chunked pass over the rows of x (N, H): per chunk the local logits (one GEMM), the
+    vocab_parallel_stats partials, the O(N) collective (_combine), the per-row losses and, when
+    need_grad, the logits' gradient (vocab_parallel_grad) turned into d x (this rank's partial,
+    not yet summed over the group), d W_r and d b_r by GEMMs. The gradients are unscaled (no
+    1/D) unless row_scale (N,) multiplies each row's. Returns (row losses (N,) in the
+    accumulation dtype, the mean's denominator, dx, dW, db)."""
+    n, h = x.shape
+    kr = w_out.shape[0]
+    ops = _ops.ops
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    cap = 0.0 if cfg.softcap is None else cfg.softcap
+    a, b = cfg.a, cfg.b
+    rows = x.new_empty((n,), dtype=acc)
+    denom = x.new_zeros((), dtype=acc)
+    dx = dW = db = None
+    if need_grad:
+        dx = x.new_empty((n, h))
+        dW = torch.zeros((kr, h), dtype=acc, device=x.device)
+        db = torch.zeros((kr,), dtype=acc, device=x.device) if b_out is not None else None
+    if w is not None:
+        wsum = w.to(acc).sum()
+    else:
+        wsum = torch.full((), float(kr), dtype=acc, device=x.device)
+    wt = w_out.t()
+    for s in range(0, n, chunk):
+        e = min(n, s + chunk)
+        xc, tc = x[s:e], tgt[s:e]
+        z = torch.addmm(b_out, xc, wt) if b_out is not None else torch.mm(xc, wt)
+        m, ssum, zy, lin, wy_local = ops.vocab_parallel_stats(z, tc, w, cfg.start,
+                                                              cfg.ignore_index, cap).unbind(0)
+        p = dict(m=m, m_safe=torch.where(m == -math.inf, torch.zeros_like(m), m), s=ssum, zy=zy,
+                 lin=lin if a != 0.0 else None, wy=wy_local if w is not None else None, wsum=wsum)
+        if cfg.world > 1:
+            big_m, big_s, big_zy, big_lin, big_wy, big_w = _combine(p, cfg)
+        else:
+            big_m, big_s, big_zy, big_lin, big_wy, big_w = m, ssum, zy, p["lin"], p["wy"], wsum
+        valid = tc != cfg.ignore_index
+        log_s = torch.log(big_s)
+        lse = big_m + log_s
+        wy = big_wy if big_wy is not None else valid.to(acc)
+        row = b * wy * (log_s - (big_zy - big_m))
+        if a != 0.0:
+            row = row + a * (big_w * log_s - big_lin)
+        if cfg.z_loss:
+            row = row + cfg.z_loss * lse * lse
+        zero = m.new_zeros(())
+        rows[s:e] = torch.where(valid, row, zero)
+        denom = denom + torch.where(valid, wy, zero).sum()
+        if not need_grad:
+            continue
+        sc = row_scale[s:e].to(acc) if row_scale is not None else torch.ones_like(lse)
+        kp = (b * wy + a * big_w + 2.0 * cfg.z_loss * lse) * sc
+        coefs = torch.stack([lse, kp, a * sc, b * wy * sc])
+        g = ops.vocab_parallel_grad(z, tc, w, coefs, cfg.start, cfg.ignore_index, cap)
+        torch.mm(g, w_out, out=dx[s:e])
+        ga = g.to(acc)
+        dW.addmm_(ga.t(), xc.to(acc))
+        if db is not None:
+            db.add_(ga.sum(dim=0))
+    return rows, denom, dx, dW, db
+
+
+def _sum_over_group(t, cfg):
+    if cfg.world > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM, group=cfg.group)
+    return t
+
+
+class _VocabParallelLinearCE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, w_out, b_out, tgt, w, cfg, chunk):
+        ctx.set_materialize_grads(False)
+        ctx.cfg, ctx.chunk = cfg, chunk
+        none = cfg.reduction == _F.REDUCTIONS["none"]
+        need = cfg.need_grad
+        rows, denom, dx, dW, db = _tp_linear_loop(x, w_out, b_out, tgt, w, cfg, chunk, None,
+                                                  need and not none)
+        if cfg.reduction == _F.REDUCTIONS["mean"]:
+            loss = rows.sum() / denom
+        elif cfg.reduction == _F.REDUCTIONS["sum"]:
+            loss = rows.sum()
+        else:
+            loss = rows
+        ctx.had_grad = need
+        if need and none:  # the backward runs the chunk loop again with each row's gradient
+            ctx.save_for_backward(x, w_out, b_out, tgt, w)
+        elif need:
+            if cfg.reduction == _F.REDUCTIONS["mean"]:
+                inv = torch.where(denom != 0, 1.0 / denom, torch.zeros_like(denom))
+                dW.mul_(inv)
+                if db is not None:
+                    db.mul_(inv)
+                dx.mul_(inv.to(dx.dtype))
+            _sum_over_group(dx, cfg)
+            ctx.save_for_backward(dx, dW.to(w_out.dtype), None if db is None else db.to(w_out.dtype))
+        return loss.to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        nones = (None,) * 4
+        if grad_loss is None or not ctx.had_grad:
+            return (None, None, None) + nones
+        cfg = ctx.cfg
+        if cfg.reduction == _F.REDUCTIONS["none"]:
+            x, w_out, b_out, tgt, w = ctx.saved_tensors
+            _, _, dx, dW, db = _tp_linear_loop(x, w_out, b_out, tgt, w, cfg, ctx.chunk,
+                                               grad_loss.reshape(-1), True)
+            _sum_over_group(dx, cfg)
+            return (dx, dW.to(w_out.dtype), None if db is None else db.to(w_out.dtype)) + nones
+        dx, dW, db = ctx.saved_tensors
+        go = grad_loss.to(dx.dtype)
+        return (dx * go, dW * go, None if db is None else db * go) + nones
+
+
+def vocab_parallel_linear_cross_entropy(input, local_linear_weight, target, group=None, *,
+                                        local_linear_bias=None, weight=None, ignore_index=-100,
+                                        reduction="mean", label_smoothing=0.0,
+                                        smoothing_mode="uniform", z_loss=0.0, softcap=None,
+                                        chunk_size=None, vocab_sizes=None):
+    """``vocab_parallel_cross_entropy(linear(input, W_r, b_r), ...)`` without the logits: the
+    output layer is split by rows (classes) across the ranks of ``group``.
+
+    input: (N, H) or (B, T, H), the same on every rank (replicated, as the input of a
+        column-parallel layer). local_linear_weight: this rank's contiguous slice of the output
+        layer's rows, (K_r, H); ranks hold consecutive slices in group order, sizes may differ
+        (0 allowed). local_linear_bias: (K_r,) or None. target: global class indices, shaped
+        like the input without its last dimension. weight (class weights, the full vector or
+        this rank's slice), ignore_index, reduction, label_smoothing, smoothing_mode, z_loss,
+        softcap, vocab_sizes: as in vocab_parallel_cross_entropy (the global K in the
+        smoothing term). chunk_size: rows per chunk (None: from the shapes, as
+        linear_cross_entropy).
+
+    Per chunk of rows: the local logits (one GEMM), the fused local statistics, the O(N)
+    collective, the fused local gradient, then GEMMs accumulate d input (this rank's partial),
+    d W_r and d b_r; at the end one all-reduce (sum) of d input over the group. Only one chunk
+    of logits exists at a time. The gradients are complete after the forward (the backward
+    scales them by the incoming gradient); reduction='none' computes the losses only and the
+    backward runs the chunk loop (and its collectives) again with each row's gradient.
+    Eager only: the metadata exchange and the loop run on the host (no torch.compile support).
+
+    Returns the loss (the same on every rank). The gradient of input is the full one (the same
+    on every rank); that of local_linear_weight / local_linear_bias is this rank's slice.
+    """
+    from .linear import auto_chunk_size
+
+    group, rank, world = _resolve_group(group)
+    pre, proxy, tflat = None, None, None
+    try:
+        _check_linear_local(input, local_linear_weight, local_linear_bias, target)
+        if chunk_size is not None and (not isinstance(chunk_size, int)
+                                       or isinstance(chunk_size, bool) or chunk_size < 1):
+            raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+        n = target.numel()
+        # the exchange reads only shape, dtype and device of the logits: a stand-in of no memory
+        proxy = input.new_empty(()).expand(n, local_linear_weight.shape[0])
+        tflat = target.reshape(-1)
+    except (ValueError, TypeError) as e:
+        if world == 1:
+            raise
+        pre = e
+    try:
+        sizes, k = _exchange_and_check(proxy, tflat, group, rank, world, weight, ignore_index,
+                                       reduction, label_smoothing, smoothing_mode, z_loss, softcap,
+                                       vocab_sizes, pre_error=pre)
+    except (ValueError, TypeError, IndexError) as e:  # the same on every rank: name this entry
+        msg = str(e)
+        if msg.startswith("vocab_parallel_cross_entropy:"):
+            msg = "vocab_parallel_linear_cross_entropy:" + msg[len("vocab_parallel_cross_entropy:"):]
+            raise type(e)(msg.replace("local_logits", "local logits (input @ local_linear_weight.T)")) from None
+        raise
+    _check_off_target(smoothing_mode, k, label_smoothing)
+    a, b = smoothing_coefficients(k, float(label_smoothing), smoothing_mode)
+    start, kr = sum(sizes[:rank]), sizes[rank]
+    if weight is not None:
+        weight = weight.detach()
+        if weight.shape[0] == k and k != kr:
+            weight = weight[start:start + kr]
+    need = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (input, local_linear_weight, local_linear_bias))
+    if world > 1:  # the gradient path has collectives: every rank must take it, or none
+        flags = torch.tensor([int(need), int(not need)], dtype=torch.long,
+                             device=_comm_device(group, input))
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=group)
+        if int(flags.min()) == 1:
+            raise ValueError("vocab_parallel_linear_cross_entropy: a gradient is needed on some "
+                             "ranks and not on others (requires_grad of input / "
+                             "local_linear_weight / local_linear_bias, or torch.no_grad, differs "
+                             "across ranks); every rank must take the same path")
+    cfg = _Config(group=group, world=world, start=start, sizes=sizes, num_classes=k, a=a, b=b,
+                  z_loss=float(z_loss), softcap=None if softcap is None else float(softcap),
+                  ignore_index=ignore_index, reduction=_F.REDUCTIONS[reduction],
+                  strategy=_strategy, need_grad=need, weighted=weight is not None,
+                  denominator_groups=(), checked=True)
+    x2 = input.reshape(-1, input.shape[-1])
+    n = x2.shape[0]
+    # two chunk buffers (the logits and their gradient, vocab_parallel_grad does not write in
+    # place): linear_cross_entropy's automatic size for twice the classes keeps the same budget
+    chunk = chunk_size or auto_chunk_size(n, 2 * kr, input.dtype, input.device)
+    loss = _VocabParallelLinearCE.apply(x2, local_linear_weight, local_linear_bias,
+                                        tflat.long(), weight, cfg, max(1, chunk))
+    if cfg.reduction == _F.REDUCTIONS["none"]:
+        loss = loss.reshape(target.shape)
+    return loss

@@ -533,11 +533,12 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def spawn(world, suites, backend="gloo", timeout=SPAWN_TIMEOUT):
+def spawn(world, suites, backend="gloo", timeout=SPAWN_TIMEOUT, worker=None):
     """Run `suites` in `world` processes; {case: {rank: "ok" or traceback}}. Fails (after
-    killing every process) when they do not finish within `timeout` seconds."""
+    killing every process) when they do not finish within `timeout` seconds. worker: another
+    module's worker function (same arguments as _worker), for other test files."""
     with tempfile.TemporaryDirectory() as out:
-        ctx = mp.spawn(_worker, args=(world, _free_port(), out, suites, backend), nprocs=world,
+        ctx = mp.spawn(worker or _worker, args=(world, _free_port(), out, suites, backend), nprocs=world,
                        join=False)
         end = time.monotonic() + timeout
         crashed = False
