@@ -33,6 +33,14 @@ LSE_HD double lse_tanh(double x) { return tanh(x); }
 // The smallest positive value of the accumulation type (a subnormal).
 LSE_HD float smallest_positive(float) { return 1.40129846e-45f; }
 LSE_HD double smallest_positive(double) { return 4.9406564584124654e-324; }
+// BCE's smoothing a in the accumulation type: a positive a that rounds to 0 there (float32: below
+// about 7e-46) keeps the smallest positive value, so it still smooths (long fuzz: a = 1.1e-88 with
+// x = -inf and a negative pos_weight gave NaN where the exact loss is -inf).
+template <typename acc_t>
+LSE_HD acc_t bce_smoothing_in(double a) {
+  const acc_t r = acc_t(a);
+  return (a > 0.0 && r == acc_t(0)) ? smallest_positive(acc_t(0)) : r;
+}
 
 template <typename acc_t>
 struct Smoothing {
@@ -130,10 +138,16 @@ LSE_HD GradCoefs<acc_t> ce_grad_coefs(acc_t inv_s, Smoothing<acc_t> sm, acc_t sc
 //   CPU kernels' vector version (csrc/cpu/kernels.h, tanh_scaled).
 template <typename acc_t>
 LSE_HD acc_t softcap_apply(acc_t x, acc_t cap) {
-  const acc_t d = lse_exp(x * (acc_t(2) / cap)) + acc_t(1);
 #if defined(__CUDA_ARCH__)
-  if constexpr (sizeof(acc_t) == 4) return cap * (acc_t(1) - __fdividef(acc_t(2), d));
+  // float on the GPU: both divisions approximate (2 ulp; cap is finite and > 0). An IEEE 2 / cap
+  // here made ptxas call its out-of-line division slow path, a stack frame in kernels that do
+  // not hoist it (the 16-bit vocabulary-parallel stats kernels on sm_80).
+  if constexpr (sizeof(acc_t) == 4) {
+    const acc_t d = lse_exp(x * __fdividef(acc_t(2), cap)) + acc_t(1);
+    return cap * (acc_t(1) - __fdividef(acc_t(2), d));
+  }
 #endif
+  const acc_t d = lse_exp(x * (acc_t(2) / cap)) + acc_t(1);
   return cap * (acc_t(1) - acc_t(2) / d);
 }
 

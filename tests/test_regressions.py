@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 
 import labelsmooth_ext as L
-from conftest import assert_close_to
+from conftest import DEVICES, assert_close_to
 
 
 def _grad(fn, x, *args, **kw):
@@ -199,6 +199,28 @@ def test_bce_loss_of_a_confident_correct_logit(dtype, a):
     # the sums too: 'sum' of the same elements, against the exact sum
     ours = L.binary_cross_entropy_with_logits(x, t, reduction="sum", label_smoothing=a)
     assert_close_to(ours, exact.sum(), dtype, "sum", atol_rel=0.0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_bce_smoothing_below_the_accumulation_type_still_smooths(device, dtype):
+    """BCE's label_smoothing a > 0 that rounds to 0 in float32 (long fuzz: a = 1.1e-88, x = -inf, a
+    negative pos_weight). With t = 1 and x = -inf the loss is (1 - t') x + L softplus(-x) with
+    1 - t' = a > 0 and L = p + a (1 - p) < 0: -inf + -inf = -inf; with a rounded to 0 it was
+    0 * -inf = NaN. The float64 kernel (where a is representable) is the truth; finite logits keep
+    their a -> 0 values."""
+    a = 1.1e-88
+    x = torch.tensor([float("-inf"), -3.0, 0.5, 4.0], dtype=torch.float64)
+    t = torch.ones_like(x)
+    pw = torch.tensor([-2.0], dtype=torch.float64)
+    truth = L.binary_cross_entropy_with_logits(x.to(device), t.to(device), pos_weight=pw.to(device),
+                                               reduction="none", label_smoothing=a).cpu()
+    assert truth[0] == float("-inf")
+    ours = L.binary_cross_entropy_with_logits(x.to(device=device, dtype=dtype), t.to(device=device, dtype=dtype),
+                                              pos_weight=pw.to(device=device, dtype=dtype),
+                                              reduction="none", label_smoothing=a).cpu()
+    assert ours[0] == float("-inf"), ours
+    assert_close_to(ours[1:], truth[1:], dtype, "finite logits")
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])

@@ -480,7 +480,7 @@ void bce_elements(const at::Tensor& x, const at::Tensor& t, const at::Tensor& w,
   const int64_t nw = w.defined() ? w.numel() : 1, np = pw.defined() ? pw.numel() : 1;
   acc_t* lp = rows.data_ptr<acc_t>();
   scalar_t* gp = grad.numel() ? grad.data_ptr<scalar_t>() : nullptr;
-  const acc_t a = acc_t(eps), sc = acc_t(scale);
+  const acc_t a = bce_smoothing_in<acc_t>(eps), sc = acc_t(scale);
   at::parallel_for(0, x.numel(), 4096, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       acc_t loss, g;

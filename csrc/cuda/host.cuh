@@ -323,7 +323,7 @@ inline std::tuple<at::Tensor, at::Tensor> bce_forward_cuda(const at::Tensor& inp
       launch_bce<scalar_t>(
           static_cast<const scalar_t*>(x.data_ptr()), static_cast<const scalar_t*>(t.data_ptr()),
           has_w ? static_cast<const scalar_t*>(w.data_ptr()) : nullptr, has_w ? w.numel() : 1,
-          has_p ? static_cast<const scalar_t*>(pw.data_ptr()) : nullptr, has_p ? pw.numel() : 1, acc_t(eps),
+          has_p ? static_cast<const scalar_t*>(pw.data_ptr()) : nullptr, has_p ? pw.numel() : 1, bce_smoothing_in<acc_t>(eps),
           reduction == kMean ? static_cast<const acc_t*>(inv_n.data_ptr()) : nullptr,
           static_cast<acc_t*>(rows.data_ptr()), compute_grad ? static_cast<scalar_t*>(grad.data_ptr()) : nullptr, n,
           sms, stream);
