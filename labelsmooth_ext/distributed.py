@@ -583,15 +583,7 @@ def _forward(x, tgt, w, cfg):
         big_w = wsum
     valid = tgt != cfg.ignore_index
     zero = m.new_zeros(())
-    # row_math.h ce_row_loss, relative to the global max M: no large terms cancel
-    log_s = torch.log(big_s)
-    lse = big_m + log_s
-    wy = big_wy if big_wy is not None else valid.to(acc)
-    row = b * wy * (log_s - (big_zy - big_m))
-    if a != 0.0:
-        row = row + a * (big_w * log_s - big_lin)
-    if cfg.z_loss:
-        row = row + cfg.z_loss * lse * lse
+    row, lse, wy = _merged_row_loss(big_m, big_s, big_zy, big_lin, big_wy, big_w, valid, a, b, cfg.z_loss, acc)
     row = torch.where(valid, row, zero)
     if not cfg.checked:  # traced without the host checks: poison rows whose target is no class
         bad = valid & ((tgt < 0) | (tgt >= cfg.num_classes))
@@ -857,14 +849,8 @@ def _tp_linear_loop(x, w_out, b_out, tgt, w, cfg, chunk, row_scale, need_grad):
         else:
             big_m, big_s, big_zy, big_lin, big_wy, big_w = m, ssum, zy, p["lin"], p["wy"], wsum
         valid = tc != cfg.ignore_index
-        log_s = torch.log(big_s)
-        lse = big_m + log_s
-        wy = big_wy if big_wy is not None else valid.to(acc)
-        row = b * wy * (log_s - (big_zy - big_m))
-        if a != 0.0:
-            row = row + a * (big_w * log_s - big_lin)
-        if cfg.z_loss:
-            row = row + cfg.z_loss * lse * lse
+        row, lse, wy = _merged_row_loss(big_m, big_s, big_zy, big_lin, big_wy, big_w, valid, a, b, cfg.z_loss,
+                                        acc)
         zero = m.new_zeros(())
         rows[s:e] = torch.where(valid, row, zero)
         denom = denom + torch.where(valid, wy, zero).sum()
@@ -1023,3 +1009,18 @@ def vocab_parallel_linear_cross_entropy(input, local_linear_weight, target, grou
     if cfg.reduction == _F.REDUCTIONS["none"]:
         loss = loss.reshape(target.shape)
     return loss
+
+
+def _merged_row_loss(big_m, big_s, big_zy, big_lin, big_wy, big_w, valid, a, b, z_loss, acc):
+    """Each row's loss from the merged statistics (row_math.h ce_row_loss, relative to the global
+    max M: no large terms cancel), its lse and its target weight (valid rows 1 unweighted); ignored
+    rows are masked by the caller."""
+    log_s = torch.log(big_s)
+    lse = big_m + log_s
+    wy = big_wy if big_wy is not None else valid.to(acc)
+    row = b * wy * (log_s - (big_zy - big_m))
+    if a != 0.0:
+        row = row + a * (big_w * log_s - big_lin)
+    if z_loss:
+        row = row + z_loss * lse * lse
+    return row, lse, wy

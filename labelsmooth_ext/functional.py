@@ -346,17 +346,11 @@ def _llm_cross_entropy(input, target, weight, ignore_index, red, eps, smoothing_
             zr = softcap * torch.tanh(zr / softcap)
         lse = torch.where(tgt != ignore_index, torch.logsumexp(zr, dim=1), 0.0)
         return loss, lse.to(_ops._acc_dtype(input.dtype)).reshape(target.shape)
-    if inplace_backward and need_grad and input.dim() > 2:
-        raise ValueError(
-            "inplace_backward=True takes (N, C) or (C,) logits (a language model's (B, T, V) logits "
-            f"reshaped to (B*T, V)); got shape {tuple(input.shape)}")
+    if inplace_backward and need_grad:
+        _check_inplace_shape(input)
     rows = _to_rows(input, input.dim())
     if inplace_backward and need_grad and not _ops._traced(input):
-        if not rows.is_contiguous():
-            raise ValueError(
-                "inplace_backward=True writes the gradient into the logits' storage, so they must be "
-                f"contiguous without overlap; got strides {tuple(input.stride())} for shape "
-                f"{tuple(input.shape)} (call .contiguous() first)")
+        _check_inplace_rows(input, rows)
         loss, lse = _ops.InplaceBackwardCe.apply(rows, tgt, weight, ignore_index, eps, mode, red, z_loss,
                                                  softcap)
     else:
@@ -397,21 +391,15 @@ def _llm_prob_cross_entropy(input, target, weight, reduction, smoothing_mode, ep
         if softcap:
             zr = softcap * torch.tanh(zr / softcap)
         return loss, torch.logsumexp(zr, dim=1).to(_ops._acc_dtype(input.dtype)).reshape(out_shape)
-    if inplace_backward and need_grad and input.dim() > 2:
-        raise ValueError(
-            "inplace_backward=True takes (N, C) or (C,) logits (a language model's (B, T, V) logits "
-            f"reshaped to (B*T, V)); got shape {tuple(input.shape)}")
+    if inplace_backward and need_grad:
+        _check_inplace_shape(input)
     red, mode = REDUCTIONS[reduction], SMOOTHING_MODES[smoothing_mode]
     # under autocast the soft targets stay float32, as PyTorch's float32 loss uses them
     target = target.float() if autocast else target.to(input.dtype)
     rows = _to_rows(input, input.dim())
     trows = _to_rows(target, target.dim())
     if inplace_backward and need_grad and not _ops._traced(input):
-        if not rows.is_contiguous():
-            raise ValueError(
-                "inplace_backward=True writes the gradient into the logits' storage, so they must be "
-                f"contiguous without overlap; got strides {tuple(input.stride())} for shape "
-                f"{tuple(input.shape)} (call .contiguous() first)")
+        _check_inplace_rows(input, rows)
         loss, lse = _ops.InplaceBackwardProb.apply(rows, trows, weight, eps, mode, red, z_loss, softcap)
     else:
         # Traced (torch.compile) runs inplace_backward out of place: the same values.
@@ -534,3 +522,20 @@ def binary_cross_entropy_with_logits(
     if red == REDUCTIONS["none"]:
         loss = loss.reshape(shape)
     return _loss_dtype(loss, input, False)
+
+
+def _check_inplace_shape(input):
+    """inplace_backward=True: (N, C) or (C,) logits only."""
+    if input.dim() > 2:
+        raise ValueError(
+            "inplace_backward=True takes (N, C) or (C,) logits (a language model's (B, T, V) logits "
+            f"reshaped to (B*T, V)); got shape {tuple(input.shape)}")
+
+
+def _check_inplace_rows(input, rows):
+    """inplace_backward=True writes the gradient into the logits' storage: no strides or overlap."""
+    if not rows.is_contiguous():
+        raise ValueError(
+            "inplace_backward=True writes the gradient into the logits' storage, so they must be "
+            f"contiguous without overlap; got strides {tuple(input.stride())} for shape "
+            f"{tuple(input.shape)} (call .contiguous() first)")

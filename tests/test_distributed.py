@@ -514,17 +514,22 @@ def _worker(rank, world, port, out_dir, suites, backend):
                       "dtensor_2d": _run_dtensor_2d, "__hang__": _hang,
                       "compile": _run_compile, "compile_fullgraph": _run_compile_fullgraph}[suite]
                 items = [(suite, lambda fn=fn: fn(world, rank, group))]
-            for name, fn in items:
-                try:
-                    fn()
-                    results[name] = "ok"
-                except Exception:  # noqa: BLE001 - reported to the parent
-                    results[name] = traceback.format_exc()
+            run_items(items, results)
         torch.distributed.destroy_process_group()
     except Exception:  # noqa: BLE001
         results["__setup__"] = traceback.format_exc()
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
         json.dump(results, f)
+
+
+def run_items(items, results):
+    """Runs each (name, fn) of a worker, recording "ok" or the traceback for the parent."""
+    for name, fn in items:
+        try:
+            fn()
+            results[name] = "ok"
+        except Exception:  # noqa: BLE001 - reported to the parent
+            results[name] = traceback.format_exc()
 
 
 def _free_port():

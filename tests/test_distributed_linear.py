@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from labelsmooth_ext import distributed as D
 from labelsmooth_ext import reference as R
 
-from test_distributed import SPAWN_TIMEOUT, _check, _close, spawn
+from test_distributed import SPAWN_TIMEOUT, _check, _close, run_items, spawn
 
 N, H, K = 13, 6, 11  # 13 rows: chunk sizes 4 and 5 do not divide it
 SPLITS = {1: {"uneven": [K], "chunk": [K]},
@@ -175,12 +175,7 @@ def _worker(rank, world, port, out_dir, suites, backend):
         # the group still works after the error
         items.append(("after_error", lambda: _run_case(dict(label_smoothing=0.1, bias=True),
                                                        world, rank, group)))
-        for name, fn in items:
-            try:
-                fn()
-                results[name] = "ok"
-            except Exception:  # noqa: BLE001 - reported to the parent
-                results[name] = traceback.format_exc()
+        run_items(items, results)
         torch.distributed.destroy_process_group()
     except Exception:  # noqa: BLE001
         results["__setup__"] = traceback.format_exc()
