@@ -235,8 +235,8 @@ inline Vectorized<float> exp_clamped(const Vectorized<float>& x) {
   const Vec magic(12582912.f);  // 1.5 * 2^23: adding it rounds x log2(e) to an integer n
   const Vec t = at::vec::fmadd(x, Vec(1.44269504088896341f), magic);
   const Vec n = t - magic;
-  Vec r = at::vec::fnmadd(n, Vec(0.693145751953125f), x);     // ln2, high part (exact n * hi)
-  r = at::vec::fnmadd(n, Vec(1.428606765330187e-06f), r);     // ln2, low part
+  Vec r = at::vec::fmadd(n, Vec(-0.693145751953125f), x);    // ln2, high part (exact n * hi)
+  r = at::vec::fmadd(n, Vec(-1.428606765330187e-06f), r);    // ln2, low part
   Vec p = at::vec::fmadd(r, Vec(0.00829064566642046f), Vec(0.041897933930158615f));
   p = at::vec::fmadd(r, p, Vec(0.16667629778385162f));
   p = at::vec::fmadd(r, p, Vec(0.4999915063381195f));
@@ -298,7 +298,7 @@ void softcap_exp_pass(const acc_t* x, acc_t* e, acc_t* dz, const acc_t* w, int64
       vs = vs + ex;
       vS = w ? at::vec::fmadd(Vec::loadu(w + c), d, vS) : vS + d;
       ex.store(e + c);
-      at::vec::fnmadd(t, t, one).store(dz + c);
+      at::vec::fmadd(Vec(0) - t, t, one).store(dz + c);  // 1 - t^2, one rounding (no fnmadd in torch 2.4)
     }
     if (c < b1) {
       const int64_t n = b1 - c;
@@ -308,7 +308,7 @@ void softcap_exp_pass(const acc_t* x, acc_t* e, acc_t* dz, const acc_t* w, int64
       vs = vs + ex;
       vS = w ? at::vec::fmadd(Vec::loadu(w + c, n), d, vS) : vS + d;
       ex.store(e + c, n);
-      at::vec::fnmadd(t, t, one).store(dz + c, n);
+      at::vec::fmadd(Vec(0) - t, t, one).store(dz + c, n);
     }
     s += vsum(vs);
     S += vsum(vS);
