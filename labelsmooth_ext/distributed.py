@@ -472,6 +472,10 @@ def _vocab_parallel(local_logits, target, group, weight, ignore_index, reduction
 # ----------------------------------------------------------------------------- the local pass
 
 def _wait(t):
+    # Traced, a functional collective's result is already waited on (and torch 2.4's dynamo
+    # cannot trace hasattr on a tensor); eagerly it is an AsyncCollectiveTensor to wait for.
+    if torch.compiler.is_compiling():
+        return t
     return t.wait() if hasattr(t, "wait") else t
 
 
