@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 import labelsmooth_ext as L
 from labelsmooth_ext import reference
-from conftest import DTYPES, assert_close_to
+from conftest import DTYPES, assert_close_to, skip_if_subnormals_flushed
 
 LONG = os.environ.get("LSE_FUZZ", "") == "long"
 SETTINGS = settings(max_examples=2000 if LONG else 150, deadline=None, derandomize=not LONG,
@@ -48,10 +48,7 @@ def _subnormals_representable():
     """Hypothesis refuses to draw floats when subnormals are flushed to zero in this process:
     on torch 2.4, a CPU kernel compiled by an earlier torch.compile test (built with
     -ffast-math) sets the processor's flush-to-zero mode for the whole process."""
-    tiny = float(os.environ.get("LSE_TEST_TINY", "5e-324"))
-    if tiny * 1.0 == 0.0:
-        pytest.skip(f"subnormal floats are flushed to zero in this process (torch {torch.__version__}: "
-                    "an earlier torch.compile kernel built with -ffast-math)")
+    skip_if_subnormals_flushed()
 
 @SETTINGS
 @given(
