@@ -75,6 +75,12 @@ MOD = "labelsmooth_ext/modules.py"
 CK = "csrc/cuda/kernels.cuh"
 CR = "csrc/cuda/reduce.cuh"
 
+# prob_rows (not prob_rows_ext, which repeats its q loop): from the row's input load to the q loop
+_PROB_TARGETS_AND_Q = ("      if (A.target_is_acc) {\n        to_acc(tg_acc + r * A.t_row_stride, wq.data(), K);\n"
+                       "      } else {\n        to_acc(tg + r * A.t_row_stride, wq.data(), K);\n      }\n"
+                       "      int64_t c = 0;\n      for (; c + V <= K; c += V) {\n"
+                       "        Vec q = at::vec::fmadd(vb, Vec::loadu(wq.data() + c), va);\n")
+
 MUTANTS = [
     # --- CPU kernels (csrc/cpu/kernels.h) ---
     Mutant(K, "for (; c + V <= K; c += V) vm = at::vec::maximum(vm, Vec::loadu(z + c));",
@@ -98,17 +104,19 @@ MUTANTS = [
     Mutant(K, "for (; c + 16 <= n; c += 16) {",
            "for (; c + 16 < n; c += 16) {",
            "store_out: 16-bit streaming loop stops one vector early (tail takes it: equivalent)"),
-    Mutant(K, "    const int64_t b1 = std::min<int64_t>(K, b0 + kExpBlock);",
-           "    const int64_t b1 = std::min<int64_t>(K, b0 + kExpBlock - 1);",
+    Mutant(K, "    const int64_t b1 = std::min<int64_t>(K, b0 + kExpBlock);\n    Vec vs(0), vS(0);\n    int64_t c = b0;\n"
+              "    for (; c + V <= b1; c += V) {\n      const Vec d = Vec::loadu(z + c) - vm;",
+           "    const int64_t b1 = std::min<int64_t>(K, b0 + kExpBlock - 1);\n    Vec vs(0), vS(0);\n    int64_t c = b0;\n"
+           "    for (; c + V <= b1; c += V) {\n      const Vec d = Vec::loadu(z + c) - vm;",
            "exp_pass: a class per 4096-block skipped"),
     Mutant(K, "      const Vec d0 = Vec::set(Vec(0), d, n);",
            "      const Vec d0 = d;",
            "exp_pass: padding lanes (-inf) added to the sum S"),
-    Mutant(K, "      vs = vs + ex;\n      vS = w ? at::vec::fmadd(Vec::loadu(w + c), d, vS) : vS + d;",
-           "      vs = vs + ex;\n      vS = w ? at::vec::fmadd(Vec::loadu(w + c), d, vS) : vS + d + d;",
+    Mutant(K, "      const Vec ex = vexp(d);\n      vs = vs + ex;\n      vS = w ? at::vec::fmadd(Vec::loadu(w + c), d, vS) : vS + d;",
+           "      const Vec ex = vexp(d);\n      vs = vs + ex;\n      vS = w ? at::vec::fmadd(Vec::loadu(w + c), d, vS) : vS + d + d;",
            "exp_pass: unweighted S doubled in the vector loop"),
-    Mutant(K, "    s += vsum(vs);\n    S += vsum(vS);",
-           "    s += vsum(vs);\n    S = vsum(vS);",
+    Mutant(K, "      if (e) ex.store(e + c, n);\n    }\n    s += vsum(vs);\n    S += vsum(vS);",
+           "      if (e) ex.store(e + c, n);\n    }\n    s += vsum(vs);\n    S = vsum(vS);",
            "exp_pass: S keeps only the last 4096-block"),
     Mutant(K, "      (Vec::loadu(g + c) * vkp - vkw * Vec::loadu(w + c)).store(g + c);",
            "      (Vec::loadu(g + c) * vkp - vkw).store(g + c);",
@@ -127,8 +135,8 @@ MUTANTS = [
     Mutant(K, "if (y >= b0 && y < b0 + n) buf[y] -= gc.ky;",
            "if (y >= b0 && y < b0 + n) buf[y] = acc_t(scalar_t(buf[y])) - gc.ky;",
            "ce_rows: target gradient rounded twice (16-bit)"),
-    Mutant(K, "        if (grow) std::fill(grow, grow + K, scalar_t(0));",
-           "        if (grow) std::fill(grow, grow + K - 1, scalar_t(0));",
+    Mutant(K, "        if (grow) std::fill(grow, grow + K, scalar_t(0));\n        continue;\n      }\n      const acc_t* z;",
+           "        if (grow) std::fill(grow, grow + K - 1, scalar_t(0));\n        continue;\n      }\n      const acc_t* z;",
            "ce_rows: ignored row's last gradient element not zeroed"),
     Mutant(K, "        if (grow) std::fill(grow, grow + K, scalar_t(NAN));\n        continue;\n      }\n      double s, S;",
            "        if (grow) std::fill(grow, grow + K, scalar_t(0));\n        continue;\n      }\n      double s, S;",
@@ -136,8 +144,8 @@ MUTANTS = [
     Mutant(K, "      const acc_t wy = weighted ? w[y] : acc_t(1);\n      if (!row_max_is_finite(m)) {",
            "      const acc_t wy = weighted ? w[y > 0 ? y - 1 : 0] : acc_t(1);\n      if (!row_max_is_finite(m)) {",
            "ce_rows: w_y of the wrong class"),
-    Mutant(K, "  const acc_t W = weighted ? acc_t(A.W) : acc_t(K);\n  const acc_t scale = acc_t(A.scale);\n\n  const bool capped",
-           "  const acc_t W = weighted ? acc_t(A.W) : acc_t(K - 1);\n  const acc_t scale = acc_t(A.scale);\n\n  const bool capped",
+    Mutant(K, "  const acc_t W = weighted ? acc_t(A.W) : acc_t(K);\n  const acc_t scale = acc_t(A.scale);\n\n  const acc_t zc = acc_t(A.z_loss);",
+           "  const acc_t W = weighted ? acc_t(A.W) : acc_t(K - 1);\n  const acc_t scale = acc_t(A.scale);\n\n  const acc_t zc = acc_t(A.z_loss);",
            "ce_rows: unweighted W = K - 1"),
     Mutant(K, "        if (lanes < V) z = Vec::set(Vec(ninf), z, lanes);",
            "        if (lanes < V) z = Vec::set(Vec(0), z, lanes);",
@@ -157,11 +165,13 @@ MUTANTS = [
     Mutant(K, "          loss[n * S + s0 + l] = NAN;\n          keep[l] = NAN;",
            "          loss[n * S + s0 + l] = NAN;\n          keep[l] = acc_t(0);",
            "ce_spatial: non-finite position gets zero gradient"),
-    Mutant(K, "      for (; c < K; ++c) wq[c] = prob_q<acc_t>(wq[c], sm) * (weighted ? wacc[c] : acc_t(1));",
-           "      for (; c < K; ++c) wq[c] = wq[c] * (weighted ? wacc[c] : acc_t(1));",
+    Mutant(K, "      for (; c < K; ++c) wq[c] = prob_q<acc_t>(wq[c], sm) * (weighted ? wacc[c] : acc_t(1));\n"
+              "      double Q = 0;\n      for (int64_t i = 0; i < K; ++i) Q += wq[i];\n      acc_t* z = zbuf.data();",
+           "      for (; c < K; ++c) wq[c] = wq[c] * (weighted ? wacc[c] : acc_t(1));\n"
+           "      double Q = 0;\n      for (int64_t i = 0; i < K; ++i) Q += wq[i];\n      acc_t* z = zbuf.data();",
            "prob_rows: scalar tail ignores smoothing (smoothing_mode ignored there)"),
-    Mutant(K, "        if (weighted) q = q * Vec::loadu(wacc.data() + c);",
-           "        if (weighted && c > 0) q = q * Vec::loadu(wacc.data() + c);",
+    Mutant(K, "      to_acc(in + r * A.in_row_stride, zbuf.data(), K);\n" + _PROB_TARGETS_AND_Q + "        if (weighted) q = q * Vec::loadu(wacc.data() + c);",
+           "      to_acc(in + r * A.in_row_stride, zbuf.data(), K);\n" + _PROB_TARGETS_AND_Q + "        if (weighted && c > 0) q = q * Vec::loadu(wacc.data() + c);",
            "prob_rows: first vector of classes unweighted"),
     Mutant(K, "grad_pass<acc_t>(z, wq.data(), K, acc_t(Q / s) * scale, scale);",
            "grad_pass<acc_t>(z, wq.data(), K, acc_t(1 / s) * scale, scale);",
@@ -243,10 +253,13 @@ MUTANTS = [
     Mutant(CK, "  for (int64_t c = tail + tid; c < Kl; c += ROW_THREADS) absorb_scalar(c);",
            "  for (int64_t c = tail + tid; c + 1 < Kl; c += ROW_THREADS) absorb_scalar(c);",
            "cuda ce_forward: last element of the scalar tail not folded into the row", "simt"),
-    Mutant(CK, "    if (c == y) gv -= gc.ky;", "    if (c == y + 1) gv -= gc.ky;",
+    Mutant(CK, "    if (c == y) gv -= gc.ky;\n    if (cap > acc_t(0)) gv *= softcap_dz_dx<acc_t>(zc, cap);\n"
+               "    return static_cast<scalar_t>(gv);  // computed in acc_t, rounded once",
+           "    if (c == y + 1) gv -= gc.ky;\n    if (cap > acc_t(0)) gv *= softcap_dz_dx<acc_t>(zc, cap);\n"
+           "    return static_cast<scalar_t>(gv);  // computed in acc_t, rounded once",
            "cuda ce_forward: -ky on the class after the target", "simt"),
-    Mutant(CK, "  const acc_t W = weighted ? *p.weight_sum : acc_t(K);",
-           "  const acc_t W = weighted ? *p.weight_sum : acc_t(K - 1);",
+    Mutant(CK, "  const acc_t W = weighted ? *p.weight_sum : acc_t(K);\n  if (!row_max_is_finite(m)) {",
+           "  const acc_t W = weighted ? *p.weight_sum : acc_t(K - 1);\n  if (!row_max_is_finite(m)) {",
            "cuda ce_forward: unweighted W = K - 1", "simt"),
     Mutant(CK, "      if (!(srow == grow && f == acc_t(1)))", "      if (!(srow == grow))",
            "cuda ce_forward (backward): in-place rows skipped whatever the incoming gradient", "simt"),
