@@ -306,14 +306,16 @@ def _check_llm_options(z_loss, softcap, inplace_backward, return_lse):
     if isinstance(z_loss, bool) or not isinstance(z_loss, (int, float)):
         raise TypeError(f"z_loss must be a float, got {z_loss!r}")
     z = float(z_loss)
-    if not (math.isfinite(z) and z >= 0.0):
+    # comparisons only (NaN fails them): no math.isfinite, which a traced (symbolic) float of
+    # torch.compile(dynamic=True) does not support, as in check_label_smoothing
+    if not (0.0 <= z < math.inf):
         raise ValueError(f"z_loss must be a finite number >= 0, got {z_loss!r}")
     cap = 0.0
     if softcap is not None:
         if isinstance(softcap, bool) or not isinstance(softcap, (int, float)):
             raise TypeError(f"softcap must be a float or None, got {softcap!r}")
         cap = float(softcap)
-        if not (math.isfinite(cap) and cap > 0.0):
+        if not (0.0 < cap < math.inf):
             raise ValueError(f"softcap must be a finite number > 0 (or None for no capping), got {softcap!r}")
     for name, v in (("inplace_backward", inplace_backward), ("return_lse", return_lse)):
         if not isinstance(v, bool):

@@ -236,6 +236,33 @@ def test_autocast_module_under_torch_compile(device):
         assert explained(lin(h).detach().requires_grad_(), t).graph_break_count == 0
 
 
+
+@pytest.mark.parametrize("dtype", SIXTEEN)
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("dynamic", [True, None])
+def test_sixteen_bit_backward_under_torch_compile_with_symbolic_sizes(dtype, weighted, dynamic):
+    """Symbolic sizes reach the C++ CPU backward of 16-bit logits: torch.compile(dynamic=True), and
+    the default's recompile for a second batch size (automatic dynamic shapes). That backward
+    once asked the saved gradient for numel(), which raises on symbolic sizes ("Cannot call
+    numel() on tensor with symbolic sizes/strides"): found when test_autocast_module_under_torch_compile
+    ran after test_regressions had compiled the same module code at another batch size."""
+    torch._dynamo.reset()  # this test's own compiles: the first batch size is the static one
+    g = torch.Generator().manual_seed(11)
+    w = (torch.rand(40, generator=g) + 0.5).to(dtype) if weighted else None
+    compiled = torch.compile(L.CrossEntropyLoss(weight=w, label_smoothing=0.1), fullgraph=True, dynamic=dynamic)
+    for n, go in ((33, 1.0), (17, 1.0), (12, 2.5)):
+        x = (torch.randn(n, 40, generator=g) * 3).to(dtype).requires_grad_()
+        t = torch.randint(0, 40, (n,), generator=g)
+        t[::5] = -100
+        loss = compiled(x, t)
+        loss.backward(torch.tensor(go, dtype=loss.dtype))
+        xd = x.detach().double().requires_grad_()
+        ref = F.cross_entropy(xd, t, weight=None if w is None else w.double(), label_smoothing=0.1)
+        ref.backward(torch.tensor(go, dtype=torch.float64))
+        assert_close_to(loss, ref, dtype, f"loss N={n}")
+        assert_close_to(x.grad, xd.grad, dtype, f"gradient N={n}, incoming {go}")
+    torch._dynamo.reset()
+
 def test_mixed_weight_dtype_outside_autocast_is_an_error():
     x = torch.randn(4, 5).bfloat16()
     with pytest.raises(TypeError, match="weight dtype torch.float32 must match the input dtype torch.bfloat16"):

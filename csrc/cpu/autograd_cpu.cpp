@@ -126,7 +126,10 @@ struct CeForwardCpuFunction : public torch::autograd::Function<CeForwardCpuFunct
       return out;
     }
     const at::Tensor& input = saved[1];
-    const std::optional<at::Tensor> saved_grad = grad.numel() ? std::optional<at::Tensor>(grad) : std::nullopt;
+    // sym_numel: under torch.compile with dynamic shapes (dynamic=True, or a recompile for a new
+    // batch size) the sizes are symbolic and numel() throws
+    const std::optional<at::Tensor> saved_grad =
+        grad.sym_numel() != 0 ? std::optional<at::Tensor>(grad) : std::nullopt;
     if (saved_grad && go_is_one()) {
       out[0] = grad;  // no copy: autograd takes it over as .grad (the CPU never mutates it)
       return out;
