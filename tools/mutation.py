@@ -60,6 +60,9 @@ EQUIVALENT = {
     "row_max: full-vector loop stops one vector early":
         "the partial-vector tail after the loop loads K - c lanes: a full vector when the loop "
         "stopped one early, so the same maximum is taken",
+    "cpu autograd: 16-bit backward never uses the saved gradient (recomputes: equivalent values)":
+        "the recomputation (ce_grad) gives the same values as the saved gradient times an exact "
+        "incoming gradient; only the time differs",
     "capability switch inverted (equivalent when both builds agree)":
         "both CPU builds give the same values (tested); the tests that force one build check the "
         "`active` field, which reports the switch's own decision",
@@ -74,6 +77,8 @@ PO = "labelsmooth_ext/_ops.py"
 MOD = "labelsmooth_ext/modules.py"
 CK = "csrc/cuda/kernels.cuh"
 CR = "csrc/cuda/reduce.cuh"
+AC = "csrc/cpu/autograd_cpu.cpp"
+VP = "csrc/cpu/vp_cpu.cpp"
 
 # prob_rows (not prob_rows_ext, which repeats its q loop): from the row's input load to the q loop
 _PROB_TARGETS_AND_Q = ("      if (A.target_is_acc) {\n        to_acc(tg_acc + r * A.t_row_stride, wq.data(), K);\n"
@@ -273,6 +278,22 @@ MUTANTS = [
            "", "cuda row_reduce: lanes past the warp count keep partial[0] (counted twice)", "simt"),
     Mutant(CR, "  for (int off = WIDTH / 2; off > 0; off >>= 1) {", "  for (int off = WIDTH / 2; off > 1; off >>= 1) {",
            "cuda warp_reduce: last shuffle step (neighbouring lane) left out", "simt"),
+    # --- C++ autograd of the CPU operator (csrc/cpu/autograd_cpu.cpp) ---
+    Mutant(AC, "      out[0] = go_is_one() ? grad : ce_backward_op().call(grad, go, red);",
+           "      out[0] = grad;", "cpu autograd: float32 / float64 backward ignores the incoming gradient"),
+    Mutant(AC, "      return !traced && red != kNoneReduction && go.item<double>() == 1.0 &&\n             !graph_kept();",
+           "      return !traced && red != kNoneReduction && go.item<double>() == 1.0;",
+           "cpu autograd: retain_graph=True hands out the saved gradient"),
+    Mutant(AC, "    if (is_sixteen_bit(input.scalar_type())) {", "    if (input.scalar_type() == at::kHalf) {",
+           "cpu autograd: bfloat16 backward scales the saved 16-bit gradient (rounded twice)"),
+    Mutant(AC, "    const std::optional<at::Tensor> saved_grad =\n        grad.sym_numel() != 0 ? std::optional<at::Tensor>(grad) : std::nullopt;",
+           "    const std::optional<at::Tensor> saved_grad = std::nullopt;",
+           "cpu autograd: 16-bit backward never uses the saved gradient (recomputes: equivalent values)"),
+    # --- tensor-parallel CPU operators (csrc/cpu/vp_cpu.cpp) ---
+    Mutant(VP, "  a.start = class_start;", "  a.start = 0;", "vocab parallel: the shard's first class ignored"),
+    Mutant(VP, "  a.softcap = softcap;", "  a.softcap = 0;", "vocab parallel: softcap dropped"),
+    Mutant(VP, "  return weight->to(acc_type_of(input_dtype)).contiguous();", "  return at::Tensor();",
+           "vocab parallel: class weights dropped"),
 ]
 
 # Stage 1, per source file: the tests most likely to kill its mutants, the most direct (and
@@ -296,6 +317,9 @@ STAGE1_TESTS = {
          "tests/test_cuda.py", "tests/test_autograd.py", "tests/test_binary.py", "tests/test_mixed.py"],
     CR: ["tests/test_simt_emulation.py", "tests/test_parity.py", "tests/test_cuda.py",
          "tests/test_edge_cases.py"],
+    AC: ["tests/test_regressions.py", "tests/test_autograd.py", "tests/test_mixed.py", "tests/test_parity.py",
+         "tests/test_operators.py"],
+    VP: ["tests/test_vocab_parallel_ops.py", "tests/test_distributed_linear.py"],
 }
 
 # Stage 2: the whole CPU suite. Left out (and said so in the report): the build / packaging
@@ -314,7 +338,7 @@ FULL_SUITE_EXCLUDED = {
 SIMT_FILTER = "simt"
 # Stage 1 of a CPU-kernel mutant leaves out the simt-device cases (the emulated CUDA kernels do
 # not run the CPU kernels; stage 2 runs them all the same).
-STAGE1_FILTER = {K: "not simt", LC: "not simt"}
+STAGE1_FILTER = {K: "not simt", LC: "not simt", AC: "not simt", VP: "not simt"}
 
 
 def _ids(specs, n):
