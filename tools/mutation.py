@@ -63,6 +63,11 @@ EQUIVALENT = {
     "cpu autograd: 16-bit backward never uses the saved gradient (recomputes: equivalent values)":
         "the recomputation (ce_grad) gives the same values as the saved gradient times an exact "
         "incoming gradient; only the time differs",
+    "row of all -inf treated as finite":
+        "a row whose logits are all -inf has m = -inf; past the early exit every class computes "
+        "z - m = -inf - (-inf) = NaN, so s, the loss, lse and every gradient element are NaN, what "
+        "the early exit writes (the tensor-parallel backward likewise, with lse = -inf); a NaN max "
+        "is refused by both versions",
     "capability switch inverted (equivalent when both builds agree)":
         "both CPU builds give the same values (tested); the tests that force one build check the "
         "`active` field, which reports the switch's own decision",
