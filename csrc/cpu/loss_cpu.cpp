@@ -545,6 +545,24 @@ std::string cpu_kernel_constants() {
   return out + "}";
 }
 
+// For tests: the plain row kernels' exp (exp_row) of every element of a float32 tensor, by the
+// build the next kernel call uses (LABELSMOOTH_EXT_CPU_CAPABILITY picks it).
+at::Tensor cpu_row_exp(const at::Tensor& x) {
+  TORCH_CHECK_VALUE(x.scalar_type() == at::kFloat && x.device().is_cpu(),
+                    "labelsmooth_ext::cpu_row_exp: x must be a float32 CPU tensor, got ", x.scalar_type(), " on ",
+                    x.device());
+  const at::Tensor xc = x.contiguous();
+  at::Tensor y = at::empty(xc.sizes(), xc.options());
+#ifdef LSE_HAVE_AVX2_KERNELS
+  if (use_avx2()) {
+    exp_row_AVX2(xc.const_data_ptr<float>(), y.data_ptr<float>(), xc.numel());
+    return y;
+  }
+#endif
+  exp_row_DEFAULT(xc.const_data_ptr<float>(), y.data_ptr<float>(), xc.numel());
+  return y;
+}
+
 // The fused linear + cross-entropy's chunk step (labelsmooth_ext/linear.py): per-row losses
 // (ignored rows 0, z_loss and softcap as in ce_forward_ext) returned, and each row's gradient
 // times its factor (row_scale[r] when given, else grad_scale) written over the logits, so one
@@ -588,6 +606,7 @@ at::Tensor grad_rows_buffer(int64_t N, int64_t K, const at::TensorOptions& opts)
 
 TORCH_LIBRARY_FRAGMENT(labelsmooth_ext, m) {
   m.def("cpu_kernel_constants() -> str", &cpu_kernel_constants);
+  m.def("cpu_row_exp(Tensor x) -> Tensor", &cpu_row_exp);
 }
 
 TORCH_LIBRARY_IMPL(labelsmooth_ext, CPU, m) {
