@@ -146,6 +146,16 @@ double ce_denominator(const int64_t* t, int64_t N, int64_t K, int64_t ignore_ind
   return D;
 }
 
+// The incoming gradient of a backward, as double on the host, after checking its length: one
+// value per row (N) for 'none', else one. fn names the operator in the error.
+at::Tensor incoming_grad_on_host(const at::Tensor& grad_output, int64_t N, int64_t reduction, const char* fn) {
+  at::Tensor go = grad_output.to(at::kDouble).contiguous();
+  const int64_t expected = reduction == kNone ? N : 1;
+  TORCH_CHECK_VALUE(go.numel() == expected, fn, ": grad_output has ", go.numel(), " elements, expected ",
+                    expected);
+  return go;
+}
+
 // The backward's factor per row: the incoming gradient (one per row for 'none', else one),
 // divided by the mean denominator D for 'mean'.
 std::vector<double> incoming_row_scales(const double* g, bool per_row, int64_t N, int64_t reduction,
@@ -247,10 +257,8 @@ at::Tensor ce_grad_cpu(const at::Tensor& input, const at::Tensor& target, const 
   const at::Tensor in = ce_input_rows(input);
   const at::Tensor tgt = target.contiguous();
   const int64_t N = tgt.size(0), K = in.size(1);
-  const at::Tensor go = grad_output.to(at::kDouble).contiguous();
+  const at::Tensor go = incoming_grad_on_host(grad_output, N, reduction, "labelsmooth_ext::ce_grad");
   const bool per_row = reduction == kNone;
-  TORCH_CHECK_VALUE(go.numel() == (per_row ? N : 1), "labelsmooth_ext::ce_grad: grad_output has ",
-                    go.numel(), " elements, expected ", per_row ? N : 1);
   const double* g = go.data_ptr<double>();
   if (saved.has_value() && saved->defined() && saved->numel() > 0) {
     TORCH_CHECK_VALUE(saved->sizes() == input.sizes() && saved->scalar_type() == input.scalar_type(),
@@ -312,10 +320,8 @@ void ce_grad_ext_into(at::Tensor& out, const at::Tensor& input, const at::Tensor
   check_ext_args("labelsmooth_ext::ce_grad_ext", z_loss, softcap);
   const at::Tensor tgt = target.contiguous();
   const int64_t N = tgt.size(0), K = input.size(1);
-  const at::Tensor go = grad_output.to(at::kDouble).contiguous();
+  const at::Tensor go = incoming_grad_on_host(grad_output, N, reduction, "labelsmooth_ext::ce_grad_ext");
   const bool per_row = reduction == kNone;
-  TORCH_CHECK_VALUE(go.numel() == (per_row ? N : 1), "labelsmooth_ext::ce_grad_ext: grad_output has ",
-                    go.numel(), " elements, expected ", per_row ? N : 1);
   const double* g = go.data_ptr<double>();
   const std::vector<double> w = weights_as_double(weight);
   const double D = ce_denominator(tgt.data_ptr<int64_t>(), N, K, ignore_index, w);
@@ -440,10 +446,8 @@ void ce_prob_grad_ext_into(at::Tensor& out, const at::Tensor& input, const at::T
   check_ext_args("labelsmooth_ext::ce_prob_grad_ext", z_loss, softcap);
   const at::Tensor tg = rows_with_unit_class_stride(target);
   const int64_t N = input.size(0);
-  const at::Tensor go = grad_output.to(at::kDouble).contiguous();
+  const at::Tensor go = incoming_grad_on_host(grad_output, N, reduction, "labelsmooth_ext::ce_prob_grad_ext");
   const bool per_row = reduction == kNone;
-  TORCH_CHECK_VALUE(go.numel() == (per_row ? N : 1), "labelsmooth_ext::ce_prob_grad_ext: grad_output has ",
-                    go.numel(), " elements, expected ", per_row ? N : 1);
   const std::vector<double> row_scale =
       incoming_row_scales(go.data_ptr<double>(), per_row, N, reduction, double(N));
   at::Tensor rows = at::empty({N}, input.options().dtype(acc_type_of(input.scalar_type())));
