@@ -102,3 +102,25 @@ def test_cpp_checks_guard_direct_operator_calls():
         op(x, t.int(), None, -100, 0.1, 0, 1, False)
     with pytest.raises(ValueError, match="input must be"):
         op(x.reshape(-1), t, None, -100, 0.1, 0, 1, False)
+
+
+@pytest.mark.parametrize("reduction", [0, 1])  # 'none': one value per row; 'mean': one value
+def test_backward_operators_check_the_incoming_gradient_length(reduction):
+    """ce_grad, ce_grad_ext and ce_prob_grad_ext (and its in-place form) on the CPU: a grad_output
+    of the wrong length is a ValueError naming the operator and both counts."""
+    ops = torch.ops.labelsmooth_ext
+    x, t, p = torch.randn(4, 3), torch.tensor([0, 1, 2, 0]), torch.softmax(torch.randn(4, 3), 1)
+    bad = torch.ones(2)
+    want = 4 if reduction == 0 else 1
+    msg = f"grad_output has 2 elements, expected {want}"
+    with pytest.raises(ValueError, match=f"ce_grad: {msg}"):
+        ops.ce_grad(x, t, None, bad, None, -100, 0.1, 0, reduction)
+    with pytest.raises(ValueError, match=f"ce_grad_ext: {msg}"):
+        ops.ce_grad_ext(x, t, None, bad, -100, 0.1, 0, reduction, 0.0, 0.0)
+    with pytest.raises(ValueError, match=f"ce_prob_grad_ext: {msg}"):
+        ops.ce_prob_grad_ext(x, p, None, bad, 0.1, 0, reduction, 0.0, 0.0)
+    with pytest.raises(ValueError, match=f"ce_prob_grad_ext: {msg}"):
+        ops.ce_prob_grad_ext_(x.clone(), p, None, bad, 0.1, 0, reduction, 0.0, 0.0)
+    good = torch.ones(want)
+    g = ops.ce_grad(x, t, None, good, None, -100, 0.1, 0, reduction)
+    assert torch.allclose(g, ops.ce_grad_ext(x, t, None, good, -100, 0.1, 0, reduction, 0.0, 0.0))

@@ -68,12 +68,15 @@ KernelConstants constants_DEFAULT();
 void ce_rows_DEFAULT(ScalarKind, const CeRowsArgs&);
 void ce_spatial_DEFAULT(ScalarKind, const CeRowsArgs&);
 void prob_rows_DEFAULT(ScalarKind, const ProbRowsArgs&);
+// The plain row kernels' float exp (exp_row in kernels.h), for its error test.
+void exp_row_DEFAULT(const float* x, float* y, int64_t n);
 #if defined(__x86_64__) && !defined(LSE_NO_AVX2)
 #define LSE_HAVE_AVX2_KERNELS 1
 KernelConstants constants_AVX2();
 void ce_rows_AVX2(ScalarKind, const CeRowsArgs&);
 void ce_spatial_AVX2(ScalarKind, const CeRowsArgs&);
 void prob_rows_AVX2(ScalarKind, const ProbRowsArgs&);
+void exp_row_AVX2(const float* x, float* y, int64_t n);
 #endif
 
 }  // namespace cpu

@@ -48,9 +48,18 @@ acc_t row_max(const acc_t* z, int64_t K) {
   using Vec = Vectorized<acc_t>;
   constexpr int64_t V = Vec::size();
   const acc_t ninf = -std::numeric_limits<acc_t>::infinity();
-  Vec vm(ninf);
+  // four independent maxima: one chain would wait on the max's latency at every vector (the
+  // row is in L2 when prefetched, so the chain, not memory, would bound this pass)
+  Vec vm(ninf), vm1(ninf), vm2(ninf), vm3(ninf);
   int64_t c = 0;
-  for (; c + V <= K; c += V) vm = at::vec::maximum(vm, Vec::loadu(z + c));  // NaN-propagating
+  for (; c + 4 * V <= K; c += 4 * V) {
+    vm = at::vec::maximum(vm, Vec::loadu(z + c));  // NaN-propagating
+    vm1 = at::vec::maximum(vm1, Vec::loadu(z + c + V));
+    vm2 = at::vec::maximum(vm2, Vec::loadu(z + c + 2 * V));
+    vm3 = at::vec::maximum(vm3, Vec::loadu(z + c + 3 * V));
+  }
+  vm = at::vec::maximum(at::vec::maximum(vm, vm1), at::vec::maximum(vm2, vm3));
+  for (; c + V <= K; c += V) vm = at::vec::maximum(vm, Vec::loadu(z + c));
   if (c < K) vm = at::vec::maximum(vm, load_tail(z + c, K - c, ninf));
   alignas(64) acc_t buf[V];
   vm.store(buf);
@@ -138,23 +147,63 @@ inline void store_fence() {
 #endif
 }
 
+// The next row to read, asked for while this row's exps are computed (ce_rows): the row's
+// first pass then reads from L2 instead of memory, and the memory reads overlap the exp work
+// (which the separate passes otherwise serialise). `step` elements of this row per 64-byte
+// line of the next; null `next`: no prefetch.
+struct RowPrefetch {
+  const char* next = nullptr;
+  int64_t bytes = 0;  // of the next row
+  int64_t elem = 1;   // bytes per element of the next row (its dtype)
+};
+
+// Rows up to this many bytes are prefetched (the row, the next row and the float buffer stay
+// well inside a 1 MiB L2).
+constexpr int64_t kPrefetchMaxBytes = 256 * 1024;
+
+inline Vectorized<float> exp_clamped(const Vectorized<float>& x);  // below (the softcap passes')
+
+// The plain passes' exp of d = z - m, where m is the row's finite max (so d <= 0; NaN rows are
+// taken out by their max before): the softcap pass's bounded exp (12 vector instructions against
+// exp_u20's 19) on d clamped to kRowExpMin, and exactly 0 below (e^-86 = 4.5e-38; exp_u20 gives
+// 0 below ln(FLT_MIN) = -87.3). -inf gives 0. Also exact-enough for the few ulps above 0 that a
+// caller with a rounded reference (tensor parallel's lse) passes; undefined above 86. Its error
+// over every float32 it is fed is measured against float64 by
+// tests/test_kernel_boundaries.py::test_row_exp_error (cpu_row_exp operator): at most 2.035 ulps
+// over every float in [-86, -0] (exp_u20: documented 20).
+constexpr float kRowExpMin = -86.f;
+inline Vectorized<float> exp_row(const Vectorized<float>& d) {
+#if defined(CPU_CAPABILITY_AVX2)
+  const __m256 x = d, lo = _mm256_set1_ps(kRowExpMin);
+  const __m256 e = exp_clamped(Vectorized<float>(_mm256_max_ps(x, lo)));  // max_ps(NaN, lo) = lo
+  return Vectorized<float>(_mm256_and_ps(e, _mm256_cmp_ps(x, lo, _CMP_GE_OQ)));
+#else
+  return vexp(d);
+#endif
+}
+inline Vectorized<double> exp_row(const Vectorized<double>& d) { return vexp(d); }
+
 // Pass 2: s = sum exp(z - m), S = sum w_c (z_c - m) (w = 1 when w == nullptr); writes e to `e`
 // when it is not null (e may alias z). Blocks of 4096 elements are summed in vector registers
 // and folded into double, so long rows keep float32-accumulation error bounded.
 template <typename acc_t>
 void exp_pass(const acc_t* z, acc_t* e, const acc_t* w, int64_t K, acc_t m, double& s_out,
-              double& S_out) {
+              double& S_out, RowPrefetch pf = {}) {
   using Vec = Vectorized<acc_t>;
   constexpr int64_t V = Vec::size();
   const Vec vm(m);
+  // element c of this row asks for byte c * elem of the next (one line per 64 / elem elements)
+  const int64_t line_mask = pf.next ? 64 / pf.elem - 1 : -1;
   double s = 0, S = 0;
   for (int64_t b0 = 0; b0 < K; b0 += kExpBlock) {
     const int64_t b1 = std::min<int64_t>(K, b0 + kExpBlock);
     Vec vs(0), vS(0);
     int64_t c = b0;
     for (; c + V <= b1; c += V) {
+      if (line_mask >= 0 && (c & line_mask) == 0 && c * pf.elem < pf.bytes)
+        __builtin_prefetch(pf.next + c * pf.elem, 0, 2);
       const Vec d = Vec::loadu(z + c) - vm;
-      const Vec ex = vexp(d);
+      const Vec ex = exp_row(d);
       vs = vs + ex;
       vS = w ? at::vec::fmadd(Vec::loadu(w + c), d, vS) : vS + d;
       if (e) ex.store(e + c);
@@ -162,7 +211,7 @@ void exp_pass(const acc_t* z, acc_t* e, const acc_t* w, int64_t K, acc_t m, doub
     if (c < b1) {
       const int64_t n = b1 - c;
       const Vec d = load_tail(z + c, n, -std::numeric_limits<acc_t>::infinity()) - vm;
-      const Vec ex = vexp(d);  // padding lanes: exp(-inf) = 0
+      const Vec ex = exp_row(d);  // padding lanes: exp(-inf) = 0
       vs = vs + ex;
       const Vec d0 = Vec::set(Vec(0), d, n);
       vS = w ? at::vec::fmadd(Vec::loadu(w + c, n), d0, vS) : vS + d0;
@@ -393,7 +442,14 @@ void ce_rows(const CeRowsArgs& A) {
         continue;
       }
       double s, S;
-      exp_pass<acc_t>(z, grow ? buf : nullptr, w, K, m, s, S);  // e may overwrite z (16-bit)
+      RowPrefetch pf;
+      if (K * int64_t(sizeof(scalar_t)) <= kPrefetchMaxBytes) {
+        int64_t r2 = r + 1;  // the next row this thread reads (ignored rows are not read)
+        while (r2 < end && A.target[r2] == A.ignore_index) ++r2;
+        if (r2 < end) pf = {reinterpret_cast<const char*>(in + r2 * A.in_row_stride),
+                            K * int64_t(sizeof(scalar_t)), int64_t(sizeof(scalar_t))};
+      }
+      exp_pass<acc_t>(z, grow ? buf : nullptr, w, K, m, s, S, pf);  // e may overwrite z (16-bit)
       const acc_t log_s = lse_log(acc_t(s));
       const acc_t lse = m + log_s;
       loss[r] = ce_row_loss<acc_t>(log_s, zy - m, acc_t(S), sm, wy, W);
@@ -575,7 +631,7 @@ void ce_spatial(const CeRowsArgs& A) {
       for (int64_t c = 0; c < C; ++c) {
         acc_t* row = tile.data() + c * V;
         const Vec d = Vec::loadu(row) - vm;
-        const Vec e = vexp(d);
+        const Vec e = exp_row(d);  // padding lanes: -inf - m, exp 0
         vs = vs + e;
         vS = weighted ? at::vec::fmadd(Vec(wacc[c]), d, vS) : vS + d;
         if (grad) e.store(row);  // the forward alone needs only the sums
@@ -815,6 +871,13 @@ struct ProbRun {
   }                                                                                        \
   void prob_rows_##cap(ScalarKind k, const ProbRowsArgs& a) {                              \
     CPU_CAPABILITY::dispatch<CPU_CAPABILITY::ProbRun>(k, a);                               \
+  }                                                                                        \
+  void exp_row_##cap(const float* x, float* y, int64_t n) {                                \
+    using namespace CPU_CAPABILITY;                                                        \
+    using Vec = Vectorized<float>;                                                         \
+    int64_t i = 0;                                                                         \
+    for (; i + Vec::size() <= n; i += Vec::size()) exp_row(Vec::loadu(x + i)).store(y + i); \
+    if (i < n) exp_row(Vec::loadu(x + i, n - i)).store(y + i, n - i);                      \
   }                                                                                        \
   KernelConstants constants_##cap() {                                                     \
     using namespace CPU_CAPABILITY;                                                        \

@@ -146,6 +146,16 @@ double ce_denominator(const int64_t* t, int64_t N, int64_t K, int64_t ignore_ind
   return D;
 }
 
+// The incoming gradient of a backward, as double on the host, after checking its length: one
+// value per row (N) for 'none', else one. fn names the operator in the error.
+at::Tensor incoming_grad_on_host(const at::Tensor& grad_output, int64_t N, int64_t reduction, const char* fn) {
+  at::Tensor go = grad_output.to(at::kDouble).contiguous();
+  const int64_t expected = reduction == kNone ? N : 1;
+  TORCH_CHECK_VALUE(go.numel() == expected, fn, ": grad_output has ", go.numel(), " elements, expected ",
+                    expected);
+  return go;
+}
+
 // The backward's factor per row: the incoming gradient (one per row for 'none', else one),
 // divided by the mean denominator D for 'mean'.
 std::vector<double> incoming_row_scales(const double* g, bool per_row, int64_t N, int64_t reduction,
@@ -247,10 +257,8 @@ at::Tensor ce_grad_cpu(const at::Tensor& input, const at::Tensor& target, const 
   const at::Tensor in = ce_input_rows(input);
   const at::Tensor tgt = target.contiguous();
   const int64_t N = tgt.size(0), K = in.size(1);
-  const at::Tensor go = grad_output.to(at::kDouble).contiguous();
+  const at::Tensor go = incoming_grad_on_host(grad_output, N, reduction, "labelsmooth_ext::ce_grad");
   const bool per_row = reduction == kNone;
-  TORCH_CHECK_VALUE(go.numel() == (per_row ? N : 1), "labelsmooth_ext::ce_grad: grad_output has ",
-                    go.numel(), " elements, expected ", per_row ? N : 1);
   const double* g = go.data_ptr<double>();
   if (saved.has_value() && saved->defined() && saved->numel() > 0) {
     TORCH_CHECK_VALUE(saved->sizes() == input.sizes() && saved->scalar_type() == input.scalar_type(),
@@ -312,10 +320,8 @@ void ce_grad_ext_into(at::Tensor& out, const at::Tensor& input, const at::Tensor
   check_ext_args("labelsmooth_ext::ce_grad_ext", z_loss, softcap);
   const at::Tensor tgt = target.contiguous();
   const int64_t N = tgt.size(0), K = input.size(1);
-  const at::Tensor go = grad_output.to(at::kDouble).contiguous();
+  const at::Tensor go = incoming_grad_on_host(grad_output, N, reduction, "labelsmooth_ext::ce_grad_ext");
   const bool per_row = reduction == kNone;
-  TORCH_CHECK_VALUE(go.numel() == (per_row ? N : 1), "labelsmooth_ext::ce_grad_ext: grad_output has ",
-                    go.numel(), " elements, expected ", per_row ? N : 1);
   const double* g = go.data_ptr<double>();
   const std::vector<double> w = weights_as_double(weight);
   const double D = ce_denominator(tgt.data_ptr<int64_t>(), N, K, ignore_index, w);
@@ -440,10 +446,8 @@ void ce_prob_grad_ext_into(at::Tensor& out, const at::Tensor& input, const at::T
   check_ext_args("labelsmooth_ext::ce_prob_grad_ext", z_loss, softcap);
   const at::Tensor tg = rows_with_unit_class_stride(target);
   const int64_t N = input.size(0);
-  const at::Tensor go = grad_output.to(at::kDouble).contiguous();
+  const at::Tensor go = incoming_grad_on_host(grad_output, N, reduction, "labelsmooth_ext::ce_prob_grad_ext");
   const bool per_row = reduction == kNone;
-  TORCH_CHECK_VALUE(go.numel() == (per_row ? N : 1), "labelsmooth_ext::ce_prob_grad_ext: grad_output has ",
-                    go.numel(), " elements, expected ", per_row ? N : 1);
   const std::vector<double> row_scale =
       incoming_row_scales(go.data_ptr<double>(), per_row, N, reduction, double(N));
   at::Tensor rows = at::empty({N}, input.options().dtype(acc_type_of(input.scalar_type())));
@@ -545,6 +549,24 @@ std::string cpu_kernel_constants() {
   return out + "}";
 }
 
+// For tests: the plain row kernels' exp (exp_row) of every element of a float32 tensor, by the
+// build the next kernel call uses (LABELSMOOTH_EXT_CPU_CAPABILITY picks it).
+at::Tensor cpu_row_exp(const at::Tensor& x) {
+  TORCH_CHECK_VALUE(x.scalar_type() == at::kFloat && x.device().is_cpu(),
+                    "labelsmooth_ext::cpu_row_exp: x must be a float32 CPU tensor, got ", x.scalar_type(), " on ",
+                    x.device());
+  const at::Tensor xc = x.contiguous();
+  at::Tensor y = at::empty(xc.sizes(), xc.options());
+#ifdef LSE_HAVE_AVX2_KERNELS
+  if (use_avx2()) {
+    exp_row_AVX2(xc.const_data_ptr<float>(), y.data_ptr<float>(), xc.numel());
+    return y;
+  }
+#endif
+  exp_row_DEFAULT(xc.const_data_ptr<float>(), y.data_ptr<float>(), xc.numel());
+  return y;
+}
+
 // The fused linear + cross-entropy's chunk step (labelsmooth_ext/linear.py): per-row losses
 // (ignored rows 0, z_loss and softcap as in ce_forward_ext) returned, and each row's gradient
 // times its factor (row_scale[r] when given, else grad_scale) written over the logits, so one
@@ -588,6 +610,7 @@ at::Tensor grad_rows_buffer(int64_t N, int64_t K, const at::TensorOptions& opts)
 
 TORCH_LIBRARY_FRAGMENT(labelsmooth_ext, m) {
   m.def("cpu_kernel_constants() -> str", &cpu_kernel_constants);
+  m.def("cpu_row_exp(Tensor x) -> Tensor", &cpu_row_exp);
 }
 
 TORCH_LIBRARY_IMPL(labelsmooth_ext, CPU, m) {
