@@ -314,14 +314,20 @@ constexpr double kSoftcapPoly[kSoftcapPolyTerms] = {1.0, -0.33332958817481995, 0
                                                     -0.004716172348707914};
 constexpr double kSoftcapPolyRange = 0.75;  // |x| / cap up to which the polynomial is used
 
+// Caps for which the polynomial is used: q_k = p_k / cap^(2k) and x^2 stay normal floats there
+// (cap^10 within 2^+-80); other caps take softcap_vec for every logit.
+constexpr double kSoftcapPolyMinCap = 1.0 / 256, kSoftcapPolyMaxCap = 256;
+
 // A row's softcap constants, as vectors.
 template <typename acc_t>
 struct SoftcapConsts {
   using Vec = Vectorized<acc_t>;
   Vec two_inv, cap, inv_cap, lim;  // 2 / cap, cap, 1 / cap, kSoftcapPolyRange * cap
   Vec q[kSoftcapPolyTerms];        // kSoftcapPoly[k] / cap^(2k)
+  bool poly;                       // float and a cap in [kSoftcapPolyMinCap, kSoftcapPolyMaxCap]
   explicit SoftcapConsts(acc_t c)
-      : two_inv(acc_t(2) / c), cap(c), inv_cap(acc_t(1) / c), lim(acc_t(kSoftcapPolyRange * double(c))) {
+      : two_inv(acc_t(2) / c), cap(c), inv_cap(acc_t(1) / c), lim(acc_t(kSoftcapPolyRange * double(c))),
+        poly(std::is_same_v<acc_t, float> && double(c) >= kSoftcapPolyMinCap && double(c) <= kSoftcapPolyMaxCap) {
     double ck = 1;
     for (int k = 0; k < kSoftcapPolyTerms; ++k) {
       q[k] = Vec(acc_t(kSoftcapPoly[k] / ck));
@@ -330,8 +336,8 @@ struct SoftcapConsts {
   }
 };
 
-// z = cap tanh(x / cap) and dz/dx: the polynomial when every lane is small (float), else
-// softcap_vec. A lane's z depends only on x, up to the two formulas' few-ulp difference (a
+// z = cap tanh(x / cap) and dz/dx: the polynomial when every lane is small (float, C.poly),
+// else softcap_vec. A lane's z depends only on x, up to the two formulas' few-ulp difference (a
 // vector with both small and large logits takes softcap_vec for all of them).
 template <typename acc_t>
 C10_ALWAYS_INLINE Vectorized<acc_t> softcap_any(const Vectorized<acc_t>& x, const SoftcapConsts<acc_t>& C,
@@ -344,7 +350,7 @@ C10_ALWAYS_INLINE Vectorized<acc_t> softcap_any(const Vectorized<acc_t>& x, cons
 #else
     const bool small = (x.abs() > C.lim).zero_mask() == (1 << Vec::size()) - 1;
 #endif
-    if (small) {
+    if (C.poly && small) {
       const Vec x2 = x * x;
       Vec p = at::vec::fmadd(C.q[kSoftcapPolyTerms - 1], x2, C.q[kSoftcapPolyTerms - 2]);
       for (int k = kSoftcapPolyTerms - 3; k >= 0; --k) p = at::vec::fmadd(p, x2, C.q[k]);
