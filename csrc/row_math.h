@@ -135,7 +135,8 @@ LSE_HD GradCoefs<acc_t> ce_grad_coefs(acc_t inv_s, Smoothing<acc_t> sm, acc_t sc
 //   with 2 / cap and 1 / cap loop-invariant (hoisted out of the kernels' loops): about half the
 //   instructions of tanhf(x / cap) with its IEEE division (cuobjdump -sass of sm_90). +-inf
 //   give +-cap (exp -> inf / 0), NaN stays NaN. Absolute error a few ulp of 1 in tanh, as the
-//   CPU kernels' vector version (csrc/cpu/kernels.h, tanh_scaled).
+//   CPU kernels' vector version (csrc/cpu/kernels.h, softcap_vec; logits within 0.75 cap
+//   take a polynomial there, softcap_any).
 template <typename acc_t>
 LSE_HD acc_t softcap_apply(acc_t x, acc_t cap) {
 #if defined(__CUDA_ARCH__)

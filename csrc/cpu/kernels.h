@@ -264,7 +264,10 @@ std::vector<acc_t> weights_in_acc(const void* weight, int64_t K) {
 // of the raw logits: pass 1 is the plain kernels' max over x. Pass 2 computes t = tanh(x / cap)
 // once per element, then z - m and e = exp(z - m) from it, and keeps both e and the chain-rule
 // factor dz/dx = 1 - t^2 in L2-resident row buffers; pass 3 (the gradient) only reads them back,
-// so tanh is evaluated once per element in all (not again for the gradient).
+// so tanh is evaluated once per element in all (not again for the gradient). tanh itself: an odd
+// polynomial for vectors whose logits are all within 0.75 cap (the usual case: 6 instructions),
+// else one bounded exp and a reciprocal (softcap_any). Tried and measured slower (bench/NOTES.md):
+// capping in pass 1 while the row streams in from memory, then the plain exp pass.
 
 // The softcap pass is bound by vector-instruction throughput (two exps per element where the
 // plain pass has one), so it uses an exp with no range handling of its own: its callers clamp
@@ -300,25 +303,122 @@ inline Vectorized<float> exp_clamped(const Vectorized<float>& x) {
 }
 inline Vectorized<double> exp_clamped(const Vectorized<double>& x) { return vexp(x); }
 
-// tanh(x / cap) = 1 - 2 / (exp(2 x / cap) + 1): one exp and one division. The exp's argument is
-// clamped (tanh(43) is 1 in float, tanh(350) in double), so +-inf give +-1; NaN is not
-// propagated (callers detect NaN rows by their max before). two_inv = 2 / cap. Its error is
-// measured against float64 by tests/test_llm_options.py::test_softcap_tanh_error.
-template <typename acc_t>
-Vectorized<acc_t> tanh_scaled(const Vectorized<acc_t>& x, const Vectorized<acc_t>& two_inv) {
-  using Vec = Vectorized<acc_t>;
-  const Vec one(1), two(2);
-  const Vec a = at::vec::clamp(x * two_inv, Vec(-kExpArg<acc_t>), Vec(kExpArg<acc_t>));
-  return one - two / (exp_clamped(a) + one);
+// 1 / d for 1 <= d < 2^126. AVX2 float: the reciprocal estimate (relative error at most
+// 1.5 * 2^-12) and one Newton step r0 + r0 (1 - d r0), whose exact result is off by the estimate's
+// error squared (at most 2.25 * 2^-24) and whose final fma rounds once more (2^-24): at most
+// 3.25 * 2^-24 relative, three instructions against a division's 5-cycle throughput. Elsewhere
+// (the baseline build, double) the division.
+inline Vectorized<float> recip_ge1(const Vectorized<float>& d) {
+#if defined(CPU_CAPABILITY_AVX2)
+  const __m256 r0 = _mm256_rcp_ps(d);
+  const __m256 e = _mm256_fnmadd_ps(d, r0, _mm256_set1_ps(1.f));  // 1 - d r0, one rounding
+  return Vectorized<float>(_mm256_fmadd_ps(r0, e, r0));
+#else
+  return Vectorized<float>(1.f) / d;
+#endif
+}
+inline Vectorized<double> recip_ge1(const Vectorized<double>& d) { return Vectorized<double>(1.) / d; }
+
+// 1 - t^2 with one rounding (AVX2: one fnmadd; torch 2.4's Vectorized has no fnmadd).
+inline Vectorized<float> one_minus_sq(const Vectorized<float>& t) {
+#if defined(CPU_CAPABILITY_AVX2)
+  return Vectorized<float>(_mm256_fnmadd_ps(t, t, _mm256_set1_ps(1.f)));
+#else
+  return at::vec::fmadd(Vectorized<float>(0) - t, t, Vectorized<float>(1));
+#endif
+}
+inline Vectorized<double> one_minus_sq(const Vectorized<double>& t) {
+  return at::vec::fmadd(Vectorized<double>(0) - t, t, Vectorized<double>(1));
 }
 
-// cap * tanh(x / cap) of one value, by the vector formula (so the row max and the target's
-// capped logit are bit-identical to the values pass 2 computes).
+// The soft-capped logit z = cap tanh(x / cap) and dz/dx = 1 - tanh^2 of a vector, sign-symmetric:
+// u = min(|x| 2 / cap, kExpArg), q = 1 / (exp(u) + 1) in (0, 1/2], |tanh| = 1 - 2 q, then x's
+// sign. With q <= 1/2 the reciprocal's relative error moves |tanh| by at most that error (not
+// twice it, as it would for q near 1), so the estimate + Newton step keeps the division's bound.
+// +-inf give +-cap (|x| clamps), -0 gives -0; a NaN logit gives an unspecified finite z (callers
+// detect NaN rows separately). two_inv = 2 / cap, vcap = cap. The error is measured against
+// float64 by tests/test_llm_options.py::test_softcap_tanh_error (through the row max) and
+// ::test_softcap_grad_factor_error (dz/dx, through the gradient).
+template <typename acc_t>
+C10_ALWAYS_INLINE Vectorized<acc_t> softcap_vec(const Vectorized<acc_t>& x, const Vectorized<acc_t>& two_inv,
+                              const Vectorized<acc_t>& vcap, Vectorized<acc_t>* dz) {
+  using Vec = Vectorized<acc_t>;
+  const Vec one(1), sign_bit(acc_t(-0.0));
+  const Vec sgn = x & sign_bit;
+  const Vec u = at::vec::clamp_max(x.abs() * two_inv, Vec(kExpArg<acc_t>));
+  const Vec q = recip_ge1(exp_clamped(u) + one);
+  const Vec ta = at::vec::fmadd(Vec(acc_t(-2)), q, one);  // |tanh| in [0, 1)
+  if (dz) *dz = one_minus_sq(ta);
+  return (vcap * ta) | sgn;
+}
+
+// Small logits, |x| <= 0.75 cap (float only): tanh(u) = u P(u^2) on |u| <= 0.75, P of degree 5
+// fitted here (iteratively reweighted least squares on the relative error, coefficients rounded
+// to float: at most 1.6 * 2^-24 absolute and 2.6 * 2^-24 relative in tanh, evaluated in float
+// with the coefficients scaled by cap as below). With q_k = p_k / cap^(2k) the capped logit is
+// z = x Q(x^2): 6 instructions, against about 20 for the exp, reciprocal and sign of softcap_vec.
+constexpr int kSoftcapPolyTerms = 6;
+constexpr double kSoftcapPoly[kSoftcapPolyTerms] = {1.0, -0.33332958817481995, 0.1332540512084961,
+                                                    -0.05334438383579254, 0.019582802429795265,
+                                                    -0.004716172348707914};
+constexpr double kSoftcapPolyRange = 0.75;  // |x| / cap up to which the polynomial is used
+
+// Caps for which the polynomial is used: q_k = p_k / cap^(2k) and x^2 stay normal floats there
+// (cap^10 within 2^+-80); other caps take softcap_vec for every logit.
+constexpr double kSoftcapPolyMinCap = 1.0 / 256, kSoftcapPolyMaxCap = 256;
+
+// A row's softcap constants, as vectors.
+template <typename acc_t>
+struct SoftcapConsts {
+  using Vec = Vectorized<acc_t>;
+  Vec two_inv, cap, inv_cap, lim;  // 2 / cap, cap, 1 / cap, kSoftcapPolyRange * cap
+  Vec q[kSoftcapPolyTerms];        // kSoftcapPoly[k] / cap^(2k)
+  bool poly;                       // float and a cap in [kSoftcapPolyMinCap, kSoftcapPolyMaxCap]
+  explicit SoftcapConsts(acc_t c)
+      : two_inv(acc_t(2) / c), cap(c), inv_cap(acc_t(1) / c), lim(acc_t(kSoftcapPolyRange * double(c))),
+        poly(std::is_same_v<acc_t, float> && double(c) >= kSoftcapPolyMinCap && double(c) <= kSoftcapPolyMaxCap) {
+    double ck = 1;
+    for (int k = 0; k < kSoftcapPolyTerms; ++k) {
+      q[k] = Vec(acc_t(kSoftcapPoly[k] / ck));
+      ck *= double(c) * double(c);
+    }
+  }
+};
+
+// z = cap tanh(x / cap) and dz/dx: the polynomial when every lane is small (float, C.poly),
+// else softcap_vec. A lane's z depends only on x, up to the two formulas' few-ulp difference (a
+// vector with both small and large logits takes softcap_vec for all of them).
+template <typename acc_t>
+C10_ALWAYS_INLINE Vectorized<acc_t> softcap_any(const Vectorized<acc_t>& x, const SoftcapConsts<acc_t>& C,
+                              Vectorized<acc_t>* dz) {
+  using Vec = Vectorized<acc_t>;
+  if constexpr (std::is_same_v<acc_t, float>) {
+    // every lane |x| <= lim (a NaN lane counts as small: NaN rows stop before)
+#if defined(CPU_CAPABILITY_AVX2)
+    const bool small = _mm256_movemask_ps(_mm256_cmp_ps(x.abs(), C.lim, _CMP_GT_OQ)) == 0;
+#else
+    const bool small = (x.abs() > C.lim).zero_mask() == (1 << Vec::size()) - 1;
+#endif
+    if (C.poly && small) {
+      const Vec x2 = x * x;
+      Vec p = at::vec::fmadd(C.q[kSoftcapPolyTerms - 1], x2, C.q[kSoftcapPolyTerms - 2]);
+      for (int k = kSoftcapPolyTerms - 3; k >= 0; --k) p = at::vec::fmadd(p, x2, C.q[k]);
+      const Vec z = x * p;
+      if (dz) *dz = one_minus_sq(z * C.inv_cap);
+      return z;
+    }
+  }
+  return softcap_vec<acc_t>(x, C.two_inv, C.cap, dz);
+}
+
+// cap * tanh(x / cap) of one value, by softcap_any (so the row max and the target's capped
+// logit are the values pass 2 computes, bit for bit unless x's vector there mixes small and
+// large logits: then within the two formulas' few ulp).
 template <typename acc_t>
 acc_t softcap_scalar(acc_t x, acc_t cap) {
   using Vec = Vectorized<acc_t>;
   alignas(64) acc_t buf[Vec::size()];
-  (Vec(cap) * tanh_scaled<acc_t>(Vec(x), Vec(acc_t(2) / cap))).store(buf);
+  softcap_any<acc_t>(Vec(x), SoftcapConsts<acc_t>(cap), nullptr).store(buf);
   return buf[0];
 }
 
@@ -331,36 +431,54 @@ void softcap_exp_pass(const acc_t* x, acc_t* e, acc_t* dz, const acc_t* w, int64
                       double& s_out, double& S_out) {
   using Vec = Vectorized<acc_t>;
   constexpr int64_t V = Vec::size();
-  const Vec vm(m), vcap(cap), two_inv(acc_t(2) / cap), one(1);
+  const Vec vm(m);
+  const SoftcapConsts<acc_t> C(cap);
   // e below e^-kExpArg (caps above 43 in float) is taken as e^-kExpArg: at most K * 4.5e-38
   // added to s >= 1
   const Vec vlo(-kExpArg<acc_t>);
   double s = 0, S = 0;
-  for (int64_t b0 = 0; b0 < K; b0 += kExpBlock) {
-    const int64_t b1 = std::min<int64_t>(K, b0 + kExpBlock);
-    Vec vs(0), vS(0);
-    int64_t c = b0;
-    for (; c + V <= b1; c += V) {
-      const Vec t = tanh_scaled<acc_t>(Vec::loadu(x + c), two_inv);
-      const Vec d = at::vec::fmsub(vcap, t, vm);  // z - m, in [-2 cap, 0]
-      const Vec ex = exp_clamped(at::vec::maximum(d, vlo));
-      vs = vs + ex;
-      vS = w ? at::vec::fmadd(Vec::loadu(w + c), d, vS) : vS + d;
-      ex.store(e + c);
-      at::vec::fmadd(Vec(0) - t, t, one).store(dz + c);  // 1 - t^2, one rounding (no fnmadd in torch 2.4)
+  // weighted or not as a compile-time constant: no test of w inside the loop
+  auto blocks = [&](auto weighted) {
+    constexpr bool kW = decltype(weighted)::value;
+    for (int64_t b0 = 0; b0 < K; b0 += kExpBlock) {
+      const int64_t b1 = std::min<int64_t>(K, b0 + kExpBlock);
+      Vec vs(0), vS(0);
+      int64_t c = b0;
+      for (; c + V <= b1; c += V) {
+        Vec g;
+        const Vec d = softcap_any<acc_t>(Vec::loadu(x + c), C, &g) - vm;  // z - m, in [-2 cap, 0]
+        const Vec ex = exp_clamped(at::vec::clamp_min(d, vlo));  // d is never NaN (NaN rows stop before)
+        vs = vs + ex;
+        if constexpr (kW) {
+          vS = at::vec::fmadd(Vec::loadu(w + c), d, vS);
+        } else {
+          vS = vS + d;
+        }
+        ex.store(e + c);
+        g.store(dz + c);
+      }
+      if (c < b1) {
+        const int64_t n = b1 - c;
+        Vec g;
+        const Vec d = Vec::set(Vec(0), softcap_any<acc_t>(Vec::loadu(x + c, n), C, &g) - vm, n);
+        const Vec ex = Vec::set(Vec(0), exp_clamped(at::vec::clamp_min(d, vlo)), n);
+        vs = vs + ex;
+        if constexpr (kW) {
+          vS = at::vec::fmadd(Vec::loadu(w + c, n), d, vS);
+        } else {
+          vS = vS + d;
+        }
+        ex.store(e + c, n);
+        g.store(dz + c, n);
+      }
+      s += vsum(vs);
+      S += vsum(vS);
     }
-    if (c < b1) {
-      const int64_t n = b1 - c;
-      const Vec t = tanh_scaled<acc_t>(Vec::loadu(x + c, n), two_inv);
-      const Vec d = Vec::set(Vec(0), at::vec::fmsub(vcap, t, vm), n);
-      const Vec ex = Vec::set(Vec(0), exp_clamped(at::vec::maximum(d, vlo)), n);
-      vs = vs + ex;
-      vS = w ? at::vec::fmadd(Vec::loadu(w + c, n), d, vS) : vS + d;
-      ex.store(e + c, n);
-      at::vec::fmadd(Vec(0) - t, t, one).store(dz + c, n);
-    }
-    s += vsum(vs);
-    S += vsum(vS);
+  };
+  if (w) {
+    blocks(std::true_type{});
+  } else {
+    blocks(std::false_type{});
   }
   s_out = s;
   S_out = S;
