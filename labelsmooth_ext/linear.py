@@ -35,11 +35,13 @@ _SCALE_ON_HOST = True
 
 # CPU: rows per chunk so that the chunk's buffers (its logits, overwritten by their gradient,
 # plus a float32 copy of that gradient for 16-bit weights) take about this many bytes. Larger
-# chunks run the GEMMs faster (MKL, V=32000 H=1024 on the 2-core build machine, GFLOP per
-# CPU-second of the three GEMMs, one quiet run: about 113-130 at 392 rows, 116-141 at 784,
-# 131-141 at 2048), but the chunk is held at once: 96 MiB (786 float32 rows at V=32000) keeps
-# the peak extra memory within 1/8 of linear + F.cross_entropy's at that shape.
-CPU_CHUNK_BYTES = 96 << 20
+# chunks run the GEMMs faster: each GEMM packs the whole of W (or W^T) once per call, so fewer,
+# larger calls spend less on packing (MKL, V=32000 H=1024, 2-core build machine under load,
+# GFLOP per CPU-second of the logits / d input / d W GEMMs: 136 / 145 / 143 at 688 rows,
+# 151 / 152 / 148 at 4096). The chunk is held at once: 128 MiB (1024 float32 rows at V=32000,
+# 4 chunks of N=4096) measured 166-170 MB beyond the returned gradients (the chunk plus ~38 MB
+# of MKL's packing buffers), within the goal of 1/8 of linear + F.cross_entropy's 1402 MB.
+CPU_CHUNK_BYTES = 128 << 20
 
 
 def _acc_dtype(dtype):
