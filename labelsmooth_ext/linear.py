@@ -53,7 +53,8 @@ def auto_chunk_size(rows, num_classes, dtype, device):
 
     CPU: one buffer of logits that the row kernel turns into their gradient in place (and a
     float32 copy of it for 16-bit inputs), within CPU_CHUNK_BYTES. CUDA: the logits, their
-    gradient and float32 copies: about four float32 chunks within a quarter of what is free.
+    gradient (and, only under "none"'s backward or where addmm has no out_dtype, float32 copies
+    for 16-bit inputs): at most four float32 chunks within a quarter of what is free.
     The rows are then split into chunks of nearly equal size (a multiple of 8 rows), so no
     chunk is much smaller, and slower per row in the GEMMs, than the others."""
     v = max(1, num_classes)
