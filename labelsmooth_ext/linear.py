@@ -35,11 +35,13 @@ _SCALE_ON_HOST = True
 
 # CPU: rows per chunk so that the chunk's buffers (its logits, overwritten by their gradient,
 # plus a float32 copy of that gradient for 16-bit weights) take about this many bytes. Larger
-# chunks run the GEMMs faster (MKL, V=32000 H=1024 on the 2-core build machine, GFLOP per
-# CPU-second of the three GEMMs, one quiet run: about 113-130 at 392 rows, 116-141 at 784,
-# 131-141 at 2048), but the chunk is held at once: 96 MiB (786 float32 rows at V=32000) keeps
-# the peak extra memory within 1/8 of linear + F.cross_entropy's at that shape.
-CPU_CHUNK_BYTES = 96 << 20
+# chunks run the GEMMs faster: each GEMM packs the whole of W (or W^T) once per call, so fewer,
+# larger calls spend less on packing (MKL, V=32000 H=1024, 2-core build machine under load,
+# GFLOP per CPU-second of the logits / d input / d W GEMMs: 136 / 145 / 143 at 688 rows,
+# 151 / 152 / 148 at 4096). The chunk is held at once: 128 MiB (1024 float32 rows at V=32000,
+# 4 chunks of N=4096) measured 166-170 MB beyond the returned gradients (the chunk plus ~38 MB
+# of MKL's packing buffers), within the goal of 1/8 of linear + F.cross_entropy's 1402 MB.
+CPU_CHUNK_BYTES = 128 << 20
 
 
 def _acc_dtype(dtype):
@@ -51,7 +53,8 @@ def auto_chunk_size(rows, num_classes, dtype, device):
 
     CPU: one buffer of logits that the row kernel turns into their gradient in place (and a
     float32 copy of it for 16-bit inputs), within CPU_CHUNK_BYTES. CUDA: the logits, their
-    gradient and float32 copies: about four float32 chunks within a quarter of what is free.
+    gradient (and, only under "none"'s backward or where addmm has no out_dtype, float32 copies
+    for 16-bit inputs): at most four float32 chunks within a quarter of what is free.
     The rows are then split into chunks of nearly equal size (a multiple of 8 rows), so no
     chunk is much smaller, and slower per row in the GEMMs, than the others."""
     v = max(1, num_classes)
@@ -113,14 +116,44 @@ def _kept_rows(tgt, ignore_index, dev):
     return None if idx.numel() == tgt.numel() else idx
 
 
+# 16-bit d W accumulates in float32. Where the library GEMM takes 16-bit inputs with float32
+# accumulation and output (CUDA: cuBLAS through addmm's out_dtype, in PyTorch 2.14, which also
+# accepts the float32 d W as the added matrix), the chunk's gradient and inputs go in as they are;
+# elsewhere (the CPU has no such addmm) they are widened to float32 first, a copy of the chunk.
+# None: not tried yet on that device type; False: refused once (older PyTorch), widen from then on.
+_F32_OUT_GEMM = {"cuda": None}
+
+
+def _addmm_f32(out, a, b, beta, alpha):
+    """out = beta * out + alpha * (a @ b), out float32, a and b 16-bit, products and sums in
+    float32: without float32 copies of a and b where the device's GEMM can (_F32_OUT_GEMM)."""
+    dev = out.device.type
+    state = _F32_OUT_GEMM.get(dev, False)
+    if state is not False:
+        try:
+            torch.addmm(out, a, b, out_dtype=torch.float32, beta=beta, alpha=alpha, out=out)
+            _F32_OUT_GEMM[dev] = True
+            return out
+        except (TypeError, RuntimeError, NotImplementedError):
+            if state:  # it worked before: a real error
+                raise
+            _F32_OUT_GEMM[dev] = False
+    return torch.addmm(out, a.to(torch.float32), b.to(torch.float32), beta=beta, alpha=alpha, out=out)
+
+
 def _chunk_loop(x, W, b, tgt, weight, ignore_index, eps, mode, z_loss, softcap, chunk,
-                row_scale, need_x, need_w, need_b, loss_kind, scale=1.0):
+                row_scale, need_x, need_w, need_b, loss_kind, scale=1.0, post_scale=None):
     """The chunked pass.
 
     chunk: rows per chunk, 0 for automatic (from the rows that are computed).
     row_scale: None, or one factor per row (accumulation dtype) that multiplies that row's
     gradient (1/D for kept rows under "mean", the incoming gradient under "none").
     scale: a host scalar multiplying every gradient (1/D of the mean on the CPU).
+    post_scale: None, or a 0-d tensor equal to row_scale on every kept row (the mean's 1/D on
+    the device; 0 when no row is kept): 16-bit gradients that are not scaled in the row kernel
+    then multiply d W and d b by it once at the end instead of scaling x's rows before the
+    GEMM (a float32 copy of the chunk), so their GEMM takes the 16-bit chunk as it is
+    (_addmm_f32). Ignored rows' gradients are exactly 0, so their factor does not matter there.
     loss_kind: None (no loss wanted), "rows" (per-row losses) or "sum".
     Returns (loss, d_input, d_weight, d_bias); the gradients are in the accumulation dtype
     (d_input in the input dtype for float32/float64/bfloat16, float32 for float16) or None.
@@ -143,6 +176,9 @@ def _chunk_loop(x, W, b, tgt, weight, ignore_index, eps, mode, z_loss, softcap, 
     # gradients (p / D) to zero; they are applied after the GEMMs, in float32.
     in_kernel = inplace and dt != torch.float16
     alpha = 1.0 if in_kernel else scale
+    # 16-bit g not scaled in the kernel (CUDA; float16 on the CPU): d W and d b straight from it
+    narrow = dt in _SIXTEEN and not in_kernel
+    late = narrow and post_scale is not None  # d W / d b scaled once at the end, not per row
     idx = _kept_rows(tgt, ignore_index, dev) if n else None
     m = n if idx is None else idx.numel()  # rows computed
     if chunk <= 0:
@@ -220,7 +256,19 @@ def _chunk_loop(x, W, b, tgt, weight, ignore_index, eps, mode, z_loss, softcap, 
                 del gx
             if ix is not None:
                 dx.index_copy_(0, ix, out)
-        if need_w or need_b:
+        if (need_w or need_b) and narrow and (r is None or late):
+            # float32 accumulation from the 16-bit chunk, no float32 copy of g where the GEMM
+            # can (_addmm_f32); d b is a float32 column sum of g (no copy either)
+            if need_w:
+                _addmm_f32(dW, g.t(), xc, 0 if s == 0 else 1, alpha)
+            if need_b:
+                gs = g.sum(0, dtype=acc)
+                if s == 0:
+                    torch.mul(gs, alpha, out=db)
+                else:
+                    db.add_(gs, alpha=alpha)
+                del gs
+        elif need_w or need_b:
             ga = g if g.dtype == acc else g.to(acc)  # float32 accumulation for 16-bit weights
             if need_w:
                 xs = xc if xc.dtype == acc else xc.to(acc)
@@ -237,6 +285,10 @@ def _chunk_loop(x, W, b, tgt, weight, ignore_index, eps, mode, z_loss, softcap, 
                 torch.addmv(db, ga.t(), rv, beta=0 if s == 0 else 1, alpha=alpha, out=db)
             del ga
         del g, loss_c
+    if late and m:
+        for t in (dW, db):
+            if t is not None:
+                t.mul_(post_scale)
     if loss_kind == "rows":
         return rows, dx, dW, db
     return total, dx, dW, db
@@ -289,7 +341,7 @@ def linear_ce_forward(
                                     False, False, False, "rows")
         e = input.new_empty(_EMPTY_SHAPE)
         return rows, e, e.clone(), e.clone()
-    row_scale, alpha = None, 1.0
+    row_scale, alpha, post = None, 1.0, None
     if reduction == _MEAN:
         D, valid = _mean_denominator(target, weight, ignore_index, v, acc)
         d_host = float(D) if input.device.type == "cpu" and _SCALE_ON_HOST else None  # free on CPU
@@ -298,10 +350,13 @@ def linear_ce_forward(
         else:
             # on the device (no host sync), or D = 0: kept rows get 1/D (inf when D = 0, as in
             # cross_entropy), ignored rows exactly 0
-            row_scale = torch.where(valid, 1.0 / D, torch.zeros((), dtype=acc, device=input.device))
+            zero = torch.zeros((), dtype=acc, device=input.device)
+            row_scale = torch.where(valid, 1.0 / D, zero)
+            post = torch.where(valid.any(), 1.0 / D, zero)  # the same on every kept row
     total, dx, dW, db = _chunk_loop(input, linear_weight, linear_bias, target, weight, ignore_index,
                                     label_smoothing, smoothing_mode, z_loss, softcap, chunk,
-                                    row_scale, grad_input, grad_weight, grad_bias, "sum", alpha)
+                                    row_scale, grad_input, grad_weight, grad_bias, "sum", alpha,
+                                    post)
     loss = total / D if reduction == _MEAN else total
     e = input.new_empty(_EMPTY_SHAPE)
     return (loss, e.clone() if dx is None else dx, e.clone() if dW is None else dW,

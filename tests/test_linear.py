@@ -86,6 +86,67 @@ def test_device_side_mean_scale(monkeypatch, weighted, dtype):
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("all_ignored", [False, True])
+def test_cuda_path_on_the_cpu(monkeypatch, reduction, dtype, all_ignored):
+    """The path CUDA takes (every row kept, ce_forward_ext's gradient in a second buffer, 1/D of
+    the mean on the device), run here on the CPU, against the float64 oracle. For 16-bit inputs
+    under "mean" and "sum", d W's GEMM gets the 16-bit chunk as it is (_addmm_f32: on CUDA
+    cuBLAS with float32 output, no float32 copies) and the mean's 1/D multiplies d W and d b
+    once at the end; "none"'s backward (a factor per row) still widens."""
+    calls = []
+    real = lin._addmm_f32
+
+    def spy(out, a, b, beta, alpha):
+        calls.append((out.dtype, a.dtype, b.dtype))
+        return real(out, a, b, beta, alpha)
+
+    monkeypatch.setattr(lin, "_in_place_step", lambda dev: False)
+    monkeypatch.setattr(lin, "_SCALE_ON_HOST", False)
+    monkeypatch.setattr(lin, "_addmm_f32", spy)
+    x, W, b, t, w = make(n=40, h=16, v=50, dtype=dtype)
+    if all_ignored:
+        t = torch.full_like(t, -100)
+    kw = dict(weight=w, label_smoothing=0.1, reduction=reduction)
+    ours = L.linear_cross_entropy(x, W, t, linear_bias=b, chunk_size=16, **kw)
+    x64, W64, b64 = (p.detach().double().requires_grad_() for p in (x, W, b))
+    ref = oracle(x64, W64, b64, t, **dict(kw, weight=w.double()))
+    assert_close_to(ours, ref, dtype, "loss", atol_rel=TOL[dtype])  # 16-bit logits per row
+    go = torch.rand_like(ref) + 0.5 if reduction == "none" else None
+    g_ours = grads(ours, [x, W, b], None if go is None else go.to(dtype))
+    for a, e, p, name in zip(g_ours, grads(ref, [x64, W64, b64], go), (x, W, b), ("d input", "d W", "d b")):
+        assert a.dtype == p.dtype, name
+        assert_close_to(a, e, dtype, name, ulps=0, atol_rel=TOL[dtype])
+        if all_ignored:
+            assert not a.any(), name  # zeros, as PyTorch (not 0 * inf of an empty mean)
+    narrow = dtype != torch.float32 and reduction != "none"
+    assert bool(calls) == narrow
+    assert all(o == torch.float32 and a == dtype and bb == dtype for o, a, bb in calls)
+
+
+def test_addmm_f32_uses_out_dtype_where_accepted(monkeypatch):
+    """_addmm_f32 hands the 16-bit operands to addmm(out_dtype=float32) where the device takes
+    it. Checked here on the meta device (PyTorch's shape and dtype rules for CUDA's kernel: a
+    float32 d W added to a 16-bit product); the CPU refuses out_dtype, so it widens (once
+    refused, never tried again), with the same float32 result."""
+    monkeypatch.setattr(lin, "_F32_OUT_GEMM", {"meta": None, "cpu": None})
+    for dt in (torch.bfloat16, torch.float16):
+        out = torch.empty(32, 16, device="meta")
+        a = torch.empty(8, 32, dtype=dt, device="meta").t()
+        bm = torch.empty(8, 16, dtype=dt, device="meta")
+        assert lin._addmm_f32(out, a, bm, 1, 0.5) is out
+        assert lin._F32_OUT_GEMM["meta"] is True and out.dtype == torch.float32
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(8, 32, generator=g).bfloat16()
+    bc = torch.randn(8, 16, generator=g).bfloat16()
+    out = torch.randn(32, 16, generator=g)
+    expect = out.double() + 0.5 * (a.t().double() @ bc.double())
+    lin._addmm_f32(out, a.t(), bc, 1, 0.5)
+    assert lin._F32_OUT_GEMM["cpu"] is False
+    torch.testing.assert_close(out.double(), expect, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("weighted", [False, True])
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("eps", [0.0, 0.1, 1.0])
