@@ -85,6 +85,11 @@ sources = [
     "csrc/cpu/kernels_avx2.cpp",
     "csrc/cpu/vp_cpu.cpp",
 ]
+# Every header under csrc/: setuptools skips the whole extension ("up-to-date") unless a source or
+# one of these is newer than the built library, so a change to a header alone (csrc/cuda/*.cuh,
+# included only by loss_cuda.cu) would otherwise never reach ninja, whose depfiles (gcc -MMD,
+# nvcc -MD) then rebuild exactly the objects that include it.
+depends = sorted(str(p.relative_to(ROOT)) for ext in ("*.h", "*.cuh") for p in (ROOT / "csrc").rglob(ext))
 cxx_flags = ["-O3", "-Wno-unknown-pragmas", "-Wno-psabi", "-fvisibility-inlines-hidden"]
 nvcc_flags = ["-O3", "-lineinfo", "--expt-relaxed-constexpr"]
 if with_cuda:
@@ -93,10 +98,11 @@ if with_cuda:
         "labelsmooth_ext._C",
         sources,
         define_macros=[("LSE_WITH_CUDA", None)],
+        depends=depends,
         extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
     )
 else:
-    ext = CppExtension("labelsmooth_ext._C", sources, extra_compile_args={"cxx": cxx_flags})
+    ext = CppExtension("labelsmooth_ext._C", sources, depends=depends, extra_compile_args={"cxx": cxx_flags})
 
 setup(
     # The wheel works with the torch it was built against only: pin it (pip then warns when that
