@@ -32,6 +32,9 @@ MODEL (stated, not measured; every figure it prints is a prediction):
   fraction of the floor = (bytes read + bytes written) / peak / predicted time.
   Not modelled: instruction issue limits, DRAM page effects, L2 capacity (fp32 at K = 128256
   overflows it: issue 10 item 3), the pass-2 L2 re-read overlapping the stores.
+  Probability targets (ce_prob_kernel): logits + targets read twice from HBM, gradient written.
+  Every other kernel (tensor-parallel passes, bce, the backward scale) as a stream: the fraction of
+  peak its loads in flight allow, min(1, SMs x bytes in flight per SM / latency / peak).
   Blocks per SM: 65536 registers per SM, allocated per warp in units of 256; at most 64 warps,
   32 blocks and 2048 threads per SM; shared memory 164 KB (sm_80) / 228 KB (sm_90).
 """
@@ -223,6 +226,44 @@ def max_in_flight(insns):
     return best
 
 
+def load_bytes(op):
+    """Bytes a global load moves per thread (LDG.E.128: 16, LDG.E.64: 8, LDG.E.U16: 2, LDG.E: 4)."""
+    if not op.startswith("LDG"):
+        return 0
+    for tag, n in ((".256", 32), (".128", 16), (".64", 8), (".U16", 2), (".S16", 2), (".U8", 1), (".S8", 1)):
+        if tag in op:
+            return n
+    return 4
+
+
+def max_bytes_in_flight(insns):
+    """Largest number of bytes of global loads (any width) issued and not yet consumed."""
+    pending, best = {}, 0
+    for k, ins in enumerate(insns):
+        used = set(ins.src)
+        for key in [key for key, (regs, _) in pending.items() if used & regs]:
+            del pending[key]
+        n = load_bytes(ins.op)
+        if not n:
+            written = set(ins.dst)
+            for key in [key for key, (regs, _) in pending.items() if written & regs]:
+                del pending[key]
+        else:
+            pending[k] = (set(ins.dst), n)
+            best = max(best, sum(b for _, b in pending.values()))
+    return best
+
+
+def loop_bytes_in_flight(insns):
+    """max_bytes_in_flight over the loop bodies (the whole code when it has no loop loads)."""
+    best = 0
+    for a, b in loops(insns):
+        body = insns[a:b + 1]
+        if any(load_bytes(i.op) for i in body):
+            best = max(best, max_bytes_in_flight(body))
+    return best or max_bytes_in_flight(insns)
+
+
 @dataclass
 class PassStats:
     loads: int = 0        # 16-byte loads in the pass's code
@@ -273,6 +314,9 @@ def kernel_config(name):
     m = re.search(r"ce_prob_kernel<([^,]+), ([^,]+), (\d+), (\d+)>", name)
     if m:  # no register cache
         return int(m.group(3)) * int(m.group(4)), int(m.group(3)), 0, m.group(1)
+    m = re.search(r"vp_\w+_kernel<([^,]+), (\d+), (\d+)>", name)
+    if m:  # tensor parallel local passes: ROW_THREADS x ROWS_PER_BLOCK, no register cache
+        return int(m.group(2)) * int(m.group(3)), int(m.group(2)), 0, m.group(1)
     m = re.search(r"ce_split_\w+_kernel<([^,]+), (\d+)>", name)
     if m:
         return int(m.group(2)), int(m.group(2)), 0, m.group(1)
@@ -445,7 +489,7 @@ def report(rows, archs=None):
         if archs and arch not in archs:
             continue
         for label, elem, telem, K in PROB_SHAPES:
-            threads = 32 if K * elem <= 2048 else 256
+            threads = 32 if K * elem <= prob_warp_row_bytes() else 256
             r = next((r for r in rows if r["arch"] == arch and "ce_prob_kernel" in r["name"]
                       and r["row_threads"] == threads and dtype_bytes(r["dtype"]) == elem
                       and (elem != 2 or "BFloat16" in r["dtype"])
@@ -455,6 +499,23 @@ def report(rows, archs=None):
                 continue
             lines.append(f"  {gpu} {label:22} {r['name'][:44]:44} p1 loop {r['p1'].loop} p2 loop {r['p2'].loop}: "
                          f"predicted {100 * predict_prob(gpu, elem, telem, K, r):5.1f}% of floor")
+    lines.append("")
+    lines.append("Every other kernel, as a stream (PREDICTION: fraction of HBM peak its loads in flight allow by"
+                 " Little's law, min(1, SMs x bytes in flight per SM / latency / peak); bytes in flight per thread"
+                 " = the most load bytes (any width) issued before their first use in a loop body):")
+    covered = ("ce_forward_kernel", "ce_prob_kernel", "ce_split_stats_kernel", "ce_split_grad_kernel")
+    for gpu, (arch, sms, peak, lat, _smem) in GPUS.items():
+        if archs and arch not in archs:
+            continue
+        for r in sorted(rows, key=lambda r: r["name"]):
+            if r["arch"] != arch or any(c in r["name"] for c in covered):
+                continue
+            per_thread = loop_bytes_in_flight(r["insns"])
+            per_sm = per_thread * r["threads"] * r["blocks"]
+            f = min(1.0, sms * per_sm / lat / peak)
+            narrow = "" if any(is_vec_load(i.op) for i in r["insns"]) else "  (no 16-byte loads)"
+            lines.append(f"  {gpu} {r['name'][:44]:44} {per_thread:4d} B/thread x {r['threads']} x {r['blocks']} "
+                         f"= {per_sm / 1024:6.1f} KB/SM in flight: predicted {100 * f:5.1f}% of peak{narrow}")
     return "\n".join(lines)
 
 
@@ -464,6 +525,18 @@ def _pick(rows, arch, kernel, elem):
 
 
 DISPATCH_HEADER = Path(__file__).resolve().parents[1] / "csrc" / "cuda" / "dispatch.cuh"
+
+
+PROB_HEADER = Path(__file__).resolve().parents[1] / "csrc" / "cuda" / "prob_kernels.cuh"
+
+
+def prob_warp_row_bytes(header=PROB_HEADER):
+    """dispatch_prob's threshold (kProbWarpRowBytes in csrc/cuda/prob_kernels.cuh): rows up to this
+    many bytes of logits take a warp, longer ones a 256-thread block."""
+    m = re.search(r"kProbWarpRowBytes\s*=\s*(\d+)", Path(header).read_text())
+    if not m:
+        raise RuntimeError(f"no kProbWarpRowBytes in {header}")
+    return int(m.group(1))
 
 
 def row_kernel_limits(header=DISPATCH_HEADER):
@@ -479,9 +552,19 @@ def row_kernel_limits(header=DISPATCH_HEADER):
     return rows
 
 
+def big_row_cache_4(header=DISPATCH_HEADER):
+    """The dtypes whose big_row_cache (csrc/cuda/dispatch.cuh) is 4 packs: the types its body names."""
+    text = Path(header).read_text()
+    m = re.search(r"constexpr int big_row_cache\(\)\s*\{\s*return (.*?)\? 4 : 6;", text, re.S)
+    if not m:
+        raise RuntimeError(f"no big_row_cache in {header}")
+    names = re.findall(r"is_same_v<scalar_t,\s*(?:c10::)?(\w+)>", m.group(1))
+    return {n for n in names}
+
+
 def dispatch(dtype, row_bytes, limits=None):
     """Threads per row dispatch_forward picks for a row of row_bytes (from its table)."""
-    big4 = dtype.strip() in ("BFloat16", "double")  # big_row_cache<scalar_t>() == 4
+    big4 = dtype.strip() in big_row_cache_4()  # big_row_cache<scalar_t>() == 4
     for threads, lim4, lim6 in (limits or row_kernel_limits()):
         if row_bytes <= (lim4 if big4 else lim6):
             return threads

@@ -164,13 +164,35 @@ def _check_no_double_backward():
         )
 
 
+def _compiled_scale(grad, grad_output, reduction):
+    """ce_backward as ATen ops, for torch.compile (issue 10 item 7b): the same numbers (ce_backward
+    is at::mul_out into grad's dtype: the product in the promoted dtype, then one cast), but visible
+    to inductor, which fuses the multiply into the gradient's pointwise consumers (the backward of a
+    temperature, an upcast, a softcap computed in PyTorch, the .grad accumulation) instead of an
+    opaque operator's full extra read + write of N x K. A matmul consumer still reads it separately
+    (inductor's prologue fusion into mm templates is off unless max-autotune benchmarks it faster)."""
+    if reduction == REDUCTIONS["none"]:
+        go = grad_output.reshape([grad.shape[0]] + [1] * (grad.dim() - 1))
+        if grad.dim() == 3:  # (N, C, S): one factor per (n, s)
+            go = grad_output.reshape(grad.shape[0], 1, grad.shape[2])
+    else:
+        go = grad_output.reshape(())
+    return torch.mul(grad, go).to(grad.dtype)
+
+
+def _scale_traced(op, grad, grad_output, reduction):
+    if torch.compiler.is_compiling():
+        return _compiled_scale(grad, grad_output, reduction)
+    return _functional(op, grad, grad_output, reduction)
+
+
 def _scaled_gradient(ctx, grad, grad_output, reduction):
     """The gradient the forward computed, times the incoming gradient."""
     if reduction == REDUCTIONS["none"]:
         grad_output = grad_output.reshape(-1)
     ops = ctx.ops
     if _traced(grad, grad_output):
-        return _functional(ops.ce_backward, grad, grad_output, reduction)  # traced: functional
+        return _scale_traced(ops.ce_backward, grad, grad_output, reduction)  # traced: functional
     _check_no_double_backward()
     if not ctx.cuda_path:
         # Host-side check costs nothing here; the saved gradient is returned as is (no copy:
@@ -423,7 +445,7 @@ def _backward_ext(ctx, grad_loss, _grad, _lse):
     go_is_one = not ctx.cuda_path and red != REDUCTIONS["none"]
     if len(saved) == 1:  # float32 / float64: the forward's gradient times the incoming one
         if _traced(grad, go):
-            g = _functional(ops.ce_backward, grad, go, red)
+            g = _scale_traced(ops.ce_backward, grad, go, red)
         else:
             _check_no_double_backward()
             g = grad if go_is_one and float(go) == 1.0 and not _graph_kept() else ops.ce_backward(grad, go, red)

@@ -143,14 +143,44 @@ def test_forward_kernels_issue_pass1_loads_back_to_back():
     info = L.build_info()
     if not info["cuda"]:
         pytest.skip("labelsmooth_ext was built without CUDA kernels (no nvcc at build time)")
-    S = _sass_report()
-    tool = _find_cuobjdump()
-    assert tool, "cuobjdump not found: install the CUDA toolkit or `pip install nvidia-cuda-cuobjdump`"
-    rows, _ = S.collect(_library_path(), tool)
+    rows = _collected()
     fwd = [r for r in rows if "ce_forward_kernel" in r["name"]]
     assert fwd, "no ce_forward_kernel in the library's SASS"
     serial = [f"{r['arch']} {r['name']}: {r['p1'].straight}" for r in fwd if r["p1"].straight < 4]
     assert not serial, "pass-1 16-byte loads serialized (in flight before first use < 4): " + "; ".join(serial)
+
+
+@functools.lru_cache(maxsize=1)
+def _collected():
+    """The built library's kernels as bench/sass_report.py reads them (cuobjdump once per run)."""
+    tool = _find_cuobjdump()
+    assert tool, "cuobjdump not found: install the CUDA toolkit or `pip install nvidia-cuda-cuobjdump`"
+    rows, _ = _sass_report().collect(_library_path(), tool)
+    return rows
+
+
+def test_sass_report_predicts_every_kernel():
+    """Issue 10: the report lists every kernel of the library and prints a (model) prediction for
+    every kernel family on each GPU it models: the row kernels, the split and probability-target
+    kernels by their own models, every other kernel (tensor parallel, bce, scale) as a stream."""
+    info = L.build_info()
+    if not info["cuda"]:
+        pytest.skip("labelsmooth_ext was built without CUDA kernels (no nvcc at build time)")
+    S = _sass_report()
+    rows = _collected()
+    text = S.report(rows)
+    families = {r["name"].split("<")[0] for r in rows}
+    assert {"ce_forward_kernel", "ce_prob_kernel", "scale_kernel"} <= families, families
+    for r in rows:
+        assert f"{r['arch']:6} {r['name'][:44]}" in text, f"{r['arch']} {r['name']} missing from the listing"
+    predicted = [ln for ln in text.splitlines() if "predicted" in ln]
+    for gpu in S.GPUS:
+        for fam in families:
+            if fam.startswith("ce_split_"):  # both split kernels predict together, per shape
+                fam = "chunks per row"
+            elif fam == "ce_forward_kernel":
+                fam = "ce_forward_kernel<"
+            assert any(ln.strip().startswith(gpu) and fam in ln for ln in predicted), f"{gpu}: no prediction for {fam}"
 
 
 def test_sass_report_reads_the_dispatch_table():

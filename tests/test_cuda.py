@@ -145,3 +145,29 @@ def test_peak_extra_memory_is_o_of_n():
     torch.cuda.synchronize()
     extra = torch.cuda.max_memory_allocated() - base - x.numel() * x.element_size()
     assert extra < 64 * N + (1 << 20), f"{extra} bytes beyond the gradient"
+
+
+def _inductor_backward_scale():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "inductor_backward_scale.py"
+    spec = importlib.util.spec_from_file_location("inductor_backward_scale", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.parametrize("target, reduction", [("ext", "mean"), ("prob", "none")])
+def test_compiled_backward_scale_fuses_into_pointwise_consumer(target, reduction):
+    """Issue 10 item 7b: under torch.compile the incoming gradient's scaling of the saved gradient
+    is an ATen multiply (_ops._compiled_scale), not the opaque ce_backward: inductor fuses it into
+    the gradient's pointwise consumer (here the backward of a temperature applied to the logits),
+    so one N x K pass instead of two runs between the loss and the matmuls, with the gradients of
+    eager mode. Inductor on the CPU (the graph is device-independent; the CPU takes _ops.py's Python
+    autograd for these operators, as every CUDA operator does)."""
+    S = _inductor_backward_scale()
+    r = S.backward_passes(target, reduction)
+    assert r["same"], "compiled gradients differ from eager"
+    assert r["ce_backward"] == 0 and r["passes"] == 1, (r["ce_backward"], r["nk_kernels"])
+    assert r["mm"] == 2

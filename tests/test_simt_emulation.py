@@ -351,3 +351,121 @@ def test_saved_gradient_reuse_is_vectorised(simt, emulated, dtype):
     assert torch.equal(grad.float(), saved.float() * go[:, None])  # exact: a power of two
     _, gref = _reference(x, t, None, label_smoothing=0.1, reduction="none")
     assert_close_to(grad, gref * go.double()[:, None], dtype, "reused grad")
+
+
+# ---- probability targets: the fused kernel (issue 10 item 9) ------------------------------------
+
+# (z_loss, softcap, incoming gradient): rotated over the cases of the ext operators
+PROB_EXT = [(0.0, 0.0, "ones"), (1e-3, 0.0, "random"), (2e-2, 3.0, "random"), (0.0, 5.0, "twos")]
+
+
+def _prob_inputs(g, N, K, dtype, tdt, i):
+    """Logits and soft targets, each a contiguous row block or a view off 16-byte alignment."""
+    base = (torch.randn(N, K + 3, generator=g) * 3).to(dtype)
+    x = base[:, 1:K + 1] if i % 2 else base[:, :K].contiguous()
+    tb = torch.softmax(torch.randn(N, K + 2, generator=g), 1).to(tdt)
+    p = tb[:, 2:K + 2] if i % 3 == 1 else tb[:, :K].contiguous()
+    return x, p
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("K", [1, 7, 33, 1000, 4097])
+def test_probability_targets_fused_kernel(simt, emulated, dtype, K):
+    """Probability targets run one fused kernel (ce_prob_kernel) on the CUDA path: every
+    reduction, weights, both smoothing modes, float32 targets for 16-bit inputs, rows off 16-byte
+    alignment (input, target and gradient each aligned differently), a row with a NaN and a row of
+    -inf (NaN loss and gradient, as the CPU path), against the float64 reference. Above a warp's
+    row size the logits and targets are read in 16-byte packs (counted by the emulator)."""
+    ns = simt.load()
+    g = torch.Generator().manual_seed(7 * K + DTYPES.index(dtype))
+    N = 5
+    targets = [dtype] + ([torch.float32] if dtype in (torch.float16, torch.bfloat16) else [])
+    for j, tdt in enumerate(targets):
+        for i, (eps, mode, weighted, red) in enumerate(VARIANTS[j::2]):
+            if mode == "off_target" and K == 1:
+                mode = "uniform"
+            x, p = _prob_inputs(g, N, K, dtype, tdt, i)
+            w = (torch.rand(K, generator=g) + 0.1).to(dtype) if weighted else None
+            if i == 2 and K > 1:
+                x = x.clone()
+                x[1, K // 2] = float("nan")
+                x[3] = float("-inf")
+            if tdt == dtype:  # through the functional API
+                xx = x.detach().clone().requires_grad_()
+                out = L.cross_entropy(xx, p, weight=w, reduction=red, label_smoothing=eps, smoothing_mode=mode)
+                out.sum().backward()
+                got_grad = xx.grad
+            else:  # a float32 target of a 16-bit input (what autocast passes): the operator itself
+                out, got_grad = ns.ce_prob_forward(x, p, w, eps, ["uniform", "off_target"].index(mode),
+                                                   ["none", "mean", "sum"].index(red), True)
+            xd = x.detach().double().requires_grad_()
+            ref = L.reference.cross_entropy(xd, p.double(), None if w is None else w.double(), reduction=red,
+                                            label_smoothing=eps, smoothing_mode=mode)
+            ref.sum().backward()
+            what = f"prob {tdt} {eps} {mode} {weighted} {red}"
+            assert_close_to(out, ref, dtype, "loss " + what)
+            assert_close_to(got_grad, xd.grad, dtype, "grad " + what)
+    if K >= 1000:
+        ns.pack_accesses()
+        x = torch.randn(N, K).to(dtype)
+        ns.ce_prob_forward(x, torch.softmax(x.float(), 1).to(dtype), None, 0.1, 0, 1, True)
+        loads, stores, launches = ns.pack_accesses()
+        assert launches == 1  # one kernel, no composite passes
+        vec = 16 // x.element_size()
+        # each schedule: logits + targets read twice (loss, gradient), gradient stored once
+        assert loads >= 4 * N * (K // vec - 1) and stores >= N * (K // vec - 1), (loads, stores)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("K", [7, 33, 1000, 4097])
+def test_probability_targets_ext_fused_kernel(simt, emulated, dtype, K):
+    """The ext operators of probability targets (z_loss, softcap, lse; the recomputing backward
+    with an incoming gradient that is not 1, out of place and in place over the logits) run the
+    fused kernel too, one launch each: loss, lse and gradient against the float64 reference, for
+    the input dtype's target and (16-bit) a float32 one, weights, both modes, every reduction,
+    misaligned input and target rows."""
+    ns = simt.load()
+    g = torch.Generator().manual_seed(13 * K + DTYPES.index(dtype))
+    N = 6
+    targets = [dtype] + ([torch.float32] if dtype in (torch.float16, torch.bfloat16) else [])
+    case = 0
+    for tdt in targets:
+        for i, (eps, mode, weighted, red) in enumerate(VARIANTS):
+            zl, cap, go_kind = PROB_EXT[case % len(PROB_EXT)]
+            case += 1
+            x, p = _prob_inputs(g, N, K, dtype, tdt, i)
+            if cap and i % 2 == 0:
+                x = x.clone()
+                x[2, 1] = float("inf")  # capped: finite
+                x[4] = float("-inf")
+            w = (torch.rand(K, generator=g) + 0.1).to(dtype) if weighted else None
+            mi, ri = ["uniform", "off_target"].index(mode), ["none", "mean", "sum"].index(red)
+            n_go = N if red == "none" else 1
+            go = {"ones": torch.ones(n_go), "twos": torch.full((n_go,), 2.0),
+                  "random": torch.rand(n_go, generator=g) * 2 - 0.5}[go_kind]
+            go = go.reshape(()) if red != "none" else go
+            xd = x.detach().double().requires_grad_()
+            ref = L.reference.cross_entropy(xd, p.double(), None if w is None else w.double(), reduction=red,
+                                            label_smoothing=eps, smoothing_mode=mode, z_loss=zl,
+                                            softcap=cap or None)
+            (ref * go.double()).sum().backward()
+            zr = x.double() if not cap else cap * torch.tanh(x.double() / cap)
+            lse_ref = torch.logsumexp(zr, 1)
+            what = f"prob ext {tdt} {eps} {mode} {weighted} {red} z={zl} cap={cap} go={go_kind}"
+
+            ns.pack_accesses()
+            out, g_fwd, lse = ns.ce_prob_forward_ext(x, p, w, eps, mi, ri, True, zl, cap)
+            assert ns.pack_accesses()[2] == 1, what  # one launch
+            assert_close_to(out, ref.detach(), dtype, "loss " + what)
+            assert_close_to(lse, lse_ref, torch.float64 if dtype == torch.float64 else torch.float32, "lse " + what)
+            g_rec = ns.ce_prob_grad_ext(x, p, w, go, eps, mi, ri, zl, cap)
+            assert_close_to(g_rec, xd.grad, dtype, "grad " + what, ulps=2)
+            xi = x.contiguous().clone()
+            ns.ce_prob_grad_ext_(xi, p, w, go, eps, mi, ri, zl, cap)
+            assert_close_to(xi, xd.grad, dtype, "in-place grad " + what, ulps=2)
+            # the forward's own gradient (incoming gradient 1)
+            xd1 = x.detach().double().requires_grad_()
+            L.reference.cross_entropy(xd1, p.double(), None if w is None else w.double(), reduction=red,
+                                      label_smoothing=eps, smoothing_mode=mode, z_loss=zl,
+                                      softcap=cap or None).sum().backward()
+            assert_close_to(g_fwd, xd1.grad, dtype, "forward grad " + what, ulps=2)

@@ -27,12 +27,14 @@ void launch_forward(const CeParams<scalar_t>& p, stream_t stream) {
   LSE_LAUNCH_CHECK();
 }
 
-// Register-cache packs of the 256- and 512-thread kernels (128-register cap): 6 for float and
-// half; bfloat16 (software rounding) and double spill with 6 on sm_90 next to pass 1's
-// four-pack load buffer, so 4.
+// Register-cache packs of the 256- and 512-thread kernels (128-register cap): 6 for float, half
+// and bfloat16; double spills with 6 on sm_90 next to pass 1's four-pack load buffer, so 4.
+// (bfloat16 took 4 too until its elements were widened by a shift, `widen` in kernels.cuh: c10's
+// conversion is cvt.f32.bf16 of 16-bit registers on sm_90, which cost it 20-30 registers.)
+// bench/sass_report.py reads the types named here.
 template <typename scalar_t>
 constexpr int big_row_cache() {
-  return (std::is_same_v<scalar_t, c10::BFloat16> || std::is_same_v<scalar_t, double>) ? 4 : 6;
+  return std::is_same_v<scalar_t, double> ? 4 : 6;
 }
 
 // The row kernels by row size: the largest row (bytes) each takes, for a 4-pack and a 6-pack

@@ -9,6 +9,7 @@
 #include "../ops.h"
 #include "../row_math.h"
 #include "dispatch.cuh"
+#include "prob_kernels.cuh"
 #include "platform.cuh"
 
 namespace labelsmooth_ext {
@@ -212,70 +213,92 @@ inline void ce_grad_ext_cuda_(at::Tensor& input, const at::Tensor& target, const
                 softcap);
 }
 
-// Probability targets: the composite path (several passes, fp32 math), correct everywhere.
+// Probability targets: one fused kernel (prob_kernels.cuh: logits and targets read once for the
+// loss, once more for the gradient; no N x K temporaries, N floats of extra memory) for every
+// option: weights, both modes, every reduction, float32 targets of 16-bit inputs, the incoming
+// gradient (backward), in place over the logits, softcap, z_loss, lse. `grad` undefined: no
+// gradient; `go` undefined: the forward's own gradient; `lse` undefined: not wanted.
+inline void run_prob_kernel(const at::Tensor& in, const at::Tensor& target, const std::optional<at::Tensor>& weight,
+                            double eps, int64_t mode, int64_t reduction, at::Tensor& rows, const at::Tensor& grad,
+                            const at::Tensor& go, double z_loss, double softcap, const at::Tensor& lse) {
+  const int64_t N = in.size(0), K = in.size(1);
+  if (N == 0) return;
+  if (K == 0) {  // an empty row: loss 0, lse of nothing -inf (never reached: check_common wants C >= 1)
+    rows.zero_();
+    if (lse.defined()) lse.fill_(-INFINITY);
+    return;
+  }
+  const at::Tensor tg = rows_with_unit_class_stride(target);
+  const auto acc = acc_type_of(in.scalar_type());
+  const bool weighted = weight.has_value() && weight->defined();
+  const at::Tensor w = weighted ? weight->to(acc).contiguous() : at::Tensor();
+  const stream_t stream = current_stream();
+  const bool float_target = tg.scalar_type() != in.scalar_type();  // float32 for a 16-bit input
+  dispatch_dtype(in.scalar_type(), [&](auto tag) {
+    using scalar_t = decltype(tag);
+    using acc_t = acc_of<scalar_t>;
+    auto run = [&](auto ttag) {
+      using tgt_t = decltype(ttag);
+      CeProbParams<scalar_t, tgt_t> p{};
+      p.in = static_cast<const scalar_t*>(in.data_ptr());
+      p.in_row_stride = in.stride(0);
+      p.target = static_cast<const tgt_t*>(tg.data_ptr());
+      p.t_row_stride = tg.stride(0);
+      p.weight = weighted ? static_cast<const acc_t*>(w.data_ptr()) : nullptr;
+      p.grad = grad.defined() ? static_cast<scalar_t*>(grad.data_ptr()) : nullptr;
+      p.loss_rows = static_cast<acc_t*>(rows.data_ptr());
+      p.lse_rows = lse.defined() ? static_cast<acc_t*>(lse.data_ptr()) : nullptr;
+      p.N = N;
+      p.K = K;
+      p.sm = smoothing_coefs<acc_t>(eps, K, mode);
+      p.scale = reduction == kMean ? acc_t(1.0 / double(N)) : acc_t(1);
+      p.go = go.defined() ? static_cast<const acc_t*>(go.data_ptr()) : nullptr;
+      p.go_per_row = go.defined() && reduction == kNone;
+      p.softcap = acc_t(softcap);
+      p.inv_softcap = softcap > 0 ? acc_t(1) / acc_t(softcap) : acc_t(0);
+      p.z_loss = acc_t(z_loss);
+      dispatch_prob<scalar_t, tgt_t>(p, stream);
+    };
+    if constexpr (std::is_same_v<scalar_t, c10::Half> || std::is_same_v<scalar_t, c10::BFloat16>) {
+      if (float_target) return run(float{});
+    }
+    run(scalar_t{});
+  });
+}
+
 inline std::tuple<at::Tensor, at::Tensor> ce_prob_forward_cuda(const at::Tensor& input, const at::Tensor& target,
                                                         const std::optional<at::Tensor>& weight,
                                                         double eps, int64_t mode, int64_t reduction,
                                                         bool compute_grad) {
   check_prob_args(input, target, weight, eps, mode, reduction);
   const DeviceGuard guard(input.device());
-  const int64_t N = input.size(0), K = input.size(1);
-  const auto acc = acc_type_of(input.scalar_type());
-  const auto sm = smoothing_coefs<double>(eps, K, mode);
-  const at::Tensor z = input.to(acc);
-  at::Tensor wq = target.to(acc).mul(sm.b).add(sm.a);
-  if (weight.has_value() && weight->defined()) wq = wq.mul(weight->to(acc));
-  const at::Tensor logp = z.log_softmax(1);
-  const at::Tensor rows = wq.mul(logp).sum(1).neg();
-  at::Tensor grad = at::empty({0}, input.options());
-  if (compute_grad) {
-    const double scale = reduction == kMean ? 1.0 / double(std::max<int64_t>(N, 1)) : 1.0;
-    grad = logp.exp().mul(wq.sum(1, true)).sub(wq).mul(scale).to(input.scalar_type());
-  }
+  const at::Tensor in = rows_with_unit_class_stride(input);
+  const int64_t N = in.size(0), K = in.size(1);
+  at::Tensor rows = at::empty({N}, in.options().dtype(acc_type_of(in.scalar_type())));
+  at::Tensor grad = compute_grad ? grad_aligned_like(in, N, K) : at::empty({0}, in.options());
+  run_prob_kernel(in, target, weight, eps, mode, reduction, rows, compute_grad ? grad : at::Tensor(), at::Tensor(),
+                  0.0, 0.0, at::Tensor());
   const at::Tensor denom = at::empty({}, rows.options()).fill_(double(N));
   return {finish_loss(rows, denom, reduction), grad};
 }
 
-// Probability targets with z_loss / softcap / lse (ce_prob_forward_ext) and their gradient:
-// composite like ce_prob_forward_cuda (several passes, accumulation-type math; correct, not
-// fused: the in-place backward computes the gradient in a temporary before copying it over the
-// logits). go: the incoming gradient (one value, or one per row for reduction none, in the
-// accumulation type), or undefined for the forward's own gradient.
-inline std::tuple<at::Tensor, at::Tensor, at::Tensor> prob_ext_composite(
-    const at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& weight, double eps,
-    int64_t mode, int64_t reduction, bool compute_grad, double z_loss, double softcap, const at::Tensor& go) {
-  const int64_t N = input.size(0), K = input.size(1);
-  const auto acc = acc_type_of(input.scalar_type());
-  const auto sm = smoothing_coefs<double>(eps, K, mode);
-  at::Tensor z = input.to(acc);
-  if (softcap > 0) z = z.div(softcap).tanh().mul(softcap);
-  at::Tensor wq = target.to(acc).mul(sm.b).add(sm.a);
-  if (weight.has_value() && weight->defined()) wq = wq.mul(weight->to(acc));
-  const at::Tensor logp = z.log_softmax(1);
-  const at::Tensor lse = z.logsumexp({1});
-  at::Tensor rows = wq.mul(logp).sum(1).neg();
-  if (z_loss != 0) rows = rows.add(lse.square().mul(z_loss));
-  at::Tensor grad = at::empty({0}, input.options());
-  if (compute_grad) {
-    // (p (Q + 2 c lse) - w q) [* (1 - (z / cap)^2)] * scale
-    at::Tensor g = logp.exp().mul(wq.sum(1, true).add(lse.unsqueeze(1).mul(2.0 * z_loss))).sub(wq);
-    if (softcap > 0) g = g.mul(z.div(softcap).square().neg().add(1.0));
-    if (go.defined()) g = g.mul(reduction == kNone ? go.reshape({N, 1}) : go.reshape({}));
-    if (reduction == kMean) g = g.div(double(std::max<int64_t>(N, 1)));
-    grad = g.to(input.scalar_type());
-  }
-  const at::Tensor denom = at::empty({}, rows.options()).fill_(double(N));
-  return {finish_loss(rows, denom, reduction), grad, lse};
-}
-
+// With z_loss / softcap / lse (ce_prob_forward_ext) and their gradient, recomputed (times the
+// incoming gradient) out of place or over the logits: the same kernel.
 inline std::tuple<at::Tensor, at::Tensor, at::Tensor> ce_prob_forward_ext_cuda(
     const at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& weight, double eps,
     int64_t mode, int64_t reduction, bool compute_grad, double z_loss, double softcap) {
   check_prob_args(input, target, weight, eps, mode, reduction);
   check_ext_args("labelsmooth_ext::ce_prob_forward_ext", z_loss, softcap);
   const DeviceGuard guard(input.device());
-  return prob_ext_composite(input, target, weight, eps, mode, reduction, compute_grad, z_loss, softcap,
-                            at::Tensor());
+  const at::Tensor in = rows_with_unit_class_stride(input);
+  const int64_t N = in.size(0), K = in.size(1);
+  at::Tensor rows = at::empty({N}, in.options().dtype(acc_type_of(in.scalar_type())));
+  at::Tensor lse = at::empty({N}, rows.options());
+  at::Tensor grad = compute_grad ? grad_aligned_like(in, N, K) : at::empty({0}, in.options());
+  run_prob_kernel(in, target, weight, eps, mode, reduction, rows, compute_grad ? grad : at::Tensor(), at::Tensor(),
+                  z_loss, softcap, lse);
+  const at::Tensor denom = at::empty({}, rows.options()).fill_(double(N));
+  return {finish_loss(rows, denom, reduction), grad, lse};
 }
 
 inline at::Tensor ce_prob_grad_ext_cuda(const at::Tensor& input, const at::Tensor& target,
@@ -285,16 +308,27 @@ inline at::Tensor ce_prob_grad_ext_cuda(const at::Tensor& input, const at::Tenso
   check_prob_args(input, target, weight, eps, mode, reduction);
   check_ext_args("labelsmooth_ext::ce_prob_grad_ext", z_loss, softcap);
   const DeviceGuard guard(input.device());
-  const at::Tensor go = incoming_gradient(grad_output, input.scalar_type(), input.size(0), reduction);
-  return std::get<1>(
-      prob_ext_composite(input, target, weight, eps, mode, reduction, true, z_loss, softcap, go));
+  const at::Tensor in = rows_with_unit_class_stride(input);
+  const int64_t N = in.size(0), K = in.size(1);
+  const at::Tensor go = incoming_gradient(grad_output, in.scalar_type(), N, reduction);
+  at::Tensor rows = at::empty({N}, in.options().dtype(acc_type_of(in.scalar_type())));
+  at::Tensor grad = grad_aligned_like(in, N, K);
+  run_prob_kernel(in, target, weight, eps, mode, reduction, rows, grad, go, z_loss, softcap, at::Tensor());
+  return grad;
 }
 
 inline void ce_prob_grad_ext_cuda_(at::Tensor& input, const at::Tensor& target,
                                    const std::optional<at::Tensor>& weight, const at::Tensor& grad_output,
                                    double eps, int64_t mode, int64_t reduction, double z_loss, double softcap) {
+  check_prob_args(input, target, weight, eps, mode, reduction);
+  check_ext_args("labelsmooth_ext::ce_prob_grad_ext_", z_loss, softcap);
   check_inplace_target(input);
-  input.copy_(ce_prob_grad_ext_cuda(input, target, weight, grad_output, eps, mode, reduction, z_loss, softcap));
+  const DeviceGuard guard(input.device());
+  const int64_t N = input.size(0);
+  const at::Tensor go = incoming_gradient(grad_output, input.scalar_type(), N, reduction);
+  at::Tensor rows = at::empty({N}, input.options().dtype(acc_type_of(input.scalar_type())));
+  // the gradient over the logits: each element read by the thread that writes it (prob_kernels.cuh)
+  run_prob_kernel(input, target, weight, eps, mode, reduction, rows, input, go, z_loss, softcap, at::Tensor());
 }
 
 inline std::tuple<at::Tensor, at::Tensor> bce_forward_cuda(const at::Tensor& input, const at::Tensor& target,

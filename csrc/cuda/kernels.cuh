@@ -9,6 +9,7 @@
 // gradient.
 #pragma once
 
+#include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
 #include <algorithm>
@@ -24,6 +25,25 @@ namespace cuda {
 
 template <typename T>
 using acc_of = std::conditional_t<std::is_same_v<T, double>, double, float>;
+
+// An element in the accumulation type. bfloat16 -> float is exact and is a 16-bit shift: done as
+// such on sm_90, where c10's conversion (__bfloat162float) is cvt.f32.bf16 of a 16-bit register
+// (each pack word first split into two 16-bit registers: 20-30 registers more than half in the
+// row kernels, issue 10 item 8). Below sm_90 c10's conversion is already the bit move
+// (mov.b32 {0, h}), which ptxas allocates better than the shift there (sm_80: 146 registers for
+// the shift against 126 in the 128-thread kernel), so it is kept; so is the emulation's.
+template <typename T>
+__device__ __forceinline__ acc_of<T> widen(T v) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    const uint32_t b = uint32_t(v.x) << 16;
+    float f;
+    memcpy(&f, &b, 4);
+    return f;
+  }
+#endif
+  return static_cast<acc_of<T>>(v);
+}
 
 template <typename scalar_t>
 struct CeParams {
@@ -89,7 +109,7 @@ struct RowAccum {
     acc_t v[VEC];
 #pragma unroll
     for (int i = 0; i < VEC; ++i) {
-      v[i] = capped(static_cast<acc_t>(pk.v[i]));
+      v[i] = capped(widen(pk.v[i]));
       linear(v[i], c0 + i);
     }
     acc_t vm = v[0];
@@ -139,7 +159,7 @@ __device__ __forceinline__ void scale_row(scalar_t* g, const scalar_t* s, int64_
       const int64_t v = v0 + int64_t(u) * ROW_THREADS;
       if (v < nvec) {
 #pragma unroll
-        for (int i = 0; i < VEC; ++i) buf[u].v[i] = static_cast<scalar_t>(static_cast<acc_t>(buf[u].v[i]) * f);
+        for (int i = 0; i < VEC; ++i) buf[u].v[i] = static_cast<scalar_t>(widen(buf[u].v[i]) * f);
         store_pack(g + head + v * VEC, buf[u]);
       }
     }
@@ -217,12 +237,12 @@ __global__ void __launch_bounds__(ROW_THREADS * ROWS_PER_BLOCK, min_blocks_of<RO
   // from here a row that is not live loads nothing (its loops are empty)
   const int64_t nv = live ? nvec : 0, hd = live ? head : 0, Kl = live ? K : 0;
   const acc_t zy = !live ? acc_t(0)
-                   : cap > acc_t(0) ? softcap_apply<acc_t>(static_cast<acc_t>(z[y]), cap)
-                                    : static_cast<acc_t>(z[y]);
+                   : cap > acc_t(0) ? softcap_apply<acc_t>(widen(z[y]), cap)
+                                    : widen(z[y]);
   const acc_t ref = (zy > acc_t(-INFINITY) && zy < acc_t(INFINITY)) ? zy : acc_t(0);
 
   RowAccum<scalar_t> acc{{acc_t(-INFINITY), acc_t(0), acc_t(0), acc_t(0)}, ref, p.weight, cap};
-  auto absorb_scalar = [&](int64_t c) { acc.add(acc.capped(static_cast<acc_t>(z[c])), c); };
+  auto absorb_scalar = [&](int64_t c) { acc.add(acc.capped(widen(z[c])), c); };
   auto absorb_pack = [&](const P& pk, int64_t c0) { acc.add_pack(pk, c0); };
 
   for (int64_t c = tid; c < hd; c += ROW_THREADS) absorb_scalar(c);
@@ -305,14 +325,14 @@ __global__ void __launch_bounds__(ROW_THREADS * ROWS_PER_BLOCK, min_blocks_of<RO
   auto emit_pack = [&](const P& pk, int64_t c0) {
     P out;
 #pragma unroll
-    for (int i = 0; i < VEC; ++i) out.v[i] = grad_of(static_cast<acc_t>(pk.v[i]), c0 + i);
+    for (int i = 0; i < VEC; ++i) out.v[i] = grad_of(widen(pk.v[i]), c0 + i);
     if (g_align == 16) {
       store_pack_stream(g + c0, out);
     } else {
       store_pack_split(g + c0, out, g_align);
     }
   };
-  for (int64_t c = tid; c < head; c += ROW_THREADS) g[c] = grad_of(static_cast<acc_t>(z[c]), c);
+  for (int64_t c = tid; c < head; c += ROW_THREADS) g[c] = grad_of(widen(z[c]), c);
 #pragma unroll
   for (int i = 0; i < CACHE; ++i) {
     const int64_t v = tid + int64_t(i) * ROW_THREADS;
@@ -333,7 +353,7 @@ __global__ void __launch_bounds__(ROW_THREADS * ROWS_PER_BLOCK, min_blocks_of<RO
       if (v < nvec) emit_pack(buf[u], head + v * VEC);
     }
   }
-  for (int64_t c = tail + tid; c < K; c += ROW_THREADS) g[c] = grad_of(static_cast<acc_t>(z[c]), c);
+  for (int64_t c = tail + tid; c < K; c += ROW_THREADS) g[c] = grad_of(widen(z[c]), c);
 }
 
 // ---- Few rows, large rows (issue 10 item 4): a row split over several blocks ----------------
@@ -384,13 +404,13 @@ __global__ void __launch_bounds__(THREADS)
   const bool live = y != p.ignore_index && y >= 0 && y < K;
   const acc_t cap = p.softcap;
   const acc_t zy = !live ? acc_t(0)
-                   : cap > acc_t(0) ? softcap_apply<acc_t>(static_cast<acc_t>(z[y]), cap)
-                                    : static_cast<acc_t>(z[y]);
+                   : cap > acc_t(0) ? softcap_apply<acc_t>(widen(z[y]), cap)
+                                    : widen(z[y]);
   const acc_t ref = (zy > acc_t(-INFINITY) && zy < acc_t(INFINITY)) ? zy : acc_t(0);
   RowAccum<scalar_t> acc{{acc_t(-INFINITY), acc_t(0), acc_t(0), acc_t(0)}, ref, p.weight, cap};
   if (live) {
     if (ch.first)
-      for (int64_t c = tid; c < ch.head; c += THREADS) acc.add(acc.capped(static_cast<acc_t>(z[c])), c);
+      for (int64_t c = tid; c < ch.head; c += THREADS) acc.add(acc.capped(widen(z[c])), c);
     for (int64_t v0 = ch.v0 + tid; v0 < ch.v1; v0 += int64_t(kUnroll) * THREADS) {
       P buf[kUnroll];
 #pragma unroll
@@ -406,7 +426,7 @@ __global__ void __launch_bounds__(THREADS)
     }
     if (ch.last)
       for (int64_t c = ch.head + ch.nvec * VEC + tid; c < K; c += THREADS)
-        acc.add(acc.capped(static_cast<acc_t>(z[c])), c);
+        acc.add(acc.capped(widen(z[c])), c);
   }
   const RowState<acc_t> st = row_reduce<acc_t, THREADS>(acc.st);
   if (tid == 0) partial[row * gridDim.x + blockIdx.x] = st;
@@ -458,7 +478,7 @@ __global__ void __launch_bounds__(THREADS)
   }
   const acc_t cap = p.softcap;
   auto capped = [&](acc_t x) { return cap > acc_t(0) ? softcap_apply<acc_t>(x, cap) : x; };
-  const acc_t zy = capped(static_cast<acc_t>(z[y]));
+  const acc_t zy = capped(widen(z[y]));
   const acc_t ref = (zy > acc_t(-INFINITY) && zy < acc_t(INFINITY)) ? zy : acc_t(0);
   const bool weighted = p.weight != nullptr;
   const acc_t wy = weighted ? static_cast<acc_t>(p.weight[y]) : acc_t(1);
@@ -483,7 +503,7 @@ __global__ void __launch_bounds__(THREADS)
   };
   const int g_align = address_alignment(g + ch.head);
   if (ch.first)
-    for (int64_t c = tid; c < ch.head; c += THREADS) g[c] = grad_of(static_cast<acc_t>(z[c]), c);
+    for (int64_t c = tid; c < ch.head; c += THREADS) g[c] = grad_of(widen(z[c]), c);
   for (int64_t v0 = ch.v0 + tid; v0 < ch.v1; v0 += int64_t(kUnroll) * THREADS) {
     P buf[kUnroll];
 #pragma unroll
@@ -498,7 +518,7 @@ __global__ void __launch_bounds__(THREADS)
         const int64_t c0 = ch.head + v * VEC;
         P out;
 #pragma unroll
-        for (int i = 0; i < VEC; ++i) out.v[i] = grad_of(static_cast<acc_t>(buf[u].v[i]), c0 + i);
+        for (int i = 0; i < VEC; ++i) out.v[i] = grad_of(widen(buf[u].v[i]), c0 + i);
         if (g_align == 16) {
           store_pack_stream(g + c0, out);
         } else {
@@ -508,7 +528,7 @@ __global__ void __launch_bounds__(THREADS)
     }
   }
   if (ch.last)
-    for (int64_t c = ch.head + ch.nvec * VEC + tid; c < K; c += THREADS) g[c] = grad_of(static_cast<acc_t>(z[c]), c);
+    for (int64_t c = ch.head + ch.nvec * VEC + tid; c < K; c += THREADS) g[c] = grad_of(widen(z[c]), c);
 }
 
 template <typename scalar_t>
@@ -543,7 +563,7 @@ __global__ void scale_kernel(scalar_t* __restrict__ g, const acc_of<scalar_t>* _
   constexpr int VEC = P::kSize;
   auto scale_pack = [](P& pk, acc_t f) {
 #pragma unroll
-    for (int i = 0; i < VEC; ++i) pk.v[i] = static_cast<scalar_t>(static_cast<acc_t>(pk.v[i]) * f);
+    for (int i = 0; i < VEC; ++i) pk.v[i] = static_cast<scalar_t>(widen(pk.v[i]) * f);
   };
   if (!per_row) {
     const acc_t f = go[0];
