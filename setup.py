@@ -102,6 +102,15 @@ sources = [
 depends = sorted(str(p.relative_to(ROOT)) for ext in ("*.h", "*.cuh") for p in (ROOT / "csrc").rglob(ext))
 cxx_flags = ["-O3", "-Wno-unknown-pragmas", "-Wno-psabi", "-fvisibility-inlines-hidden"]
 nvcc_flags = ["-O3", "-lineinfo", "--expt-relaxed-constexpr"]
+# torch's intra-op threads (at::parallel_for, inlined from ATen's headers) are OpenMP when torch
+# was built with it (the Linux wheels): a translation unit compiled without -fopenmp gets ATen's
+# serial fallback, so every CPU kernel would run on one core whatever torch.set_num_threads says.
+# -fopenmp links libgomp.so.1, the soname torch itself loads (its own copy in torch/lib), so the
+# extension joins torch's thread pool instead of starting a second runtime.
+link_flags = []
+if sys.platform.startswith("linux") and torch.backends.openmp.is_available():
+    cxx_flags.append("-fopenmp")
+    link_flags.append("-fopenmp")
 if with_cuda:
     sources.append("csrc/cuda/loss_cuda.cu")
     ext = CUDAExtension(
@@ -110,9 +119,11 @@ if with_cuda:
         define_macros=[("LSE_WITH_CUDA", None)],
         depends=depends,
         extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
+        extra_link_args=link_flags,
     )
 else:
-    ext = CppExtension("labelsmooth_ext._C", sources, depends=depends, extra_compile_args={"cxx": cxx_flags})
+    ext = CppExtension("labelsmooth_ext._C", sources, depends=depends, extra_compile_args={"cxx": cxx_flags},
+                       extra_link_args=link_flags)
 
 setup(
     # The wheel works with the torch it was built against only: pin it (pip then warns when that

@@ -2,6 +2,7 @@
 // backends, and the device-independent operators.
 #include "ops.h"
 
+#include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <ATen/ops/full.h>
@@ -222,7 +223,16 @@ static std::string build_info() {
 #else
      << "DEFAULT"
 #endif
-     << "\"}";
+     << "\", \"cpu_parallel\": "
+  // at::parallel_for runs its threads only in a translation unit compiled with the parallel
+  // backend torch was built with (-fopenmp for the Linux wheels); otherwise ATen's inline
+  // fallback runs every range on the calling thread. All CPU sources share these flags.
+#ifdef INTRA_OP_PARALLEL
+     << "true"
+#else
+     << "false"
+#endif
+     << "}";
   return os.str();
 }
 

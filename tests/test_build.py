@@ -21,6 +21,16 @@ def test_build_info():
         assert info["cuda_absent_reason"], "a build without CUDA kernels must say why"
 
 
+def test_cpu_kernels_run_on_torch_intra_op_threads():
+    # at::parallel_for is inlined from ATen's headers: compiled without torch's parallel backend
+    # (-fopenmp for the Linux wheels) it silently runs every range on the calling thread, and
+    # torch.set_num_threads has no effect on our kernels (it did so until this check existed).
+    info = L.build_info()
+    assert isinstance(info["cpu_parallel"], bool)
+    if torch.backends.openmp.is_available():
+        assert info["cpu_parallel"], "the CPU kernels were compiled without -fopenmp: serial"
+
+
 def _library_path():
     import importlib.util
 

@@ -203,3 +203,57 @@ def test_row_exp_error(capability):
 def test_row_exp_rejects_non_float32():
     with pytest.raises(ValueError, match="x must be a float32 CPU tensor"):
         torch.ops.labelsmooth_ext.cpu_row_exp(torch.zeros(3, dtype=torch.float64))
+
+
+# ---- intra-op threads ---------------------------------------------------------------------
+
+def _loss_and_grads(fn, x, *args, **kw):
+    x = x.detach().clone().requires_grad_()
+    out = fn(x, *args, **kw)
+    loss = out[0] if isinstance(out, tuple) else out
+    g = torch.linspace(0.5, 1.5, loss.numel(), dtype=loss.dtype).reshape(loss.shape) if loss.dim() else None
+    loss.backward(g)
+    return loss.detach(), x.grad
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("case", ["rows", "rows_weighted_none", "spatial", "prob", "softcap_zloss", "bce"])
+def test_results_do_not_depend_on_the_thread_count(dtype, case):
+    # The CPU kernels split rows (or spatial tiles) over torch's intra-op threads: each row's
+    # arithmetic and the host-side finish of the mean must not depend on how many threads ran.
+    g = torch.Generator().manual_seed(7)
+    K = 1500
+    if case == "spatial":
+        x = torch.randn(4, 21, 33, 35, generator=g).to(dtype)
+        t = torch.randint(0, 21, (4, 33, 35), generator=g)
+        t[0, 0, :5] = -100
+        call = lambda z: L.cross_entropy(z, t, label_smoothing=0.1)
+    elif case == "bce":
+        x = torch.randn(300, 700, generator=g).to(dtype)
+        t = torch.rand(300, 700, generator=g).to(dtype)
+        call = lambda z: L.binary_cross_entropy_with_logits(z, t)
+    else:
+        x = (3 * torch.randn(301, K, generator=g)).to(dtype)
+        t = torch.randint(0, K, (301,), generator=g)
+        t[::7] = -100
+        if case == "rows":
+            call = lambda z: L.cross_entropy(z, t, label_smoothing=0.1)
+        elif case == "rows_weighted_none":
+            w = torch.rand(K, generator=g).to(dtype)
+            call = lambda z: L.cross_entropy(z, t, weight=w, reduction="none", label_smoothing=0.2,
+                                             smoothing_mode="off_target")
+        elif case == "prob":
+            p = torch.softmax(torch.randn(301, K, generator=g), 1).to(dtype)
+            call = lambda z: L.cross_entropy(z, p, label_smoothing=0.1)
+        else:
+            call = lambda z: L.cross_entropy(z, t, label_smoothing=0.1, z_loss=1e-4, softcap=30.0)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = _loss_and_grads(call, x)
+        torch.set_num_threads(2)
+        two = _loss_and_grads(call, x)
+    finally:
+        torch.set_num_threads(before)
+    for a, b in zip(one, two):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
