@@ -8,7 +8,6 @@ slice of d W and of d b against the single-process float64 oracle: linear(x, W, 
 where it has the options.
 """
 import datetime
-import json
 import os
 import traceback
 
@@ -19,7 +18,7 @@ import torch.nn.functional as F
 from labelsmooth_ext import distributed as D
 from labelsmooth_ext import reference as R
 
-from test_distributed import SPAWN_TIMEOUT, _check, _close, run_items, spawn
+from test_distributed import SPAWN_TIMEOUT, _check, _close, exit_worker, run_items, spawn
 
 N, H, K = 13, 6, 11  # 13 rows: chunk sizes 4 and 5 do not divide it
 SPLITS = {1: {"uneven": [K], "chunk": [K]},
@@ -179,8 +178,7 @@ def _worker(rank, world, port, out_dir, suites, backend):
         torch.distributed.destroy_process_group()
     except Exception:  # noqa: BLE001
         results["__setup__"] = traceback.format_exc()
-    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
-        json.dump(results, f)
+    exit_worker(out_dir, rank, results)
 
 
 @pytest.fixture(scope="module")
