@@ -70,6 +70,10 @@ void ce_spatial_DEFAULT(ScalarKind, const CeRowsArgs&);
 void prob_rows_DEFAULT(ScalarKind, const ProbRowsArgs&);
 // The plain row kernels' float exp (exp_row in kernels.h), for its error test.
 void exp_row_DEFAULT(const float* x, float* y, int64_t n);
+// The spatial kernel's log of row sums (log_ge1 in kernels.h), for its error test.
+void log_row_DEFAULT(const float* x, float* y, int64_t n);
+// Targets other than ignore_index, or -1 when one is outside 0..K-1 (count_kept_targets).
+int64_t count_kept_DEFAULT(const int64_t* t, int64_t N, int64_t K, int64_t ignore_index);
 #if defined(__x86_64__) && !defined(LSE_NO_AVX2)
 #define LSE_HAVE_AVX2_KERNELS 1
 KernelConstants constants_AVX2();
@@ -77,6 +81,8 @@ void ce_rows_AVX2(ScalarKind, const CeRowsArgs&);
 void ce_spatial_AVX2(ScalarKind, const CeRowsArgs&);
 void prob_rows_AVX2(ScalarKind, const ProbRowsArgs&);
 void exp_row_AVX2(const float* x, float* y, int64_t n);
+void log_row_AVX2(const float* x, float* y, int64_t n);
+int64_t count_kept_AVX2(const int64_t* t, int64_t N, int64_t K, int64_t ignore_index);
 #endif
 
 }  // namespace cpu

@@ -183,6 +183,38 @@ inline Vectorized<float> exp_row(const Vectorized<float>& d) {
 }
 inline Vectorized<double> exp_row(const Vectorized<double>& d) { return vexp(d); }
 
+// log(s) for the sums of exp(z - m) over a row, s in [1, 2^24] (the max's own term is exactly 1):
+// inline, against a call of Sleef's logf8_u10 (a fifth of the spatial forward's time). AVX2
+// float: s = 2^k m with m in [sqrt(1/2), sqrt(2)) taken from the bits, f = m - 1, then
+// log(1 + f) = f - f^2 / 2 + f^3 P(f), P of degree 8 (the Cephes logf minimax coefficients),
+// and k ln2 added in two parts (a high part exact in 9 bits). Measured against float64 by
+// tests/test_kernel_boundaries.py::test_row_log_error. Other builds, double: Vectorized::log.
+inline Vectorized<float> log_ge1(const Vectorized<float>& s) {
+#if defined(CPU_CAPABILITY_AVX2)
+  const __m256i off = _mm256_set1_epi32(0x3f3504f3);  // bits of sqrt(1/2)
+  const __m256i d = _mm256_sub_epi32(_mm256_castps_si256(s), off);
+  const __m256 k = _mm256_cvtepi32_ps(_mm256_srai_epi32(d, 23));
+  const __m256 m = _mm256_castsi256_ps(_mm256_add_epi32(_mm256_and_si256(d, _mm256_set1_epi32(0x7fffff)), off));
+  const __m256 f = _mm256_sub_ps(m, _mm256_set1_ps(1.f));
+  const __m256 z = _mm256_mul_ps(f, f);
+  __m256 p = _mm256_fmadd_ps(_mm256_set1_ps(7.0376836292e-2f), f, _mm256_set1_ps(-1.1514610310e-1f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.1676998740e-1f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(-1.2420140846e-1f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.4249322787e-1f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(-1.6668057665e-1f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(2.0000714765e-1f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(-2.4999993993e-1f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(3.3333331174e-1f));
+  __m256 y = _mm256_mul_ps(_mm256_mul_ps(p, f), z);                      // f^3 P(f)
+  y = _mm256_fmadd_ps(k, _mm256_set1_ps(-2.12194440e-4f), y);           // k ln2, low part
+  y = _mm256_fnmadd_ps(_mm256_set1_ps(0.5f), z, y);                     // - f^2 / 2
+  return Vectorized<float>(_mm256_fmadd_ps(k, _mm256_set1_ps(0.693359375f), _mm256_add_ps(f, y)));
+#else
+  return s.log();
+#endif
+}
+inline Vectorized<double> log_ge1(const Vectorized<double>& s) { return s.log(); }
+
 // Pass 2: s = sum exp(z - m), S = sum w_c (z_c - m) (w = 1 when w == nullptr); writes e to `e`
 // when it is not null (e may alias z). Blocks of 4096 elements are summed in vector registers
 // and folded into double, so long rows keep float32-accumulation error bounded.
@@ -704,105 +736,189 @@ inline void spatial_prefetch(const scalar_t* p) {
   __builtin_prefetch(reinterpret_cast<const char*>(p) + 256, 0, 3);
 }
 
+// One tile's targets: each lane's class as a float (exact below 2^24 classes; -1 for ignored
+// and padding lanes), its logit z_y (in the accumulation type) and its weight w_y (1 when
+// unweighted). AVX2 float32, full tile, C * S < 2^31: vector compares, and two gathers, so the
+// lanes' values never go through memory lane by lane (a store-forwarding stall per tile). Else
+// lane by lane.
+template <typename scalar_t, typename acc_t>
+C10_ALWAYS_INLINE void tile_targets(const int64_t* tgt, int64_t lanes, int64_t ignore_index, const scalar_t* base,
+                                    int64_t S, bool gather_ok, const acc_t* w, Vectorized<acc_t>& cls,
+                                    Vectorized<acc_t>& zy, Vectorized<acc_t>& wy) {
+  using Vec = Vectorized<acc_t>;
+  constexpr int64_t V = Vec::size();
+#if defined(CPU_CAPABILITY_AVX2)
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    if (lanes == V && gather_ok) {
+      const __m256i t0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(tgt));
+      const __m256i t1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(tgt + 4));
+      const __m256i vii = _mm256_set1_epi64x(ignore_index);
+      // the low 32 bits of the 8 targets (and of the 8 ignore masks), in lane order
+      const __m256i lo = _mm256_setr_epi32(0, 2, 4, 6, 0, 2, 4, 6);
+      const __m256i y32 = _mm256_blend_epi32(_mm256_permutevar8x32_epi32(t0, lo),
+                                             _mm256_permutevar8x32_epi32(t1, lo), 0xF0);
+      const __m256i ign = _mm256_blend_epi32(_mm256_permutevar8x32_epi32(_mm256_cmpeq_epi64(t0, vii), lo),
+                                             _mm256_permutevar8x32_epi32(_mm256_cmpeq_epi64(t1, vii), lo), 0xF0);
+      const __m256 ignf = _mm256_castsi256_ps(ign);
+      cls = Vec(_mm256_blendv_ps(_mm256_cvtepi32_ps(y32), _mm256_set1_ps(-1.f), ignf));
+      // ignored lanes read class 0 of their own position (in bounds), never used
+      const __m256i ycl = _mm256_andnot_si256(ign, y32);
+      const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+      const __m256i idx = _mm256_add_epi32(_mm256_mullo_epi32(ycl, _mm256_set1_epi32(int32_t(S))), lane);
+      zy = Vec(_mm256_i32gather_ps(base, idx, 4));
+      wy = w ? Vec(_mm256_i32gather_ps(w, ycl, 4)) : Vec(1);
+      return;
+    }
+  }
+#endif
+  alignas(64) acc_t lane_cls[V], lane_zy[V], lane_wy[V];
+  for (int64_t l = 0; l < V; ++l) {
+    const int64_t y = l < lanes ? tgt[l] : ignore_index;
+    const bool kept = y != ignore_index;
+    lane_cls[l] = kept ? acc_t(y) : acc_t(-1);
+    lane_zy[l] = kept ? static_cast<acc_t>(base[y * S + l]) : acc_t(0);
+    lane_wy[l] = kept && w ? w[y] : acc_t(1);
+  }
+  cls = Vec::loadu(lane_cls);
+  zy = Vec::loadu(lane_zy);
+  wy = Vec::loadu(lane_wy);
+}
+
 // K-dimensional input (N, C, S): V positions at a time, one vector lane per position. The
 // C x V tile of logits is converted into a float tile once, then max, exp and sums, and the
-// gradient run over the tile across classes; per-lane scalars (loss, coefficients) in between.
-template <typename scalar_t>
-void ce_spatial(const CeRowsArgs& A) {
+// gradient run over the tile across classes; the loss and the gradient's coefficients of all V
+// lanes at once in between. kGrad, kWeighted: compile-time, so no test of either inside the
+// class loops.
+template <typename scalar_t, bool kGrad, bool kWeighted>
+void ce_spatial_impl(const CeRowsArgs& A) {
   using acc_t = acc_for<scalar_t>;
   using Vec = Vectorized<acc_t>;
   constexpr int64_t V = Vec::size();
   const int64_t C = A.K, S = A.S, samples = A.N / A.S;
   const auto sm = smoothing_coefs<acc_t>(A.eps, C, A.mode);
-  const scalar_t* in = static_cast<const scalar_t*>(A.input);
-  scalar_t* grad = static_cast<scalar_t*>(A.grad);
-  acc_t* loss = static_cast<acc_t*>(A.loss_rows);
-  const bool weighted = A.weight != nullptr;
   const std::vector<acc_t> wacc = weights_in_acc<acc_t>(A.weight, C);
-  const acc_t W = weighted ? acc_t(A.W) : acc_t(C);
-  const acc_t scale = acc_t(A.scale);
-  const acc_t ninf = -std::numeric_limits<acc_t>::infinity();
   const int64_t chunks = (S + V - 1) / V;
 
   at::parallel_for(0, samples * chunks, std::max<int64_t>(1, 4096 / std::max<int64_t>(C, 1)),
                    [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> tile(C * V);
-    alignas(64) acc_t lane_m[V], lane_s[V], lane_S[V], kp[V], kw[V], ky[V], cls[V], keep[V];
+    // everything the loops read, as locals: vector stores may alias anything (__m256 is
+    // may_alias), so values read through the lambda's references would be loaded again after
+    // every store
+    const int64_t C_ = C, S_ = S, chunks_ = chunks, ii = A.ignore_index;
+    const scalar_t* in = static_cast<const scalar_t*>(A.input);
+    scalar_t* grad = static_cast<scalar_t*>(A.grad);
+    acc_t* loss = static_cast<acc_t*>(A.loss_rows);
+    const int64_t* target = A.target;
+    const double* row_scale = A.row_scale;
+    const acc_t* w = kWeighted ? wacc.data() : nullptr;
+    const acc_t ninf = -std::numeric_limits<acc_t>::infinity();
+    const Vec vnan(acc_t(NAN)), vzero(0), vone(1), va(sm.a), vb(sm.b), vsc0(acc_t(A.scale)), vninf(ninf),
+        vinf(-ninf), vW(kWeighted ? acc_t(A.W) : acc_t(C_));
+    const bool smooth = sm.a != acc_t(0);
+    // the gathers' indices y * S + lane are int32
+    const bool gather_ok = C_ * S_ < (int64_t(1) << 31) - V;
+    std::vector<acc_t> tile(C_ * V);
+    acc_t* tl = tile.data();
+    alignas(64) acc_t lane_sc[V];
+    // float32 forward of a full tile: pass 2 reads the logits again where pass 1 read them (L1)
+    // instead of through a tile copy
+    constexpr bool kDirect = std::is_same_v<scalar_t, acc_t> && !kGrad;
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t n = task / chunks, s0 = (task % chunks) * V;
-      const int64_t lanes = std::min<int64_t>(V, S - s0);
-      const scalar_t* base = in + n * C * S + s0;
-      const int64_t* tgt = A.target + n * S + s0;
+      const int64_t n = task / chunks_, s0 = (task % chunks_) * V;
+      const int64_t lanes = std::min<int64_t>(V, S_ - s0);
+      const scalar_t* base = in + n * C_ * S_ + s0;
+      Vec vcls, vzy, vwy;
+      tile_targets<scalar_t, acc_t>(target + n * S_ + s0, lanes, ii, base, S_, gather_ok, w, vcls, vzy, vwy);
+      const bool direct = kDirect && lanes == V;
       // 1. tile + max. Each class row of the tile is a short piece of a different stream
       // (stride S): no hardware prefetcher follows C streams, so the lines a few tiles ahead
       // are asked for here.
       Vec vm(ninf);
-      for (int64_t c = 0; c < C; ++c) {
-        spatial_prefetch(base + c * S);
-        Vec z = load_lanes(base + c * S, lanes);
-        if (lanes < V) z = Vec::set(Vec(ninf), z, lanes);
-        z.store(tile.data() + c * V);
-        vm = at::vec::maximum(vm, z);
+      if (direct) {
+        for (int64_t c = 0; c < C_; ++c) {
+          spatial_prefetch(base + c * S_);
+          vm = at::vec::maximum(vm, Vec::loadu(reinterpret_cast<const acc_t*>(base + c * S_)));
+        }
+      } else {
+        for (int64_t c = 0; c < C_; ++c) {
+          spatial_prefetch(base + c * S_);
+          Vec z = load_lanes(base + c * S_, lanes);
+          if (lanes < V) z = Vec::set(vninf, z, lanes);
+          z.store(tl + c * V);
+          vm = at::vec::maximum(vm, z);
+        }
       }
-      // 2. e = exp(z - m) in place, sums
+      // 2. e = exp(z - m) (kept in the tile for the gradient), sums
       Vec vs(0), vS(0);
-      for (int64_t c = 0; c < C; ++c) {
-        acc_t* row = tile.data() + c * V;
-        const Vec d = Vec::loadu(row) - vm;
+      for (int64_t c = 0; c < C_; ++c) {
+        const Vec d = (direct ? Vec::loadu(reinterpret_cast<const acc_t*>(base + c * S_)) : Vec::loadu(tl + c * V)) - vm;
         const Vec e = exp_row(d);  // padding lanes: -inf - m, exp 0
         vs = vs + e;
-        vS = weighted ? at::vec::fmadd(Vec(wacc[c]), d, vS) : vS + d;
-        if (grad) e.store(row);  // the forward alone needs only the sums
-      }
-      vm.store(lane_m);
-      vs.store(lane_s);
-      vS.store(lane_S);
-      // 3. per position: loss and gradient coefficients
-      for (int64_t l = 0; l < V; ++l) {
-        kp[l] = kw[l] = ky[l] = acc_t(0);
-        keep[l] = acc_t(0);  // 0: the gradient is 0 (ignored or padding); 1: computed; NaN: poisoned
-        cls[l] = acc_t(-1);
-        if (l >= lanes) continue;
-        const int64_t y = tgt[l];
-        if (y == A.ignore_index) {
-          loss[n * S + s0 + l] = 0;
-          continue;
+        if constexpr (kWeighted) {
+          vS = at::vec::fmadd(Vec(w[c]), d, vS);
+        } else {
+          vS = vS + d;
         }
-        const acc_t m = lane_m[l];
-        if (!row_max_is_finite(m)) {
-          loss[n * S + s0 + l] = NAN;
-          keep[l] = NAN;
-          continue;
-        }
-        // Lanes are positions of the tile, so e_y is tile[y][l]; z_y - m = log(e_y) loses
-        // precision for tiny e_y, so read z_y again instead.
-        const acc_t zy = static_cast<acc_t>(base[y * S + l]);
-        const acc_t wy = weighted ? wacc[y] : acc_t(1);
-        const acc_t log_s = lse_log(lane_s[l]);
-        loss[n * S + s0 + l] = ce_row_loss<acc_t>(log_s, zy - m, lane_S[l], sm, wy, W);
-        if (!grad) continue;
-        const acc_t sc = A.row_scale ? acc_t(A.row_scale[n * S + s0 + l]) : scale;
-        const auto gc = ce_grad_coefs<acc_t>(acc_t(1) / lane_s[l], sm, sc, weighted, wy, W);
-        kp[l] = gc.kp;
-        kw[l] = gc.kw;
-        ky[l] = gc.ky;
-        cls[l] = acc_t(y);
-        keep[l] = acc_t(1);
+        if constexpr (kGrad) e.store(tl + c * V);
       }
-      if (!grad) continue;
-      const Vec vkp = Vec::loadu(kp), vkw = Vec::loadu(kw), vky = Vec::loadu(ky), vcls = Vec::loadu(cls);
-      const Vec vkeep = Vec::loadu(keep);
-      scalar_t* gbase = grad + n * C * S + s0;
-      for (int64_t c = 0; c < C; ++c) {
-        const Vec e = Vec::loadu(tile.data() + c * V);
-        Vec g = e * vkp - vkw * Vec(weighted ? wacc[c] : acc_t(1));
-        g = g - Vec::blendv(Vec(0), vky, vcls == Vec(acc_t(c)));
-        // keep = 0 -> exactly 0 (even for NaN logits in an ignored row); NaN -> NaN
-        g = Vec::blendv(g * vkeep, Vec(0), vkeep == Vec(0));
-        store_lanes(gbase + c * S, g, lanes);
+      // 3. every lane's loss and gradient coefficients at once (the formulas of ce_row_loss and
+      // ce_grad_coefs, operation for operation). valid: a class target; finite: the max is
+      // finite. z_y - m from z_y itself (not log(e_y), which loses precision for tiny e_y).
+      const Vec valid = vcls >= vzero;
+      const Vec finite = (vm > vninf) & (vm < vinf);
+      const Vec log_s = log_ge1(vs);  // padding lanes (s = 0): any value, never stored
+      Vec lv = (vb * vwy) * (log_s - (vzy - vm));
+      if (smooth) lv = lv + va * (vW * log_s - vS);
+      lv = Vec::blendv(vnan, lv, finite);  // log_softmax's inf - inf
+      Vec::blendv(vzero, lv, valid).store(loss + n * S_ + s0, lanes);
+      if constexpr (kGrad) {
+        Vec vsc = vsc0;
+        if (row_scale) {
+          for (int64_t l = 0; l < V; ++l) lane_sc[l] = l < lanes ? acc_t(row_scale[n * S_ + s0 + l]) : acc_t(0);
+          vsc = Vec::loadu(lane_sc);
+        }
+        const Vec inv_s = vone / vs;
+        const Vec vkp = kWeighted ? inv_s * (vb * vwy + va * vW) * vsc : inv_s * vsc;
+        const Vec vkw = va * vsc, vky = vb * vwy * vsc;
+        // keep: 0 -> the gradient is exactly 0 (ignored or padding, even for NaN logits); NaN
+        // -> NaN (a non-finite max); 1 -> computed
+        const Vec vkeep = Vec::blendv(vzero, Vec::blendv(vnan, vone, finite), valid);
+        const Vec keep0 = vkeep == vzero;
+        scalar_t* gbase = grad + n * C_ * S_ + s0;
+        for (int64_t c = 0; c < C_; ++c) {
+          const Vec e = Vec::loadu(tl + c * V);
+          Vec g = e * vkp - vkw * (kWeighted ? Vec(w[c]) : vone);
+          g = g - Vec::blendv(vzero, vky, vcls == Vec(acc_t(c)));
+          g = Vec::blendv(g * vkeep, vzero, keep0);
+          store_lanes(gbase + c * S_, g, lanes);
+        }
       }
     }
   });
+}
+
+template <typename scalar_t>
+void ce_spatial(const CeRowsArgs& A) {
+  const bool weighted = A.weight != nullptr;
+  if (A.grad) {
+    if (weighted) return ce_spatial_impl<scalar_t, true, true>(A);
+    return ce_spatial_impl<scalar_t, true, false>(A);
+  }
+  if (weighted) return ce_spatial_impl<scalar_t, false, true>(A);
+  return ce_spatial_impl<scalar_t, false, false>(A);
+}
+
+// The number of targets other than ignore_index, or -1 when one is out of range (0..K-1):
+// branch-free, so the compiler vectorises it (4 targets per AVX2 compare).
+inline int64_t count_kept_targets(const int64_t* t, int64_t N, int64_t K, int64_t ignore_index) {
+  int64_t kept = 0, bad = 0;
+  for (int64_t r = 0; r < N; ++r) {
+    const int64_t y = t[r];
+    const int64_t k = y != ignore_index;
+    kept += k;
+    bad |= k & ((y < 0) | (y >= K));
+  }
+  return bad ? -1 : kept;
 }
 
 template <typename scalar_t>
@@ -996,6 +1112,16 @@ struct ProbRun {
     int64_t i = 0;                                                                         \
     for (; i + Vec::size() <= n; i += Vec::size()) exp_row(Vec::loadu(x + i)).store(y + i); \
     if (i < n) exp_row(Vec::loadu(x + i, n - i)).store(y + i, n - i);                      \
+  }                                                                                        \
+  void log_row_##cap(const float* x, float* y, int64_t n) {                                 \
+    using namespace CPU_CAPABILITY;                                                        \
+    using Vec = Vectorized<float>;                                                         \
+    int64_t i = 0;                                                                         \
+    for (; i + Vec::size() <= n; i += Vec::size()) log_ge1(Vec::loadu(x + i)).store(y + i); \
+    if (i < n) log_ge1(Vec::loadu(x + i, n - i)).store(y + i, n - i);                      \
+  }                                                                                        \
+  int64_t count_kept_##cap(const int64_t* t, int64_t N, int64_t K, int64_t ignore_index) { \
+    return CPU_CAPABILITY::count_kept_targets(t, N, K, ignore_index);                     \
   }                                                                                        \
   KernelConstants constants_##cap() {                                                     \
     using namespace CPU_CAPABILITY;                                                        \

@@ -134,6 +134,14 @@ std::vector<double> weights_as_double(const std::optional<at::Tensor>& weight) {
 // The mean denominator D, after checking every target (before any kernel runs).
 double ce_denominator(const int64_t* t, int64_t N, int64_t K, int64_t ignore_index,
                       const std::vector<double>& w) {
+  if (w.empty()) {  // a vectorised count; the loop below only names a bad target
+#ifdef LSE_HAVE_AVX2_KERNELS
+    const int64_t kept = use_avx2() ? count_kept_AVX2(t, N, K, ignore_index) : count_kept_DEFAULT(t, N, K, ignore_index);
+#else
+    const int64_t kept = count_kept_DEFAULT(t, N, K, ignore_index);
+#endif
+    if (kept >= 0) return double(kept);
+  }
   double D = 0;
   for (int64_t r = 0; r < N; ++r) {
     const int64_t y = t[r];
@@ -211,16 +219,54 @@ void run_ce_rows(const at::Tensor& in, const at::Tensor& tgt, const std::optiona
   }
 }
 
-// finish_loss for a CPU forward whose D is on the host: float rows are summed in double and
-// divided once, into one 0-dim tensor, instead of the five small ATen operations that the
-// device-side finish_loss takes (a large part of a small call's time). float64 rows keep
-// finish_loss (its summation order is the accurate one for double).
+// The sum in double of n float or double values, in an order fixed by n alone (never by the
+// thread count, unlike at::sum): blocks of kSumBlock values, each summed pairwise (halves down
+// to 64 values, which four interleaved accumulators take: one vector of doubles), then the
+// block sums in order. Error: about log2(n) roundings, as a cascade sum.
+template <typename T>
+double pairwise_sum(const T* p, int64_t n) {
+  if (n > 64) {
+    const int64_t h = n / 2;
+    return pairwise_sum(p, h) + pairwise_sum(p + h, n - h);
+  }
+  double a0 = 0, a1 = 0, a2 = 0, a3 = 0;
+  int64_t i = 0;
+  for (; i + 4 <= n; i += 4) {
+    a0 += p[i];
+    a1 += p[i + 1];
+    a2 += p[i + 2];
+    a3 += p[i + 3];
+  }
+  for (; i < n; ++i) a0 += p[i];
+  return (a0 + a1) + (a2 + a3);
+}
+
+template <typename T>
+double sum_in_double(const T* p, int64_t n) {
+  constexpr int64_t kSumBlock = 8192;
+  const int64_t blocks = (n + kSumBlock - 1) / kSumBlock;
+  std::vector<double> part(blocks);
+  at::parallel_for(0, blocks, 4, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t i0 = b * kSumBlock;
+      part[b] = pairwise_sum(p + i0, std::min(n, i0 + kSumBlock) - i0);
+    }
+  });
+  double total = 0;
+  for (double v : part) total += v;
+  return total;
+}
+
+// finish_loss for a CPU forward whose D is on the host: float and double rows are summed in
+// double (sum_in_double) and divided once, into one 0-dim tensor, instead of the five small ATen
+// operations that the device-side finish_loss takes (a large part of a small call's time).
 at::Tensor finish_loss_on_host(const at::Tensor& rows, double D, int64_t reduction) {
   if (reduction == kNone) return rows;
-  if (rows.scalar_type() != at::kFloat) return finish_loss(rows, at::scalar_tensor(D, rows.options()), reduction);
-  const float* p = rows.const_data_ptr<float>();
-  double total = 0;
-  for (int64_t i = 0, n = rows.numel(); i < n; ++i) total += p[i];
+  if (rows.scalar_type() != at::kFloat && rows.scalar_type() != at::kDouble) {
+    return finish_loss(rows, at::scalar_tensor(D, rows.options()), reduction);
+  }
+  double total = rows.scalar_type() == at::kFloat ? sum_in_double(rows.const_data_ptr<float>(), rows.numel())
+                                                  : sum_in_double(rows.const_data_ptr<double>(), rows.numel());
   // D = 0 (every row ignored, or the kept weights sum to 0): NaN, as in PyTorch
   if (reduction == kMean) total = D == 0 ? double(NAN) : total / D;
   return at::scalar_tensor(total, rows.options());
@@ -549,23 +595,23 @@ std::string cpu_kernel_constants() {
   return out + "}";
 }
 
-// For tests: the plain row kernels' exp (exp_row) of every element of a float32 tensor, by the
-// build the next kernel call uses (LABELSMOOTH_EXT_CPU_CAPABILITY picks it).
-at::Tensor cpu_row_exp(const at::Tensor& x) {
-  TORCH_CHECK_VALUE(x.scalar_type() == at::kFloat && x.device().is_cpu(),
-                    "labelsmooth_ext::cpu_row_exp: x must be a float32 CPU tensor, got ", x.scalar_type(), " on ",
-                    x.device());
+// For tests: a kernel's elementwise function (fn: 0, the plain row kernels' exp, exp_row; 1, the
+// spatial kernel's log of row sums, log_ge1) of every element of a float32 tensor, by the build
+// the next kernel call uses (LABELSMOOTH_EXT_CPU_CAPABILITY picks it).
+at::Tensor cpu_row_elementwise(const at::Tensor& x, int64_t fn, const char* name) {
+  TORCH_CHECK_VALUE(x.scalar_type() == at::kFloat && x.device().is_cpu(), "labelsmooth_ext::", name,
+                    ": x must be a float32 CPU tensor, got ", x.scalar_type(), " on ", x.device());
   const at::Tensor xc = x.contiguous();
   at::Tensor y = at::empty(xc.sizes(), xc.options());
+  auto f = fn == 0 ? exp_row_DEFAULT : log_row_DEFAULT;
 #ifdef LSE_HAVE_AVX2_KERNELS
-  if (use_avx2()) {
-    exp_row_AVX2(xc.const_data_ptr<float>(), y.data_ptr<float>(), xc.numel());
-    return y;
-  }
+  if (use_avx2()) f = fn == 0 ? exp_row_AVX2 : log_row_AVX2;
 #endif
-  exp_row_DEFAULT(xc.const_data_ptr<float>(), y.data_ptr<float>(), xc.numel());
+  f(xc.const_data_ptr<float>(), y.data_ptr<float>(), xc.numel());
   return y;
 }
+at::Tensor cpu_row_exp(const at::Tensor& x) { return cpu_row_elementwise(x, 0, "cpu_row_exp"); }
+at::Tensor cpu_row_log(const at::Tensor& x) { return cpu_row_elementwise(x, 1, "cpu_row_log"); }
 
 // The fused linear + cross-entropy's chunk step (labelsmooth_ext/linear.py): per-row losses
 // (ignored rows 0, z_loss and softcap as in ce_forward_ext) returned, and each row's gradient
@@ -611,6 +657,7 @@ at::Tensor grad_rows_buffer(int64_t N, int64_t K, const at::TensorOptions& opts)
 TORCH_LIBRARY_FRAGMENT(labelsmooth_ext, m) {
   m.def("cpu_kernel_constants() -> str", &cpu_kernel_constants);
   m.def("cpu_row_exp(Tensor x) -> Tensor", &cpu_row_exp);
+  m.def("cpu_row_log(Tensor x) -> Tensor", &cpu_row_log);
 }
 
 TORCH_LIBRARY_IMPL(labelsmooth_ext, CPU, m) {
