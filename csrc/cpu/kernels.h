@@ -738,9 +738,9 @@ inline void spatial_prefetch(const scalar_t* p) {
 
 // One tile's targets: each lane's class as a float (exact below 2^24 classes; -1 for ignored
 // and padding lanes), its logit z_y (in the accumulation type) and its weight w_y (1 when
-// unweighted). AVX2 float32, full tile, C * S < 2^31: vector compares, and two gathers, so the
-// lanes' values never go through memory lane by lane (a store-forwarding stall per tile). Else
-// lane by lane.
+// unweighted). AVX2 float accumulation, full tile, C * S < 2^31: vector compares and gathers, so
+// the lanes' values never go through memory lane by lane (a store-forwarding stall per tile);
+// 16-bit input: z_y = 0 here, the caller picks it out of the converted tile. Else lane by lane.
 template <typename scalar_t, typename acc_t>
 C10_ALWAYS_INLINE void tile_targets(const int64_t* tgt, int64_t lanes, int64_t ignore_index, const scalar_t* base,
                                     int64_t S, bool gather_ok, const acc_t* w, Vectorized<acc_t>& cls,
@@ -748,7 +748,7 @@ C10_ALWAYS_INLINE void tile_targets(const int64_t* tgt, int64_t lanes, int64_t i
   using Vec = Vectorized<acc_t>;
   constexpr int64_t V = Vec::size();
 #if defined(CPU_CAPABILITY_AVX2)
-  if constexpr (std::is_same_v<scalar_t, float>) {
+  if constexpr (std::is_same_v<acc_t, float>) {
     if (lanes == V && gather_ok) {
       const __m256i t0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(tgt));
       const __m256i t1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(tgt + 4));
@@ -765,7 +765,11 @@ C10_ALWAYS_INLINE void tile_targets(const int64_t* tgt, int64_t lanes, int64_t i
       const __m256i ycl = _mm256_andnot_si256(ign, y32);
       const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
       const __m256i idx = _mm256_add_epi32(_mm256_mullo_epi32(ycl, _mm256_set1_epi32(int32_t(S))), lane);
-      zy = Vec(_mm256_i32gather_ps(base, idx, 4));
+      if constexpr (std::is_same_v<scalar_t, float>) {
+        zy = Vec(_mm256_i32gather_ps(base, idx, 4));
+      } else {
+        zy = Vec(0);
+      }
       wy = w ? Vec(_mm256_i32gather_ps(w, ycl, 4)) : Vec(1);
       return;
     }
@@ -846,6 +850,8 @@ void ce_spatial_impl(const CeRowsArgs& A) {
           if (lanes < V) z = Vec::set(vninf, z, lanes);
           z.store(tl + c * V);
           vm = at::vec::maximum(vm, z);
+          // 16-bit input: z_y from the converted tile (the value tile_targets' scalar path reads)
+          if constexpr (!std::is_same_v<scalar_t, acc_t>) vzy = Vec::blendv(vzy, z, vcls == Vec(acc_t(c)));
         }
       }
       // 2. e = exp(z - m) (kept in the tile for the gradient), sums
@@ -906,6 +912,15 @@ void ce_spatial(const CeRowsArgs& A) {
   }
   if (weighted) return ce_spatial_impl<scalar_t, false, true>(A);
   return ce_spatial_impl<scalar_t, false, false>(A);
+}
+
+// y = f(x) elementwise, a vector at a time (the tests' view of the kernels' exp and log).
+template <typename F>
+void map_floats(const float* x, float* y, int64_t n, F f) {
+  using Vec = Vectorized<float>;
+  int64_t i = 0;
+  for (; i + Vec::size() <= n; i += Vec::size()) f(Vec::loadu(x + i)).store(y + i);
+  if (i < n) f(Vec::loadu(x + i, n - i)).store(y + i, n - i);
 }
 
 // The number of targets other than ignore_index, or -1 when one is out of range (0..K-1):
@@ -1107,18 +1122,10 @@ struct ProbRun {
     CPU_CAPABILITY::dispatch<CPU_CAPABILITY::ProbRun>(k, a);                               \
   }                                                                                        \
   void exp_row_##cap(const float* x, float* y, int64_t n) {                                \
-    using namespace CPU_CAPABILITY;                                                        \
-    using Vec = Vectorized<float>;                                                         \
-    int64_t i = 0;                                                                         \
-    for (; i + Vec::size() <= n; i += Vec::size()) exp_row(Vec::loadu(x + i)).store(y + i); \
-    if (i < n) exp_row(Vec::loadu(x + i, n - i)).store(y + i, n - i);                      \
+    CPU_CAPABILITY::map_floats(x, y, n, [](const auto& v) { return CPU_CAPABILITY::exp_row(v); }); \
   }                                                                                        \
   void log_row_##cap(const float* x, float* y, int64_t n) {                                 \
-    using namespace CPU_CAPABILITY;                                                        \
-    using Vec = Vectorized<float>;                                                         \
-    int64_t i = 0;                                                                         \
-    for (; i + Vec::size() <= n; i += Vec::size()) log_ge1(Vec::loadu(x + i)).store(y + i); \
-    if (i < n) log_ge1(Vec::loadu(x + i, n - i)).store(y + i, n - i);                      \
+    CPU_CAPABILITY::map_floats(x, y, n, [](const auto& v) { return CPU_CAPABILITY::log_ge1(v); }); \
   }                                                                                        \
   int64_t count_kept_##cap(const int64_t* t, int64_t N, int64_t K, int64_t ignore_index) { \
     return CPU_CAPABILITY::count_kept_targets(t, N, K, ignore_index);                     \
