@@ -520,6 +520,8 @@ def _worker(rank, world, port, out_dir, suites, backend):
                       "compile": _run_compile, "compile_fullgraph": _run_compile_fullgraph}[suite]
                 items = [(suite, lambda fn=fn: fn(world, rank, group))]
             run_items(items, results)
+        # no rank leaves (closing its sockets, rank 0 its store) while another still talks
+        torch.distributed.barrier(group)
         torch.distributed.destroy_process_group()
     except Exception:  # noqa: BLE001
         results["__setup__"] = traceback.format_exc()

@@ -175,6 +175,8 @@ def _worker(rank, world, port, out_dir, suites, backend):
         items.append(("after_error", lambda: _run_case(dict(label_smoothing=0.1, bias=True),
                                                        world, rank, group)))
         run_items(items, results)
+        # no rank leaves (closing its sockets, rank 0 its store) while another still talks
+        torch.distributed.barrier(group)
         torch.distributed.destroy_process_group()
     except Exception:  # noqa: BLE001
         results["__setup__"] = traceback.format_exc()

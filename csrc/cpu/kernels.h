@@ -161,6 +161,24 @@ struct RowPrefetch {
 // well inside a 1 MiB L2).
 constexpr int64_t kPrefetchMaxBytes = 256 * 1024;
 
+// The row after r that this thread reads (ignored rows are not read), to prefetch while row r's
+// exps are computed; none past `end` or for rows above kPrefetchMaxBytes.
+template <typename scalar_t, typename Args>
+RowPrefetch next_row_prefetch(const Args& A, const scalar_t* in, int64_t r, int64_t end) {
+  const int64_t bytes = A.K * int64_t(sizeof(scalar_t));
+  if (bytes > kPrefetchMaxBytes) return {};
+  int64_t r2 = r + 1;
+  while (r2 < end && A.target[r2] == A.ignore_index) ++r2;
+  if (r2 >= end) return {};
+  return {reinterpret_cast<const char*>(in + r2 * A.in_row_stride), bytes, int64_t(sizeof(scalar_t))};
+}
+
+// Asks for the line of the next row that element c of this row pairs with (one line per 64 /
+// elem elements): spread over the pass, so the next row arrives in L2 while this one computes.
+C10_ALWAYS_INLINE void prefetch_next_row(const RowPrefetch& pf, int64_t line_mask, int64_t c) {
+  if (line_mask >= 0 && (c & line_mask) == 0 && c * pf.elem < pf.bytes) __builtin_prefetch(pf.next + c * pf.elem, 0, 2);
+}
+
 inline Vectorized<float> exp_clamped(const Vectorized<float>& x);  // below (the softcap passes')
 
 // The plain passes' exp of d = z - m, where m is the row's finite max (so d <= 0; NaN rows are
@@ -232,8 +250,7 @@ void exp_pass(const acc_t* z, acc_t* e, const acc_t* w, int64_t K, acc_t m, doub
     Vec vs(0), vS(0);
     int64_t c = b0;
     for (; c + V <= b1; c += V) {
-      if (line_mask >= 0 && (c & line_mask) == 0 && c * pf.elem < pf.bytes)
-        __builtin_prefetch(pf.next + c * pf.elem, 0, 2);
+      prefetch_next_row(pf, line_mask, c);
       const Vec d = Vec::loadu(z + c) - vm;
       const Vec ex = exp_row(d);
       vs = vs + ex;
@@ -460,10 +477,11 @@ acc_t softcap_scalar(acc_t x, acc_t cap) {
 // as exp_pass does.
 template <typename acc_t>
 void softcap_exp_pass(const acc_t* x, acc_t* e, acc_t* dz, const acc_t* w, int64_t K, acc_t m, acc_t cap,
-                      double& s_out, double& S_out) {
+                      double& s_out, double& S_out, RowPrefetch pf = {}) {
   using Vec = Vectorized<acc_t>;
   constexpr int64_t V = Vec::size();
   const Vec vm(m);
+  const int64_t line_mask = pf.next ? 64 / pf.elem - 1 : -1;
   const SoftcapConsts<acc_t> C(cap);
   // e below e^-kExpArg (caps above 43 in float) is taken as e^-kExpArg: at most K * 4.5e-38
   // added to s >= 1
@@ -477,6 +495,7 @@ void softcap_exp_pass(const acc_t* x, acc_t* e, acc_t* dz, const acc_t* w, int64
       Vec vs(0), vS(0);
       int64_t c = b0;
       for (; c + V <= b1; c += V) {
+        prefetch_next_row(pf, line_mask, c);
         Vec g;
         const Vec d = softcap_any<acc_t>(Vec::loadu(x + c), C, &g) - vm;  // z - m, in [-2 cap, 0]
         const Vec ex = exp_clamped(at::vec::clamp_min(d, vlo));  // d is never NaN (NaN rows stop before)
@@ -592,13 +611,7 @@ void ce_rows(const CeRowsArgs& A) {
         continue;
       }
       double s, S;
-      RowPrefetch pf;
-      if (K * int64_t(sizeof(scalar_t)) <= kPrefetchMaxBytes) {
-        int64_t r2 = r + 1;  // the next row this thread reads (ignored rows are not read)
-        while (r2 < end && A.target[r2] == A.ignore_index) ++r2;
-        if (r2 < end) pf = {reinterpret_cast<const char*>(in + r2 * A.in_row_stride),
-                            K * int64_t(sizeof(scalar_t)), int64_t(sizeof(scalar_t))};
-      }
+      const RowPrefetch pf = next_row_prefetch(A, in, r, end);
       exp_pass<acc_t>(z, grow ? buf : nullptr, w, K, m, s, S, pf);  // e may overwrite z (16-bit)
       const acc_t log_s = lse_log(acc_t(s));
       const acc_t lse = m + log_s;
@@ -672,7 +685,7 @@ void ce_rows_softcap(const CeRowsArgs& A) {
       const acc_t zy = softcap_scalar<acc_t>(x[y], cap);
       const acc_t wy = weighted ? w[y] : acc_t(1);
       double s, S;
-      softcap_exp_pass<acc_t>(x, buf, dz, w, K, m, cap, s, S);  // e may overwrite x (16-bit)
+      softcap_exp_pass<acc_t>(x, buf, dz, w, K, m, cap, s, S, next_row_prefetch(A, in, r, end));  // e may overwrite x
       const acc_t log_s = lse_log(acc_t(s));
       const acc_t lse = m + log_s;
       loss[r] = ce_row_loss<acc_t>(log_s, zy - m, acc_t(S), sm, wy, W);
