@@ -286,3 +286,28 @@ def test_results_do_not_depend_on_the_thread_count(dtype, case):
         torch.set_num_threads(before)
     for a, b in zip(one, two):
         torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("eps", [0.0, 0.1])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_spatial_nan_logit_below_the_max(capability, dtype, eps, weighted):
+    """The spatial kernel's unweighted tile max may drop a NaN (maxps, AVX2); the NaN must then
+    come back through S = sum (z - m): NaN loss and NaN gradient column at that position only,
+    with and without smoothing, and in the first, a middle and the last lane of a tile."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 5, 19, generator=g)
+    for n, pos in ((0, 0), (0, 11), (1, 7), (1, 18)):
+        x[n, 2, pos] = float("nan")
+        x[n, 0, pos] = 100.0  # the max is a finite logit elsewhere
+    x = x.to(dtype).requires_grad_()
+    t = torch.randint(0, 5, (2, 19), generator=g)
+    w = torch.rand(5, generator=g).to(dtype) + 0.5 if weighted else None
+    loss = L.cross_entropy(x, t, w, label_smoothing=eps, reduction="none")
+    (grad,) = torch.autograd.grad(loss.sum(), x)
+    nan_at = torch.zeros(2, 19, dtype=torch.bool)
+    for n, pos in ((0, 0), (0, 11), (1, 7), (1, 18)):
+        nan_at[n, pos] = True
+    assert torch.equal(loss.float().isnan(), nan_at)
+    assert torch.equal(grad.float().isnan().all(1), nan_at)
+    assert not bool(grad.float().isnan().any(1)[~nan_at].any())

@@ -709,8 +709,10 @@ void ce_rows_softcap(const CeRowsArgs& A) {
 
 // `lanes` consecutive values of scalar_t to / from one accumulation-type vector, converting
 // 16-bit types with vector instructions (the spatial kernel's position tiles).
+// (Always inlined: a call per class row of a tile, through the PLT, cost 40% of the 16-bit
+// gradient's time when the compiler stopped inlining store_lanes.)
 template <typename scalar_t, typename acc_t = acc_for<scalar_t>>
-Vectorized<acc_t> load_lanes(const scalar_t* p, int64_t lanes) {
+C10_ALWAYS_INLINE Vectorized<acc_t> load_lanes(const scalar_t* p, int64_t lanes) {
   if constexpr (std::is_same_v<scalar_t, acc_t>) {
     return Vectorized<acc_t>::loadu(p, lanes);
   } else {
@@ -726,7 +728,7 @@ Vectorized<acc_t> load_lanes(const scalar_t* p, int64_t lanes) {
 }
 
 template <typename scalar_t, typename acc_t = acc_for<scalar_t>>
-void store_lanes(scalar_t* p, const Vectorized<acc_t>& v, int64_t lanes) {
+C10_ALWAYS_INLINE void store_lanes(scalar_t* p, const Vectorized<acc_t>& v, int64_t lanes) {
   if constexpr (std::is_same_v<scalar_t, acc_t>) {
     v.store(p, lanes);
   } else {
@@ -749,15 +751,27 @@ inline void spatial_prefetch(const scalar_t* p) {
   __builtin_prefetch(reinterpret_cast<const char*>(p) + 256, 0, 3);
 }
 
+// The running max of a spatial tile. kFast (AVX2 float): maxps, which may drop a NaN (it
+// returns its second operand when either is NaN), for callers that detect NaN logits another
+// way; else NaN-propagating (two more instructions).
+template <bool kFast, typename acc_t>
+C10_ALWAYS_INLINE Vectorized<acc_t> tile_max(const Vectorized<acc_t>& m, const Vectorized<acc_t>& z) {
+#if defined(CPU_CAPABILITY_AVX2)
+  if constexpr (kFast && std::is_same_v<acc_t, float>) return Vectorized<acc_t>(_mm256_max_ps(m, z));
+#endif
+  return at::vec::maximum(m, z);
+}
+
 // One tile's targets: each lane's class as a float (exact below 2^24 classes; -1 for ignored
 // and padding lanes), its logit z_y (in the accumulation type) and its weight w_y (1 when
 // unweighted). AVX2 float accumulation, full tile, C * S < 2^31: vector compares and gathers, so
 // the lanes' values never go through memory lane by lane (a store-forwarding stall per tile);
-// 16-bit input: z_y = 0 here, the caller picks it out of the converted tile. Else lane by lane.
+// returns false when z_y is left to the caller (16-bit input): it picks z_y out of the converted
+// tile. Else lane by lane.
 template <typename scalar_t, typename acc_t>
-C10_ALWAYS_INLINE void tile_targets(const int64_t* tgt, int64_t lanes, int64_t ignore_index, const scalar_t* base,
-                                    int64_t S, bool gather_ok, const acc_t* w, Vectorized<acc_t>& cls,
-                                    Vectorized<acc_t>& zy, Vectorized<acc_t>& wy) {
+C10_ALWAYS_INLINE bool tile_targets(const int64_t* tgt, int64_t lanes, int64_t ignore_index, const scalar_t* base,
+                                    int64_t S, bool gather_ok, const acc_t* w,
+                                    Vectorized<acc_t>& cls, Vectorized<acc_t>& zy, Vectorized<acc_t>& wy) {
   using Vec = Vectorized<acc_t>;
   constexpr int64_t V = Vec::size();
 #if defined(CPU_CAPABILITY_AVX2)
@@ -778,13 +792,13 @@ C10_ALWAYS_INLINE void tile_targets(const int64_t* tgt, int64_t lanes, int64_t i
       const __m256i ycl = _mm256_andnot_si256(ign, y32);
       const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
       const __m256i idx = _mm256_add_epi32(_mm256_mullo_epi32(ycl, _mm256_set1_epi32(int32_t(S))), lane);
+      wy = w ? Vec(_mm256_i32gather_ps(w, ycl, 4)) : Vec(1);
       if constexpr (std::is_same_v<scalar_t, float>) {
         zy = Vec(_mm256_i32gather_ps(base, idx, 4));
-      } else {
-        zy = Vec(0);
+        return true;
       }
-      wy = w ? Vec(_mm256_i32gather_ps(w, ycl, 4)) : Vec(1);
-      return;
+      zy = Vec(0);
+      return false;
     }
   }
 #endif
@@ -799,6 +813,7 @@ C10_ALWAYS_INLINE void tile_targets(const int64_t* tgt, int64_t lanes, int64_t i
   cls = Vec::loadu(lane_cls);
   zy = Vec::loadu(lane_zy);
   wy = Vec::loadu(lane_wy);
+  return true;
 }
 
 // K-dimensional input (N, C, S): V positions at a time, one vector lane per position. The
@@ -845,7 +860,8 @@ void ce_spatial_impl(const CeRowsArgs& A) {
       const int64_t lanes = std::min<int64_t>(V, S_ - s0);
       const scalar_t* base = in + n * C_ * S_ + s0;
       Vec vcls, vzy, vwy;
-      tile_targets<scalar_t, acc_t>(target + n * S_ + s0, lanes, ii, base, S_, gather_ok, w, vcls, vzy, vwy);
+      const bool zy_known =
+          tile_targets<scalar_t, acc_t>(target + n * S_ + s0, lanes, ii, base, S_, gather_ok, w, vcls, vzy, vwy);
       const bool direct = kDirect && lanes == V;
       // 1. tile + max. Each class row of the tile is a short piece of a different stream
       // (stride S): no hardware prefetcher follows C streams, so the lines a few tiles ahead
@@ -854,7 +870,7 @@ void ce_spatial_impl(const CeRowsArgs& A) {
       if (direct) {
         for (int64_t c = 0; c < C_; ++c) {
           spatial_prefetch(base + c * S_);
-          vm = at::vec::maximum(vm, Vec::loadu(reinterpret_cast<const acc_t*>(base + c * S_)));
+          vm = tile_max<!kWeighted>(vm, Vec::loadu(reinterpret_cast<const acc_t*>(base + c * S_)));
         }
       } else {
         for (int64_t c = 0; c < C_; ++c) {
@@ -862,9 +878,12 @@ void ce_spatial_impl(const CeRowsArgs& A) {
           Vec z = load_lanes(base + c * S_, lanes);
           if (lanes < V) z = Vec::set(vninf, z, lanes);
           z.store(tl + c * V);
-          vm = at::vec::maximum(vm, z);
-          // 16-bit input: z_y from the converted tile (the value tile_targets' scalar path reads)
-          if constexpr (!std::is_same_v<scalar_t, acc_t>) vzy = Vec::blendv(vzy, z, vcls == Vec(acc_t(c)));
+          vm = tile_max<!kWeighted>(vm, z);
+          // z_y not gathered (16-bit input): from the converted tile (the value tile_targets'
+          // scalar path reads)
+          if constexpr (!std::is_same_v<scalar_t, acc_t>) {
+            if (!zy_known) vzy = Vec::blendv(vzy, z, vcls == Vec(acc_t(c)));
+          }
         }
       }
       // 2. e = exp(z - m) (kept in the tile for the gradient), sums
@@ -884,7 +903,10 @@ void ce_spatial_impl(const CeRowsArgs& A) {
       // ce_grad_coefs, operation for operation). valid: a class target; finite: the max is
       // finite. z_y - m from z_y itself (not log(e_y), which loses precision for tiny e_y).
       const Vec valid = vcls >= vzero;
-      const Vec finite = (vm > vninf) & (vm < vinf);
+      Vec finite = (vm > vninf) & (vm < vinf);
+      // unweighted: a NaN logit that tile_max let through made S = sum (z - m) NaN (never
+      // otherwise: z - m <= 0 with m finite, so no inf - inf)
+      if constexpr (!kWeighted) finite = finite & (vS == vS);
       const Vec log_s = log_ge1(vs);  // padding lanes (s = 0): any value, never stored
       Vec lv = (vb * vwy) * (log_s - (vzy - vm));
       if (smooth) lv = lv + va * (vW * log_s - vS);
