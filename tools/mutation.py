@@ -160,8 +160,8 @@ MUTANTS = [
     Mutant(K, "          if (lanes < V) z = Vec::set(vninf, z, lanes);",
            "          if (lanes < V) z = Vec::set(vzero, z, lanes);",
            "ce_spatial: padding lanes 0 instead of -inf (equivalent unless read)"),
-    Mutant(K, "        } else {\n          vS = vS + d;\n        }\n        if constexpr (kGrad)",
-           "        } else {\n          vS = vS - d;\n        }\n        if constexpr (kGrad)",
+    Mutant(K, "          } else {\n            S_acc = S_acc + d;\n          }",
+           "          } else {\n            S_acc = S_acc - d;\n          }",
            "ce_spatial: unweighted S sign"),
     Mutant(K, "      const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);",
            "      const __m256i lane = _mm256_setr_epi32(1, 2, 3, 4, 5, 6, 7, 0);",
@@ -299,6 +299,16 @@ MUTANTS = [
     Mutant(VP, "  a.softcap = softcap;", "  a.softcap = 0;", "vocab parallel: softcap dropped"),
     Mutant(VP, "  return weight->to(acc_type_of(input_dtype)).contiguous();", "  return at::Tensor();",
            "vocab parallel: class weights dropped"),
+    # --- added later (appended, so earlier numbers stay) ---
+    Mutant(K, "    if (held.valid) {\n      Vec f;", "    if (false) {\n      Vec f;",
+           "ce_spatial forward: a thread's last held tile's loss never written"),
+    Mutant(K, "            zy1 = zy1 | (z1 & (vcls == vc + vone));", "            zy1 = zy1 | (z1 & (vcls == vc));",
+           "ce_spatial, 16-bit: odd classes' z_y picked for the even class"),
+    Mutant(K, "        for (c = C_ - 1; c >= 1; c -= 2) {", "        for (c = C_ - 1; c >= 2; c -= 2) {",
+           "ce_spatial: the exp pass skips classes 1 and 0 when C is even"),
+    Mutant(K, "      const __m256i idx = _mm256_setr_epi8(-1, -1, 0, 1, -1, -1, 2, 3,",
+           "      const __m256i idx = _mm256_setr_epi8(-1, -1, 2, 3, -1, -1, 2, 3,",
+           "load_full, bfloat16: lane 0 reads value 1"),
 ]
 
 # Stage 1, per source file: the tests most likely to kill its mutants, the most direct (and

@@ -24,6 +24,15 @@
 #include "../row_math.h"
 #include "kernel_args.h"
 
+// A lambda always inlined (C10_ALWAYS_INLINE_ATTRIBUTE, which torch 2.4's headers lack).
+#ifndef LABELSMOOTH_LAMBDA_INLINE
+#if defined(__GNUC__) || defined(__clang__)
+#define LABELSMOOTH_LAMBDA_INLINE __attribute__((__always_inline__))
+#else
+#define LABELSMOOTH_LAMBDA_INLINE
+#endif
+#endif
+
 namespace labelsmooth_ext {
 namespace cpu {
 namespace CPU_CAPABILITY {
@@ -707,6 +716,28 @@ void ce_rows_softcap(const CeRowsArgs& A) {
   });
 }
 
+// A full vector's worth of scalar_t as the accumulation type.
+template <typename scalar_t, typename acc_t = acc_for<scalar_t>>
+C10_ALWAYS_INLINE Vectorized<acc_t> load_full(const scalar_t* p) {
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    return Vectorized<acc_t>::loadu(p);
+  } else {
+#if defined(CPU_CAPABILITY_AVX2)
+    if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+      // the 8 values in both 128-bit lanes (a load-port broadcast), then one byte shuffle puts
+      // value l in the high half of lane l's word and zeros in the low half: no shift
+      const __m256i x = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+      const __m256i idx = _mm256_setr_epi8(-1, -1, 0, 1, -1, -1, 2, 3, -1, -1, 4, 5, -1, -1, 6, 7,
+                                           -1, -1, 8, 9, -1, -1, 10, 11, -1, -1, 12, 13, -1, -1, 14, 15);
+      return Vectorized<float>(_mm256_castsi256_ps(_mm256_shuffle_epi8(x, idx)));
+    }
+#endif
+    Vectorized<float> out;
+    at::vec::load_to_float<scalar_t>(p, out);
+    return out;
+  }
+}
+
 // `lanes` consecutive values of scalar_t to / from one accumulation-type vector, converting
 // 16-bit types with vector instructions (the spatial kernel's position tiles).
 // (Always inlined: a call per class row of a tile, through the PLT, cost 40% of the 16-bit
@@ -716,11 +747,7 @@ C10_ALWAYS_INLINE Vectorized<acc_t> load_lanes(const scalar_t* p, int64_t lanes)
   if constexpr (std::is_same_v<scalar_t, acc_t>) {
     return Vectorized<acc_t>::loadu(p, lanes);
   } else {
-    if (lanes == Vectorized<float>::size()) {  // the common case: a full tile row
-      Vectorized<float> out;
-      at::vec::load_to_float<scalar_t>(p, out);
-      return out;
-    }
+    if (lanes == Vectorized<float>::size()) return load_full(p);  // the common case: a full tile row
     alignas(64) float buf[Vectorized<float>::size()] = {};
     for (int64_t l = 0; l < lanes; ++l) buf[l] = static_cast<float>(p[l]);
     return Vectorized<float>::loadu(buf);
@@ -816,11 +843,12 @@ C10_ALWAYS_INLINE bool tile_targets(const int64_t* tgt, int64_t lanes, int64_t i
   return true;
 }
 
-// K-dimensional input (N, C, S): V positions at a time, one vector lane per position. The
-// C x V tile of logits is converted into a float tile once, then max, exp and sums, and the
-// gradient run over the tile across classes; the loss and the gradient's coefficients of all V
-// lanes at once in between. kGrad, kWeighted: compile-time, so no test of either inside the
-// class loops.
+// K-dimensional input (N, C, S): V positions at a time, one vector lane per position. With a
+// gradient (or a partial tile) the C x V tile of logits is converted into a float tile once,
+// then max, exp and sums, and the gradient run over the tile across classes; the forward of a
+// full tile reads (and converts) the logits in both passes instead. The loss and the
+// gradient's coefficients of all V lanes at once in between. kGrad, kWeighted: compile-time,
+// so no test of either inside the class loops.
 template <typename scalar_t, bool kGrad, bool kWeighted>
 void ce_spatial_impl(const CeRowsArgs& A) {
   using acc_t = acc_for<scalar_t>;
@@ -852,58 +880,15 @@ void ce_spatial_impl(const CeRowsArgs& A) {
     std::vector<acc_t> tile(C_ * V);
     acc_t* tl = tile.data();
     alignas(64) acc_t lane_sc[V];
-    // float32 forward of a full tile: pass 2 reads the logits again where pass 1 read them (L1)
-    // instead of through a tile copy
-    constexpr bool kDirect = std::is_same_v<scalar_t, acc_t> && !kGrad;
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t n = task / chunks_, s0 = (task % chunks_) * V;
-      const int64_t lanes = std::min<int64_t>(V, S_ - s0);
-      const scalar_t* base = in + n * C_ * S_ + s0;
-      Vec vcls, vzy, vwy;
-      const bool zy_known =
-          tile_targets<scalar_t, acc_t>(target + n * S_ + s0, lanes, ii, base, S_, gather_ok, w, vcls, vzy, vwy);
-      const bool direct = kDirect && lanes == V;
-      // 1. tile + max. Each class row of the tile is a short piece of a different stream
-      // (stride S): no hardware prefetcher follows C streams, so the lines a few tiles ahead
-      // are asked for here.
-      Vec vm(ninf);
-      if (direct) {
-        for (int64_t c = 0; c < C_; ++c) {
-          spatial_prefetch(base + c * S_);
-          vm = tile_max<!kWeighted>(vm, Vec::loadu(reinterpret_cast<const acc_t*>(base + c * S_)));
-        }
-      } else {
-        for (int64_t c = 0; c < C_; ++c) {
-          spatial_prefetch(base + c * S_);
-          Vec z = load_lanes(base + c * S_, lanes);
-          if (lanes < V) z = Vec::set(vninf, z, lanes);
-          z.store(tl + c * V);
-          vm = tile_max<!kWeighted>(vm, z);
-          // z_y not gathered (16-bit input): from the converted tile (the value tile_targets'
-          // scalar path reads)
-          if constexpr (!std::is_same_v<scalar_t, acc_t>) {
-            if (!zy_known) vzy = Vec::blendv(vzy, z, vcls == Vec(acc_t(c)));
-          }
-        }
-      }
-      // 2. e = exp(z - m) (kept in the tile for the gradient), sums
-      Vec vs(0), vS(0);
-      for (int64_t c = 0; c < C_; ++c) {
-        const Vec d = (direct ? Vec::loadu(reinterpret_cast<const acc_t*>(base + c * S_)) : Vec::loadu(tl + c * V)) - vm;
-        const Vec e = exp_row(d);  // padding lanes: -inf - m, exp 0
-        vs = vs + e;
-        if constexpr (kWeighted) {
-          vS = at::vec::fmadd(Vec(w[c]), d, vS);
-        } else {
-          vS = vS + d;
-        }
-        if constexpr (kGrad) e.store(tl + c * V);
-      }
-      // 3. every lane's loss and gradient coefficients at once (the formulas of ce_row_loss and
-      // ce_grad_coefs, operation for operation). valid: a class target; finite: the max is
-      // finite. z_y - m from z_y itself (not log(e_y), which loses precision for tiny e_y).
-      const Vec valid = vcls >= vzero;
-      Vec finite = (vm > vninf) & (vm < vinf);
+    // forward of a full tile: pass 2 reads (and converts) the logits again where pass 1 read
+    // them (L1) instead of through a tile copy
+    constexpr bool kDirect = !kGrad;
+    // The loss of V lanes from their sums (the formulas of ce_row_loss and ce_grad_coefs,
+    // operation for operation); 0 in lanes without a class target. finite: the lanes whose max
+    // is finite. z_y - m from z_y itself (not log(e_y), which loses precision for tiny e_y).
+    auto tile_loss = [&](const Vec& vm, const Vec& vs, const Vec& vS, const Vec& vzy, const Vec& vcls,
+                         const Vec& vwy, Vec& finite) LABELSMOOTH_LAMBDA_INLINE {
+      finite = (vm > vninf) & (vm < vinf);
       // unweighted: a NaN logit that tile_max let through made S = sum (z - m) NaN (never
       // otherwise: z - m <= 0 with m finite, so no inf - inf)
       if constexpr (!kWeighted) finite = finite & (vS == vS);
@@ -911,8 +896,110 @@ void ce_spatial_impl(const CeRowsArgs& A) {
       Vec lv = (vb * vwy) * (log_s - (vzy - vm));
       if (smooth) lv = lv + va * (vW * log_s - vS);
       lv = Vec::blendv(vnan, lv, finite);  // log_softmax's inf - inf
-      Vec::blendv(vzero, lv, valid).store(loss + n * S_ + s0, lanes);
-      if constexpr (kGrad) {
+      return Vec::blendv(vzero, lv, vcls >= vzero);
+    };
+    struct Held {
+      Vec m, s, S, zy, cls, wy;
+      acc_t* out;
+      int64_t lanes;
+      bool valid;
+    } held{};
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t n = task / chunks_, s0 = (task % chunks_) * V;
+      const int64_t lanes = std::min<int64_t>(V, S_ - s0);
+      const scalar_t* base = in + n * C_ * S_ + s0;
+      Vec vcls, vzy, vwy;
+      const bool zy_known =
+          tile_targets<scalar_t, acc_t>(target + n * S_ + s0, lanes, ii, base, S_, gather_ok, w, vcls, vzy, vwy);
+      // 1. max (and the tile, when not direct). Each class row of the tile is a short piece of
+      // a different stream (stride S): no hardware prefetcher follows C streams, so the lines a
+      // few tiles ahead are asked for here. Even and odd classes go to two accumulators (max,
+      // z_y, and the sums below): one chain's latency per class was the loop's limit.
+      // 2. e = exp(z - m) (kept in the tile for the gradient), sums.
+      // Both passes compiled twice (direct or not), so no test of it inside the class loops.
+      Vec vm, vs, vS;
+      auto passes = [&](auto direct_c) LABELSMOOTH_LAMBDA_INLINE {
+        constexpr bool dir = decltype(direct_c)::value;
+        auto logits = [&](int64_t c) LABELSMOOTH_LAMBDA_INLINE {
+          spatial_prefetch(base + c * S_);
+          if constexpr (dir) {
+            return load_full(base + c * S_);
+          } else {
+            Vec z = load_lanes(base + c * S_, lanes);
+            if (lanes < V) z = Vec::set(vninf, z, lanes);
+            z.store(tl + c * V);
+            return z;
+          }
+        };
+        // z_y not gathered (16-bit input): from the converted logits (the value tile_targets'
+        // scalar path reads), bit for bit: the lanes of class c (vc: c in every lane)
+        constexpr bool kPick = !std::is_same_v<scalar_t, acc_t>;
+        const bool pick = kPick && !zy_known;
+        Vec m0(ninf), m1(ninf), zy0(0), zy1(0), vc(0);
+        const Vec vtwo(2);
+        int64_t c = 0;
+        for (; c + 2 <= C_; c += 2) {
+          const Vec z0 = logits(c), z1 = logits(c + 1);
+          m0 = tile_max<!kWeighted>(m0, z0);
+          m1 = tile_max<!kWeighted>(m1, z1);
+          if (kPick && pick) {
+            zy0 = zy0 | (z0 & (vcls == vc));
+            zy1 = zy1 | (z1 & (vcls == vc + vone));
+            vc = vc + vtwo;
+          }
+        }
+        if (c < C_) {
+          const Vec z0 = logits(c);
+          m0 = tile_max<!kWeighted>(m0, z0);
+          if (kPick && pick) zy0 = zy0 | (z0 & (vcls == vc));
+        }
+        vm = tile_max<!kWeighted>(m0, m1);
+        if (kPick && pick) vzy = zy0 | zy1;
+        Vec s0(0), s1(0), S0(0), S1(0);
+        auto exps = [&](int64_t c, Vec& s_acc, Vec& S_acc) LABELSMOOTH_LAMBDA_INLINE {
+          const Vec d = (dir ? load_full(base + c * S_) : Vec::loadu(tl + c * V)) - vm;
+          const Vec e = exp_row(d);  // padding lanes: -inf - m, exp 0
+          s_acc = s_acc + e;
+          if constexpr (kWeighted) {
+            S_acc = at::vec::fmadd(Vec(w[c]), d, S_acc);
+          } else {
+            S_acc = S_acc + d;
+          }
+          if constexpr (kGrad) e.store(tl + c * V);
+        };
+        // backwards: the class rows pass 1 read last are still in L1 when their 64-byte lines
+        // share an L1 set (a row stride of a multiple of 4 KiB)
+        for (c = C_ - 1; c >= 1; c -= 2) {
+          exps(c, s0, S0);
+          exps(c - 1, s1, S1);
+        }
+        if (c == 0) exps(0, s0, S0);
+        vs = s0 + s1;
+        vS = S0 + S1;
+      };
+      if (kDirect && lanes == V) {
+        passes(std::integral_constant<bool, kDirect>{});
+      } else {
+        passes(std::false_type{});
+      }
+      // 3. every lane's loss and gradient coefficients at once (tile_loss). The forward keeps
+      // one tile's sums until the next tile's are ready, then evaluates both tiles' losses
+      // together: two independent chains (the log's polynomial) in flight instead of one.
+      if constexpr (!kGrad) {
+        if (!held.valid) {
+          held = {vm, vs, vS, vzy, vcls, vwy, loss + n * S_ + s0, lanes, true};
+          continue;
+        }
+        Vec f0, f1;
+        const Vec l0 = tile_loss(held.m, held.s, held.S, held.zy, held.cls, held.wy, f0);
+        const Vec l1 = tile_loss(vm, vs, vS, vzy, vcls, vwy, f1);
+        l0.store(held.out, held.lanes);
+        l1.store(loss + n * S_ + s0, lanes);
+        held.valid = false;
+      } else {
+        Vec finite;
+        tile_loss(vm, vs, vS, vzy, vcls, vwy, finite).store(loss + n * S_ + s0, lanes);
+        const Vec valid = vcls >= vzero;
         Vec vsc = vsc0;
         if (row_scale) {
           for (int64_t l = 0; l < V; ++l) lane_sc[l] = l < lanes ? acc_t(row_scale[n * S_ + s0 + l]) : acc_t(0);
@@ -934,6 +1021,10 @@ void ce_spatial_impl(const CeRowsArgs& A) {
           store_lanes(gbase + c * S_, g, lanes);
         }
       }
+    }
+    if (held.valid) {
+      Vec f;
+      tile_loss(held.m, held.s, held.S, held.zy, held.cls, held.wy, f).store(held.out, held.lanes);
     }
   });
 }
