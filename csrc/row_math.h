@@ -128,30 +128,77 @@ LSE_HD GradCoefs<acc_t> ce_grad_coefs(acc_t inv_s, Smoothing<acc_t> sm, acc_t sc
 
 // Large-vocabulary training options (semantics.md, "Extensions"), applied per row:
 //   softcap s > 0: every logit x becomes z = s tanh(x / s) before anything else; the gradient
-//     with respect to x is the one with respect to z times 1 - tanh^2 = 1 - (z / s)^2.
+//     with respect to x is the one with respect to z times 1 - tanh^2.
 //   z_loss c >= 0: the row loss gets c lse^2 (lse of the capped logits); its gradient
 //     2 c lse p_c = e_c * (2 c lse / s_sum) joins the e_c coefficient kp of ce_grad_coefs.
-//   tanh(u) = 1 - 2 / (exp(2u) + 1): one exp and one (on the GPU approximate, 2 ulp) division,
-//   with 2 / cap and 1 / cap loop-invariant (hoisted out of the kernels' loops): about half the
-//   instructions of tanhf(x / cap) with its IEEE division (cuobjdump -sass of sm_90). +-inf
-//   give +-cap (exp -> inf / 0), NaN stays NaN. Absolute error a few ulp of 1 in tanh, as the
-//   CPU kernels' vector version (csrc/cpu/kernels.h, softcap_vec; logits within 0.75 cap
-//   take a polynomial there, softcap_any).
+//   softcap_apply / softcap_factor: z and dz/dx = 1 - tanh^2 from one exp and one division
+//   (on the GPU approximate, 2 ulp): E = exp(2 x / s), q = 2 / (E + 1) = 1 - tanh,
+//   z = s (1 - q), 1 - tanh^2 = q (2 - q) = E q^2 (float). 2 / s is loop-invariant (hoisted
+//   out of the kernels' loops). About half the instructions of tanhf(x / s) with its IEEE
+//   division (cuobjdump -sass of sm_90). tanh has an absolute error of a few ulp of 1, as the
+//   CPU kernels' vector version (csrc/cpu/kernels.h, softcap_vec; logits within 0.75 s take a
+//   polynomial there, softcap_any); the factor E q^2 a relative error of a few ulp. (1 - t^2
+//   from the rounded t loses ulp(1) / (1 - t^2) relative where |t| nears 1: 2e-5 at x = -2.8 s
+//   in float, which a float64 comparison in tests/test_llm_options.py caught.) +-inf give +-s
+//   and a factor 0, NaN stays NaN.
+// a / b in the accumulation type; float on the GPU: the approximate division (2 ulp; b finite
+// and > 0). An IEEE division here made ptxas call its out-of-line slow path, a stack frame in
+// kernels that do not hoist it (the 16-bit vocabulary-parallel stats kernels on sm_80).
 template <typename acc_t>
-LSE_HD acc_t softcap_apply(acc_t x, acc_t cap) {
+LSE_HD acc_t softcap_div(acc_t a, acc_t b) {
 #if defined(__CUDA_ARCH__)
-  // float on the GPU: both divisions approximate (2 ulp; cap is finite and > 0). An IEEE 2 / cap
-  // here made ptxas call its out-of-line division slow path, a stack frame in kernels that do
-  // not hoist it (the 16-bit vocabulary-parallel stats kernels on sm_80).
-  if constexpr (sizeof(acc_t) == 4) {
-    const acc_t d = lse_exp(x * __fdividef(acc_t(2), cap)) + acc_t(1);
-    return cap * (acc_t(1) - __fdividef(acc_t(2), d));
-  }
+  if constexpr (sizeof(acc_t) == 4) return __fdividef(a, b);
 #endif
-  const acc_t d = lse_exp(x * (acc_t(2) / cap)) + acc_t(1);
-  return cap * (acc_t(1) - acc_t(2) / d);
+  return a / b;
 }
 
+template <typename acc_t>
+LSE_HD acc_t softcap_two_over(acc_t cap) {
+  return softcap_div(acc_t(2), cap);
+}
+
+// The forward's capped logit: z = s (1 - q).
+template <typename acc_t>
+LSE_HD acc_t softcap_apply(acc_t x, acc_t cap) {
+  const acc_t E = lse_exp(x * softcap_two_over(cap));
+  return cap * (acc_t(1) - softcap_div(acc_t(2), E + acc_t(1)));
+}
+
+// The backward's factor dz/dx of x and its capped value z. Float: E q^2 from softcap_apply's
+// own E and q (the same operations on the same x: the compiler computes them once). Double:
+// 1 - (z inv_cap)^2, off by ulp(1) = 1.1e-16 absolute where |tanh| nears 1; E q^2 there kept E
+// live across the double division's out-of-line slow path, a stack frame in the split and
+// vocabulary-parallel gradient kernels (ptxas, sm_80 / sm_90).
+template <typename acc_t>
+LSE_HD acc_t softcap_factor(acc_t x, acc_t z, acc_t cap, acc_t inv_cap) {
+  if constexpr (sizeof(acc_t) == 4) {
+    const acc_t E = lse_exp(x * softcap_two_over(cap));   // exp(2 x / cap)
+    const acc_t q = softcap_div(acc_t(2), E + acc_t(1));  // 1 - tanh
+    // (1 - t)(1 + t) = q (2 - q) = E q^2, taken as (E q) q (E q is in [0, 2]: q^2 does not
+    // underflow); E = inf (x > 44 cap): q = 0, and the factor 0 (not inf * 0)
+    return E < acc_t(INFINITY) ? (E * q) * q : acc_t(0);
+  } else {
+    const acc_t t = z * inv_cap;
+    return acc_t(1) - t * t;
+  }
+}
+
+// The backward's capped logit and factor (x itself and 1 without a cap), computed together so
+// the compiler shares softcap_apply's and softcap_factor's exp and division (in separate
+// branches it did not: 89 more MUFU.RCP in ce_forward_kernel<float>, cuobjdump -sass sm_90).
+template <typename acc_t>
+LSE_HD void softcap_grad_terms(acc_t x, acc_t cap, acc_t inv_cap, acc_t& z, acc_t& dz) {
+  z = x;
+  dz = acc_t(1);
+  if (cap > acc_t(0)) {
+    z = softcap_apply<acc_t>(x, cap);
+    dz = softcap_factor<acc_t>(x, z, cap, inv_cap);
+  }
+}
+
+// From the capped value, 1 - (z / cap)^2: the CPU vocabulary-parallel gradient's scalar tail
+// (csrc/cpu/vp_kernels.h, which keeps z, not x; its vector code computes the factor the same
+// way, with 1 - t^2's cancellation where |t| nears 1).
 template <typename acc_t>
 LSE_HD acc_t softcap_dz_dx(acc_t z, acc_t cap) {
   const acc_t t = z * (acc_t(1) / cap);

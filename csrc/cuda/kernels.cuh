@@ -316,10 +316,11 @@ __global__ void __launch_bounds__(ROW_THREADS * ROWS_PER_BLOCK, min_blocks_of<RO
   GradCoefs<acc_t> gc = ce_grad_coefs<acc_t>(inv_s, p.sm, scale, weighted, wy, W);
   gc.kp += z_loss_kp<acc_t>(lse, inv_s, p.z_loss, scale);
   auto grad_of = [&](acc_t xc, int64_t c) -> scalar_t {
-    const acc_t zc = acc.capped(xc);
+    acc_t zc, dz;
+    softcap_grad_terms<acc_t>(xc, cap, acc_t(1) / cap, zc, dz);
     acc_t gv = fast_exp(zc - m) * gc.kp - gc.kw * (weighted ? static_cast<acc_t>(p.weight[c]) : acc_t(1));
     if (c == y) gv -= gc.ky;
-    if (cap > acc_t(0)) gv *= softcap_dz_dx<acc_t>(zc, cap);
+    if (cap > acc_t(0)) gv *= dz;
     return static_cast<scalar_t>(gv);  // computed in acc_t, rounded once
   };
   auto emit_pack = [&](const P& pk, int64_t c0) {
@@ -495,10 +496,11 @@ __global__ void __launch_bounds__(THREADS)
   GradCoefs<acc_t> gc = ce_grad_coefs<acc_t>(inv_s, p.sm, scale, weighted, wy, W);
   gc.kp += z_loss_kp<acc_t>(lse, inv_s, p.z_loss, scale);
   auto grad_of = [&](acc_t xc, int64_t c) -> scalar_t {
-    const acc_t zc = capped(xc);
+    acc_t zc, dz;
+    softcap_grad_terms<acc_t>(xc, cap, acc_t(1) / cap, zc, dz);
     acc_t gv = fast_exp(zc - m) * gc.kp - gc.kw * (weighted ? static_cast<acc_t>(p.weight[c]) : acc_t(1));
     if (c == y) gv -= gc.ky;
-    if (cap > acc_t(0)) gv *= softcap_dz_dx<acc_t>(zc, cap);
+    if (cap > acc_t(0)) gv *= dz;
     return static_cast<scalar_t>(gv);
   };
   const int g_align = address_alignment(g + ch.head);

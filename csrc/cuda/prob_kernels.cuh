@@ -198,12 +198,10 @@ __global__ void __launch_bounds__(ROW_THREADS * ROWS_PER_BLOCK, 1)
   const acc_t kp = Q * inv_s * scale + z_loss_kp<acc_t>(lse, inv_s, p.z_loss, scale);
   const acc_t inv_cap = p.inv_softcap;
   auto grad_of = [&](acc_t x, acc_t t, int64_t c) -> scalar_t {
-    const acc_t zc = capped(x);
+    acc_t zc, dz;
+    softcap_grad_terms<acc_t>(x, cap, inv_cap, zc, dz);
     acc_t gv = fast_exp(zc - m) * kp - scale * wq_of(t, c);
-    if (cap > acc_t(0)) {
-      const acc_t u = zc * inv_cap;
-      gv *= acc_t(1) - u * u;
-    }
+    if (cap > acc_t(0)) gv *= dz;
     return static_cast<scalar_t>(gv);  // computed in acc_t, rounded once
   };
   auto emit_pack = [&](const P& zp, const TP& tp, int64_t c0) {

@@ -132,15 +132,22 @@ __global__ void __launch_bounds__(ROW_THREADS * ROWS_PER_BLOCK)
   const acc_t cap = p.softcap;
   const bool weighted = p.weight != nullptr;
   const scalar_t* __restrict__ z = p.in + row * p.in_row_stride;
-  // softcap_apply / softcap_dz_dx (row_math.h) with x / cap as x * (1 / cap): double division
-  // per element makes ptxas call its out-of-line slow path, which costs a stack frame on sm_90.
+  // Double: tanh(x * (1 / cap)), 1 - t^2 (a double division per element makes ptxas call its
+  // out-of-line slow path, which costs a stack frame on sm_90). Float: softcap_grad_terms
+  // (row_math.h), whose divisions are approximate.
   const acc_t inv_cap = p.inv_softcap;
   auto grad_of = [&](acc_t xc, int64_t c) -> scalar_t {
-    const acc_t t = cap > acc_t(0) ? lse_tanh(xc * inv_cap) : acc_t(0);
-    const acc_t zc = cap > acc_t(0) ? cap * t : xc;
+    acc_t zc = xc, dz = acc_t(1);
+    if constexpr (sizeof(acc_t) == 4) {
+      softcap_grad_terms<acc_t>(xc, cap, inv_cap, zc, dz);
+    } else if (cap > acc_t(0)) {
+      const acc_t t = lse_tanh(xc * inv_cap);
+      zc = cap * t;
+      dz = acc_t(1) - t * t;
+    }
     acc_t gv = fast_exp(zc - lse) * kp - kw * (weighted ? p.weight[c] : acc_t(1));
     if (c == yl) gv -= ky;
-    if (cap > acc_t(0)) gv *= acc_t(1) - t * t;
+    if (cap > acc_t(0)) gv *= dz;
     return static_cast<scalar_t>(gv);  // computed in acc_t, rounded once
   };
   // Scalar head to 16-byte alignment, packs, scalar tail; a gradient row aligned differently
