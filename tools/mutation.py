@@ -263,9 +263,9 @@ MUTANTS = [
     Mutant(CK, "  for (int64_t c = tail + tid; c < Kl; c += ROW_THREADS) absorb_scalar(c);",
            "  for (int64_t c = tail + tid; c + 1 < Kl; c += ROW_THREADS) absorb_scalar(c);",
            "cuda ce_forward: last element of the scalar tail not folded into the row", "simt"),
-    Mutant(CK, "    if (c == y) gv -= gc.ky;\n    if (cap > acc_t(0)) gv *= softcap_dz_dx<acc_t>(zc, cap);\n"
+    Mutant(CK, "    if (c == y) gv -= gc.ky;\n    if (cap > acc_t(0)) gv *= dz;\n"
                "    return static_cast<scalar_t>(gv);  // computed in acc_t, rounded once",
-           "    if (c == y + 1) gv -= gc.ky;\n    if (cap > acc_t(0)) gv *= softcap_dz_dx<acc_t>(zc, cap);\n"
+           "    if (c == y + 1) gv -= gc.ky;\n    if (cap > acc_t(0)) gv *= dz;\n"
            "    return static_cast<scalar_t>(gv);  // computed in acc_t, rounded once",
            "cuda ce_forward: -ky on the class after the target", "simt"),
     Mutant(CK, "  const acc_t W = weighted ? *p.weight_sum : acc_t(K);\n  if (!row_max_is_finite(m)) {",
@@ -309,6 +309,11 @@ MUTANTS = [
     Mutant(K, "      const __m256i idx = _mm256_setr_epi8(-1, -1, 0, 1, -1, -1, 2, 3,",
            "      const __m256i idx = _mm256_setr_epi8(-1, -1, 2, 3, -1, -1, 2, 3,",
            "load_full, bfloat16: lane 0 reads value 1"),
+    Mutant(RM, "    return E < acc_t(INFINITY) ? (E * q) * q : acc_t(0);",
+           "    return acc_t(1) - (acc_t(1) - q) * (acc_t(1) - q);",
+           "softcap_factor (GPU, float): 1 - t^2 of the rounded t again", "simt"),
+    Mutant(K, "    *dz = q4 - q4 * q;", "    *dz = one_minus_sq(ta);",
+           "softcap_vec: 1 - t^2 of the rounded t again"),
 ]
 
 # Stage 1, per source file: the tests most likely to kill its mutants, the most direct (and
@@ -320,7 +325,8 @@ STAGE1_TESTS = {
     LC: ["tests/test_parity.py", "tests/test_binary.py", "tests/test_regressions.py",
          "tests/test_kernel_boundaries.py", "tests/test_edge_cases.py", "tests/test_operators.py"],
     RM: ["tests/test_parity.py", "tests/test_binary.py", "tests/test_regressions.py",
-         "tests/test_kernel_boundaries.py", "tests/test_edge_cases.py", "tests/test_operators.py"],
+         "tests/test_kernel_boundaries.py", "tests/test_edge_cases.py", "tests/test_operators.py",
+         "tests/test_llm_options.py"],
     OPS: ["tests/test_regressions.py", "tests/test_errors.py", "tests/test_parity.py",
           "tests/test_binary.py", "tests/test_edge_cases.py", "tests/test_operators.py"],
     FN: ["tests/test_regressions.py", "tests/test_errors.py", "tests/test_binary.py",
