@@ -300,7 +300,7 @@ MUTANTS = [
     Mutant(VP, "  return weight->to(acc_type_of(input_dtype)).contiguous();", "  return at::Tensor();",
            "vocab parallel: class weights dropped"),
     # --- added later (appended, so earlier numbers stay) ---
-    Mutant(K, "    if (held.valid) {\n      Vec f;", "    if (false) {\n      Vec f;",
+    Mutant(K, "    if (held.valid) tile_loss(", "    if (false) tile_loss(",
            "ce_spatial forward: a thread's last held tile's loss never written"),
     Mutant(K, "            zy1 = zy1 | (z1 & (vcls == vc + vone));", "            zy1 = zy1 | (z1 & (vcls == vc));",
            "ce_spatial, 16-bit: odd classes' z_y picked for the even class"),

@@ -888,15 +888,20 @@ void ce_spatial_impl(const CeRowsArgs& A) {
     // forward of a full tile: pass 2 reads (and converts) the logits again where pass 1 read
     // them (L1) instead of through a tile copy
     constexpr bool kDirect = !kGrad;
-    // The loss of V lanes from their sums (the formulas of ce_row_loss and ce_grad_coefs,
-    // operation for operation); 0 in lanes without a class target. finite: the lanes whose max
-    // is finite. z_y - m from z_y itself (not log(e_y), which loses precision for tiny e_y).
-    auto tile_loss = [&](const Vec& vm, const Vec& vs, const Vec& vS, const Vec& vzy, const Vec& vcls,
-                         const Vec& vwy, Vec& finite) LABELSMOOTH_LAMBDA_INLINE {
-      finite = (vm > vninf) & (vm < vinf);
+    // The lanes whose max is finite.
+    auto tile_finite = [&](const Vec& vm, const Vec& vS) LABELSMOOTH_LAMBDA_INLINE {
+      Vec finite = (vm > vninf) & (vm < vinf);
       // unweighted: a NaN logit that tile_max let through made S = sum (z - m) NaN (never
       // otherwise: z - m <= 0 with m finite, so no inf - inf)
       if constexpr (!kWeighted) finite = finite & (vS == vS);
+      return finite;
+    };
+    // The loss of V lanes from their sums (the formulas of ce_row_loss and ce_grad_coefs,
+    // operation for operation); 0 in lanes without a class target. z_y - m from z_y itself (not
+    // log(e_y), which loses precision for tiny e_y).
+    auto tile_loss = [&](const Vec& vm, const Vec& vs, const Vec& vS, const Vec& vzy, const Vec& vcls,
+                         const Vec& vwy) LABELSMOOTH_LAMBDA_INLINE {
+      const Vec finite = tile_finite(vm, vS);
       const Vec log_s = log_ge1(vs);  // padding lanes (s = 0): any value, never stored
       Vec lv = (vb * vwy) * (log_s - (vzy - vm));
       if (smooth) lv = lv + va * (vW * log_s - vS);
@@ -995,15 +1000,14 @@ void ce_spatial_impl(const CeRowsArgs& A) {
           held = {vm, vs, vS, vzy, vcls, vwy, loss + n * S_ + s0, lanes, true};
           continue;
         }
-        Vec f0, f1;
-        const Vec l0 = tile_loss(held.m, held.s, held.S, held.zy, held.cls, held.wy, f0);
-        const Vec l1 = tile_loss(vm, vs, vS, vzy, vcls, vwy, f1);
+        const Vec l0 = tile_loss(held.m, held.s, held.S, held.zy, held.cls, held.wy);
+        const Vec l1 = tile_loss(vm, vs, vS, vzy, vcls, vwy);
         l0.store(held.out, held.lanes);
         l1.store(loss + n * S_ + s0, lanes);
         held.valid = false;
       } else {
-        Vec finite;
-        tile_loss(vm, vs, vS, vzy, vcls, vwy, finite).store(loss + n * S_ + s0, lanes);
+        tile_loss(vm, vs, vS, vzy, vcls, vwy).store(loss + n * S_ + s0, lanes);
+        const Vec finite = tile_finite(vm, vS);
         const Vec valid = vcls >= vzero;
         Vec vsc = vsc0;
         if (row_scale) {
@@ -1027,10 +1031,7 @@ void ce_spatial_impl(const CeRowsArgs& A) {
         }
       }
     }
-    if (held.valid) {
-      Vec f;
-      tile_loss(held.m, held.s, held.S, held.zy, held.cls, held.wy, f).store(held.out, held.lanes);
-    }
+    if (held.valid) tile_loss(held.m, held.s, held.S, held.zy, held.cls, held.wy).store(held.out, held.lanes);
   });
 }
 
